@@ -1,0 +1,60 @@
+"""Command line: ``python -m vcm <stage> [options]``.
+
+Every Snakemake rule is a thin shell over one of these stages, and every stage can be run by hand.
+Stages are imported lazily so that ``python -m vcm --help`` stays fast and a stage's heavy imports
+(torch, ants) are paid only by the stage that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# stage name -> "module:function"; the function takes argv (list[str]) and returns an exit code.
+STAGES: dict[str, str] = {
+    "demo": "vcm.prep.demo:cli",
+    "template": "vcm.prep.template:cli",
+    "check-inputs": "vcm.prep.inputs:cli",
+    "register": "vcm.prep.registration:cli",
+    "segment": "vcm.prep.segmentation:cli",
+    "conditions": "vcm.prep.conditions:cli",
+    "dataset": "vcm.dataset:cli",
+    "manifest": "vcm.intake.cli:cli",
+    "train-backbone": "vcm.models.backbone:cli",
+    "encode-latents": "vcm.latents:cli",
+    "train-vcm": "vcm.train:cli",
+}
+
+
+class StageError(Exception):
+    """An expected failure (bad input, bad config): reported as one line, without a traceback."""
+
+
+def _usage() -> str:
+    names = "\n".join(f"  {name}" for name in STAGES)
+    return f"usage: python -m vcm <stage> [options]\n\nstages:\n{names}\n\n'python -m vcm <stage> --help' for a stage's options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from vcm import __version__
+
+        print(__version__)
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"vcm: unknown stage '{stage}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module_name, func_name = STAGES[stage].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(rest) or 0)
+    except StageError as err:
+        print(f"vcm {stage}: error: {err}", file=sys.stderr)
+        return 1
