@@ -68,7 +68,9 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, dtype: Any | None = None) -> None:
+def save_nifti(
+    path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, dtype: Any | None = None
+) -> None:
     """Save a volume as NIfTI atomically, with sform and qform set to ``affine``."""
     data = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=float))
@@ -98,7 +100,10 @@ def git_sha() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):

@@ -1,0 +1,20 @@
+# vcm: synthetic labelled brain-MRI cohorts from a frozen 3D LDM steered by a Volumetric Conditioning Module.
+# Thin workflow: every rule shells out to `python -m vcm <stage>`; edit config/config.yaml, not this file.
+from snakemake.utils import min_version
+
+min_version("8.20")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/prep.smk"
+include: "workflow/rules/dataset.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/dataset.h5",
+        f"{RESULTS}/excluded.csv",
+    default_target: True

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny volumes, the template (built once), a config for small grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vcm.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def template_dir(tmp_path_factory) -> Path:
+    """The MNI152-derived template and atlas, written once per test session (~6 s)."""
+    from vcm.prep.template import write_template
+
+    out = tmp_path_factory.mktemp("template")
+    write_template(out)
+    return out
+
+
+@pytest.fixture
+def cfg() -> dict:
+    """The project's default config, validated and defaulted."""
+    return load_config(REPO / "config" / "config.yaml")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

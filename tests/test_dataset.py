@@ -1,0 +1,98 @@
+"""dataset.h5: layout, nested splits, provenance, atomic write."""
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from vcm.cli import StageError
+from vcm.config import validate_config
+from vcm.dataset import build_dataset, make_splits
+from vcm.grid import Grid
+from vcm.io import save_nifti, write_json
+
+
+def test_splits_are_nested_disjoint_from_val_and_seeded():
+    subjects = [f"s{i}" for i in range(30)]
+    a = make_splits(subjects, [10, 20], 5, seed=1)
+    b = make_splits(subjects, [20, 10], 5, seed=1)
+    assert set(a) == {"val", "train_10", "train_20"}
+    assert len(a["val"]) == 5 and len(a["train_10"]) == 10 and len(a["train_20"]) == 20
+    assert set(a["train_10"]) < set(a["train_20"])
+    assert not set(a["val"]) & set(a["train_20"])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(make_splits(subjects, [10], 5, seed=2)["val"], a["val"])
+
+
+def test_splits_report_too_few_subjects():
+    with pytest.raises(StageError, match=r"need 25 subjects, but 12 passed"):
+        make_splits([f"s{i}" for i in range(12)], [20], 5, seed=0)
+
+
+def _fake_prep(root, subjects, grid, rng):
+    for k, sid in enumerate(subjects):
+        d = root / sid
+        save_nifti(d / "t1.nii.gz", rng.random(grid.shape), grid.affine)
+        labels = np.zeros(grid.shape, np.uint16)
+        labels[2:5, 2:5, 2:5] = 4 + k
+        save_nifti(d / "labels.nii.gz", labels, grid.affine, np.uint16)
+        for name in ("lv", "brain", "semantics"):
+            save_nifti(d / "conditions" / f"{name}.nii.gz", labels > 0, grid.affine, np.uint8)
+        for name in ("skull", "lowres_4mm", "lowres_8mm"):
+            save_nifti(d / "conditions" / f"{name}.nii.gz", rng.random(grid.shape), grid.affine)
+        write_json(
+            d / "conditions" / "covariates.json",
+            {
+                "raw": {"sex": 1.0, "age": 60.0 + k, "lv_volume": 1e4, "brain_volume": 1.2e6},
+                "scaled": [1.0, k / 10, 0.1, 0.2],
+            },
+        )
+
+
+def test_build_dataset_layout(tmp_path, rng):
+    cfg = validate_config(
+        {
+            "grid": {"shape": [8, 10, 8], "spacing_mm": 20},
+            "training": {"sizes": [2, 3]},
+            "dataset": {"val_size": 1},
+        }
+    )
+    grid = Grid.from_config(cfg["grid"])
+    subjects = ["a", "b", "c", "d", "e"]
+    _fake_prep(tmp_path / "prep", subjects, grid, rng)
+    pd.DataFrame({"subject": subjects}).to_csv(tmp_path / "subjects.csv", index=False)
+    out = build_dataset(cfg, tmp_path / "subjects.csv", tmp_path / "prep", tmp_path / "dataset.h5")
+    with h5py.File(out) as h5:
+        assert [s.decode() for s in h5["subjects"][:]] == subjects
+        assert h5["image"].shape == (5, 1, 8, 10, 8) and h5["image"].dtype == np.float16
+        assert h5["image"].chunks == (1, 1, 8, 10, 8) and h5["image"].compression == "gzip"
+        assert h5["label"].dtype == np.uint16 and h5["label"][3, 3, 3, 3] == 7
+        assert set(h5["cond"]) == {"lv", "brain", "semantics", "skull", "lowres_4mm", "lowres_8mm"}
+        assert h5["cond/lv"].dtype == np.uint8
+        np.testing.assert_allclose(h5["covariates"][:, 1], [0, 0.1, 0.2, 0.3, 0.4], atol=1e-6)
+        assert list(h5["covariates"].attrs["order"]) == ["sex", "age", "lv_volume", "brain_volume"]
+        assert h5["covariates_raw"][4, 1] == 64.0
+        assert len(h5["splits/val"]) == 1 and set(h5["splits/train_2"][:]) < set(h5["splits/train_3"][:])
+        assert "spacing_mm: 20" in h5.attrs["config_yaml"] and len(h5.attrs["config_sha256"]) == 64
+        np.testing.assert_allclose(h5.attrs["grid_affine"], grid.affine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dataset.h5",
+        "prep",
+        "subjects.csv",
+    ]  # no temp left
+
+
+def test_build_dataset_leaves_nothing_when_a_subject_is_missing(tmp_path, rng):
+    cfg = validate_config(
+        {
+            "grid": {"shape": [8, 10, 8], "spacing_mm": 20},
+            "training": {"sizes": [1]},
+            "dataset": {"val_size": 1},
+        }
+    )
+    _fake_prep(tmp_path / "prep", ["a"], Grid.from_config(cfg["grid"]), rng)
+    pd.DataFrame({"subject": ["a", "b"]}).to_csv(tmp_path / "subjects.csv", index=False)
+    with pytest.raises(FileNotFoundError):
+        build_dataset(cfg, tmp_path / "subjects.csv", tmp_path / "prep", tmp_path / "dataset.h5")
+    assert not any(p.name.startswith(".dataset") or p.name == "dataset.h5" for p in tmp_path.iterdir())

@@ -1,0 +1,143 @@
+"""The real Snakefile on a reduced demo: manifest -> registration -> segmentation -> conditions -> dataset.h5."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from .conftest import run_snakemake
+
+pytestmark = pytest.mark.workflow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Run the workflow once on a 6-subject demo (built by the demo_cohort rule)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("wf")
+    results = root / "results"
+    cfg = {
+        "results": str(results),
+        "data": {
+            "manifest": f"{results}/demo/manifest.csv",
+            "demo": {"n_subjects": 6, "seed": 0, "spacing_mm": 2.0},
+        },
+        "dataset": {"val_size": 2},
+        "training": {"sizes": [2, 4]},
+    }
+    configfile = root / "config.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(configfile)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return results
+
+
+def test_dataset_holds_every_subject_with_conditions_and_covariates(demo_run):
+    with h5py.File(demo_run / "dataset.h5") as h5:
+        subjects = [s.decode() for s in h5["subjects"][:]]
+        assert subjects == [f"sub-{i:03d}" for i in range(1, 7)]
+        assert h5["image"].shape == (6, 1, 40, 56, 40)
+        img = h5["image"][:].astype(np.float32)
+        assert img.min() >= 0 and img.max() == pytest.approx(1.0, abs=1e-3)
+        lv = h5["cond/lv"][:]
+        assert lv.shape == (6, 1, 40, 56, 40) and lv.max() == 1
+        assert set(np.unique(h5["cond/semantics"][:])) <= set(range(9))
+        cov = h5["covariates"][:]
+        assert cov.shape == (6, 4) and (cov >= 0).all() and (cov <= 1).all()
+        raw = h5["covariates_raw"][:]
+        assert raw[:, 2].std() / raw[:, 2].mean() > 0.1, "LV volume must vary between subjects"
+        assert len(h5["splits/val"]) == 2 and set(h5["splits/train_2"][:]) < set(h5["splits/train_4"][:])
+        assert h5.attrs["vcm_version"] and "registration" in h5.attrs["config_yaml"]
+    # The atlas LV volumes follow the demo's ground truth.
+    manifest = pd.read_csv(demo_run / "demo" / "manifest.csv")
+    r = np.corrcoef(manifest["true_lv_mm3"], raw[:, 2])[0, 1]
+    assert r > 0.8, f"correlation of atlas and true LV volume {r:.2f}"
+
+
+def test_every_rule_leaves_a_log_and_pictures(demo_run):
+    for rule in ("register", "segment", "conditions"):
+        assert (demo_run / "logs" / rule / "sub-001.log").is_file()
+    assert (demo_run / "logs" / "dataset.log").is_file()
+    assert (demo_run / "prep" / "sub-003" / "registration.png").stat().st_size > 10_000
+    assert pd.read_csv(demo_run / "excluded.csv").empty
+
+
+def test_bad_subjects_are_excluded_and_the_rest_finish(demo_run, tmp_path, write_config):
+    import nibabel as nib
+
+    demo = demo_run / "demo"
+    rows = pd.read_csv(demo / "manifest.csv").iloc[:3]
+    rows["t1"] = [str(demo / p) for p in rows["t1"]]
+    nan = nib.load(rows["t1"][0])
+    data = np.asarray(nan.dataobj, np.float32)
+    data[10, 10, 10] = np.nan
+    nib.save(nib.Nifti1Image(data, nan.affine), tmp_path / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), tmp_path / "four_d.nii.gz")
+    bad = pd.DataFrame(
+        {
+            "subject": ["bad-nan", "bad-missing", "bad-4d"],
+            "t1": [
+                str(tmp_path / "nan.nii.gz"),
+                str(tmp_path / "gone.nii.gz"),
+                str(tmp_path / "four_d.nii.gz"),
+            ],
+            "age": [60, 61, 62],
+            "sex": ["F", "M", "F"],
+        }
+    )
+    pd.concat([rows[["subject", "t1", "age", "sex"]], bad]).to_csv(tmp_path / "manifest.csv", index=False)
+    results = tmp_path / "results"
+    # Reuse the registered template of the first run: the template rule is deterministic.
+    shutil.copytree(demo_run / "template", results / "template")
+    configfile = write_config(
+        {
+            "results": str(results),
+            "data": {"manifest": str(tmp_path / "manifest.csv")},
+            "dataset": {"val_size": 1},
+            "training": {"sizes": [2]},
+        }
+    )
+    proc = run_snakemake(configfile, "--keep-going")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    excluded = pd.read_csv(results / "excluded.csv").set_index("subject")
+    assert list(excluded.index) == ["bad-nan", "bad-missing", "bad-4d"]
+    assert "NaN" in excluded.loc["bad-nan", "reason"]
+    assert "not found" in excluded.loc["bad-missing", "reason"]
+    assert "4-D" in excluded.loc["bad-4d", "reason"]
+    log = (results / "logs" / "check_inputs.log").read_text()
+    assert "subject bad-nan: excluded:" in log
+    with h5py.File(results / "dataset.h5") as h5:
+        assert [s.decode() for s in h5["subjects"][:]] == ["sub-001", "sub-002", "sub-003"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            {"subject": ["a", "a"], "t1": ["x", "y"], "age": [1, 2], "sex": ["F", "M"]},
+            "duplicate subject id(s) a",
+        ),
+        ({"subject": ["a"], "t1": ["x"], "sex": ["F"]}, "missing required column(s) age"),
+    ],
+)
+def test_broken_manifest_stops_before_any_job(tmp_path, write_config, rows, message):
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    configfile = write_config(
+        {"results": str(tmp_path / "results"), "data": {"manifest": str(tmp_path / "manifest.csv")}}
+    )
+    proc = run_snakemake(configfile, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "results" / "logs").exists()
+
+
+def test_bad_config_value_stops_with_the_key(tmp_path, write_config):
+    configfile = write_config(
+        {"results": str(tmp_path / "results"), "registration": {"transform": "Bspline"}}
+    )
+    proc = run_snakemake(configfile, "-n", timeout=120)
+    assert proc.returncode != 0
+    assert "config key 'registration.transform': 'Bspline' is not one of" in proc.stdout + proc.stderr

@@ -1,0 +1,1 @@
+"""Data preparation: template, demo cohort, input checks, registration, segmentation, conditions."""

@@ -1,0 +1,66 @@
+# Config validation, the resolved config every stage reads, and the manifest's subjects.
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+from snakemake.exceptions import WorkflowError
+
+from vcm.config import ConfigError, dump_config, validate_config
+from vcm.prep.inputs import ManifestError, read_manifest
+
+try:
+    CFG = validate_config(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+RESULTS = CFG["results"].rstrip("/")
+LOGS = f"{RESULTS}/logs"
+PREP = f"{RESULTS}/prep"
+MANIFEST = CFG["data"]["manifest"]
+DEMO_MANIFEST = f"{RESULTS}/demo/manifest.csv"
+
+# Stages read the validated, defaulted config from one file; it is rewritten only when it changes,
+# so its timestamp does not trigger reruns. Rules list the config sections they depend on as params,
+# so that a change to a section reruns exactly the rules that use it.
+CONFIG_FILE = f"{RESULTS}/.vcm/config.yaml"
+_text = dump_config(CFG)
+_cfg_path = Path(CONFIG_FILE)
+if not _cfg_path.is_file() or _cfg_path.read_text() != _text:
+    _cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    _tmp = _cfg_path.with_suffix(".tmp")
+    _tmp.write_text(_text)
+    _tmp.replace(_cfg_path)
+
+
+def section(*keys):
+    """A short digest of config sections, for rule params (rerun triggers)."""
+    return hashlib.sha256(json.dumps([CFG[k] for k in keys], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# A user manifest is checked before any job runs (missing columns, duplicate ids stop here).
+if MANIFEST != DEMO_MANIFEST and Path(MANIFEST).exists():
+    try:
+        read_manifest(MANIFEST)
+    except ManifestError as err:
+        raise WorkflowError(str(err)) from None
+
+
+@functools.lru_cache(maxsize=4)
+def _subjects_table(path, mtime):
+    return pd.read_csv(path, dtype={"subject": str}).set_index("subject", drop=False)
+
+
+def subjects_table():
+    """Subjects that passed the input checks (available once the check_inputs checkpoint ran)."""
+    path = checkpoints.check_inputs.get().output.subjects
+    return _subjects_table(path, Path(path).stat().st_mtime)
+
+
+def subject_row(wildcards):
+    return subjects_table().loc[wildcards.subject]
+
+
+def passed_subjects():
+    return list(subjects_table().index)

@@ -1,0 +1,111 @@
+# Data preparation: demo cohort, template, input checks, registration, segmentation, conditions.
+
+
+rule demo_cohort:
+    output:
+        manifest=f"{RESULTS}/demo/manifest.csv",
+    params:
+        demo=lambda w: CFG["data"]["demo"],
+    log:
+        f"{LOGS}/demo_cohort.log",
+    shell:
+        "python -m vcm demo --out-dir {RESULTS}/demo --n-subjects {params.demo[n_subjects]}"
+        " --seed {params.demo[seed]} --spacing-mm {params.demo[spacing_mm]} > {log} 2>&1"
+
+
+rule template:
+    output:
+        t1_head=f"{RESULTS}/template/t1_head.nii.gz",
+        t1_brain=f"{RESULTS}/template/t1_brain.nii.gz",
+        labels=f"{RESULTS}/template/labels.nii.gz",
+    log:
+        f"{LOGS}/template.log",
+    shell:
+        "python -m vcm template --out-dir {RESULTS}/template > {log} 2>&1"
+
+
+checkpoint check_inputs:
+    input:
+        manifest=MANIFEST,
+    output:
+        subjects=f"{RESULTS}/inputs/subjects.csv",
+        excluded=f"{RESULTS}/excluded.csv",
+    params:
+        settings=section("segmentation"),
+    log:
+        f"{LOGS}/check_inputs.log",
+    shell:
+        "python -m vcm check-inputs --config {CONFIG_FILE} --manifest {input.manifest}"
+        " --out {output.subjects} --excluded {output.excluded} > {log} 2>&1"
+
+
+rule register:
+    input:
+        t1=lambda w: subject_row(w)["t1"],
+        template=rules.template.output.t1_head,
+    output:
+        t1=f"{PREP}/{{subject}}/t1.nii.gz",
+        info=f"{PREP}/{{subject}}/registration.json",
+        png=report(f"{PREP}/{{subject}}/registration.png", category="Registration", subcategory="{subject}"),
+    params:
+        settings=section("grid", "registration", "intensity"),
+    log:
+        f"{LOGS}/register/{{subject}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/register/{{subject}}.tsv"
+    threads: 1
+    shell:
+        "python -m vcm register --config {CONFIG_FILE} --subject {wildcards.subject} --t1 {input.t1:q}"
+        " --template-dir {RESULTS}/template --out-dir {PREP}/{wildcards.subject} --threads {threads} > {log} 2>&1"
+
+
+def _seg_arg(wildcards):
+    row = subject_row(wildcards)
+    seg = row.get("seg") if "seg" in row.index else None
+    return f"--seg {seg}" if CFG["segmentation"]["backend"] == "precomputed" and isinstance(seg, str) else ""
+
+
+rule segment:
+    input:
+        t1=lambda w: subject_row(w)["t1"],
+        registered=rules.register.output.t1,
+        info=rules.register.output.info,
+        template=rules.template.output.labels,
+    output:
+        labels=f"{PREP}/{{subject}}/labels.nii.gz",
+        volumes=f"{PREP}/{{subject}}/volumes.json",
+    params:
+        settings=section("grid", "segmentation", "conditions"),
+        seg=_seg_arg,
+    log:
+        f"{LOGS}/segment/{{subject}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/segment/{{subject}}.tsv"
+    threads: 1
+    shell:
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm segment --config {CONFIG_FILE}"
+        " --subject {wildcards.subject} --t1 {input.t1:q} {params.seg} --reg-dir {PREP}/{wildcards.subject}"
+        " --template-dir {RESULTS}/template --out-dir {PREP}/{wildcards.subject} > {log} 2>&1"
+
+
+CONDITION_FILES = ["lv", "brain", "semantics", "skull"] + [f"lowres_{mm:g}mm" for mm in CFG["conditions"]["lowres_slice_mm"]]
+
+
+rule conditions:
+    input:
+        t1=rules.register.output.t1,
+        labels=rules.segment.output.labels,
+        volumes=rules.segment.output.volumes,
+    output:
+        masks=expand(f"{PREP}/{{{{subject}}}}/conditions/{{name}}.nii.gz", name=CONDITION_FILES),
+        covariates=f"{PREP}/{{subject}}/conditions/covariates.json",
+    params:
+        settings=section("grid", "conditions"),
+        age=lambda w: subject_row(w)["age"],
+        sex=lambda w: subject_row(w)["sex"],
+    log:
+        f"{LOGS}/conditions/{{subject}}.log",
+    shell:
+        "python -m vcm conditions --config {CONFIG_FILE} --subject {wildcards.subject} --t1 {input.t1}"
+        " --labels {input.labels} --volumes {input.volumes} --age {params.age} --sex {params.sex}"
+        " --out-dir {PREP}/{wildcards.subject}/conditions > {log} 2>&1"
