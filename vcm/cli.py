@@ -21,7 +21,8 @@ STAGES: dict[str, str] = {
     "conditions": "vcm.prep.conditions:cli",
     "dataset": "vcm.dataset:cli",
     "manifest": "vcm.intake.cli:cli",
-    "train-backbone": "vcm.models.backbone:cli",
+    "train-backbone": "vcm.train_backbone:cli",
+    "preview": "vcm.train:preview_cli",
     "encode-latents": "vcm.latents:cli",
     "train-vcm": "vcm.train:cli",
 }
