@@ -49,7 +49,9 @@ if MANIFEST != DEMO_MANIFEST and Path(MANIFEST).exists():
 
 @functools.lru_cache(maxsize=4)
 def _subjects_table(path, mtime):
-    return pd.read_csv(path, dtype={"subject": str}).set_index("subject", drop=False)
+    # Plain dicts: input and params functions run once per job, pandas .loc would dominate large DAGs.
+    rows = pd.read_csv(path, dtype={"subject": str}).to_dict("records")
+    return {row["subject"]: row for row in rows}
 
 
 def subjects_table():
@@ -59,8 +61,8 @@ def subjects_table():
 
 
 def subject_row(wildcards):
-    return subjects_table().loc[wildcards.subject]
+    return subjects_table()[wildcards.subject]
 
 
 def passed_subjects():
-    return list(subjects_table().index)
+    return list(subjects_table())

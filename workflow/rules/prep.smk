@@ -60,8 +60,7 @@ rule register:
 
 
 def _seg_arg(wildcards):
-    row = subject_row(wildcards)
-    seg = row.get("seg") if "seg" in row.index else None
+    seg = subject_row(wildcards).get("seg")
     return f"--seg {seg}" if CFG["segmentation"]["backend"] == "precomputed" and isinstance(seg, str) else ""
 
 

@@ -1,0 +1,1293 @@
+"""Training a control module on a frozen backbone (paper §3.2, eq. 4, appendix B.2) and its previews.
+
+One model per condition set × training size (``/splits/train_<size>`` of ``dataset.h5``). Two methods share
+the stage, the data, the schedule and the outputs, so that they can be compared:
+
+* ``vcm`` (the paper): VCM predicts ``(gamma, beta)`` that modulate the frozen model's noise prediction,
+  ``eps' = eps_t * (1 + gamma) + beta``; loss eq. 4, ``MSE(eps, eps') + λ(‖γ‖₁ + ‖β‖₁)``, λ⁻¹ = b·c·h·w·d.
+* ``controlnet`` (the baseline the paper compares with): MONAI's 3D
+  :class:`~monai.networks.nets.ControlNet`, a trainable copy of the frozen U-Net's encoder initialised from
+  it, whose zero-initialised residuals are added to the frozen U-Net's skip connections; its conditioning
+  embedding downsamples the conditions to the latent grid by the autoencoder's factor. Loss ``MSE(eps,
+  eps_pred)``.
+
+Every step (the data stays in memory; nothing that can be computed once is computed per step):
+
+1. draw the *global* batch: subject indices (balanced: every subject once before any twice), left-right
+   flips, posterior noise, time steps ``t ~ U{0..999}``, noise ``eps`` and the modality-dropout keep mask,
+   all from one seeded generator, so that a 2-process DDP run sees the same samples as a 1-process run and a
+   resumed run the same samples as an uninterrupted one; each rank takes its slice;
+2. ``z0 = (mu + sigma * n) * scale_factor`` from the pre-encoded posterior (``latents.h5``), picking the
+   flipped image's latent for flipped samples and flipping their conditions with it;
+3. ``z_t = add_noise(z0, eps, t)`` (DDPM, BrainLDM's schedule); the frozen backbone's ``eps_t`` without grad;
+4. the control module, the loss, AdamW (linear warm-up, then cosine annealing to ``lr / 10``).
+
+Multimodal sets: *modality latent dropout* (paper) zeroes an encoder branch's output per sample, keeping
+only A, only B or both with probability 0.3 / 0.3 / 0.4 (:func:`~vcm.models.vcm.subset_probabilities`);
+``training.modality_dropout: input`` zeroes the inputs instead (the ablation). ControlNet has one
+conditioning input, so it always drops at the input.
+
+Outputs in ``--out-dir``: ``vcm.pt`` (the declared output, written last and atomically), ``loss.csv``,
+``loss.png``, ``preview/`` and, not a declared output (Snakemake deletes failed outputs),
+``checkpoints/checkpoint_latest.pt`` (every ``training.checkpoint_every`` steps) and
+``checkpoints/checkpoint_final.pt``. A rerun resumes from the latest checkpoint; after the final one it only
+rewrites ``vcm.pt`` and the previews. Checkpoints hold only tensors and plain Python types and load with
+``torch.load(weights_only=True)``. Under ``torchrun --nproc_per_node N`` the stage trains with
+DistributedDataParallel (gloo on CPU, nccl on CUDA); ``training.batch_size`` is the global batch; rank 0
+writes every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from vcm.cli import StageError
+from vcm.diffusion import ddim_sample, ddim_scheduler, ddpm_scheduler, noise_from_seeds, vcm_loss
+from vcm.latents import FLIP_AXIS, bundle_sha256
+from vcm.models.vcm import (
+    VCM,
+    crop_to_shape,
+    modulate,
+    pad_to_multiple,
+    sample_keep_mask,
+    subset_probabilities,
+)
+
+__all__ = [
+    "ControlNetControl",
+    "Settings",
+    "TrainData",
+    "build_model",
+    "cli",
+    "condition_groups",
+    "load_model",
+    "lr_factor",
+    "preview",
+    "preview_cli",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "vcm.pt"
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "checkpoint_latest.pt"
+FINAL = "checkpoint_final.pt"
+FORMAT_VERSION = 1
+
+
+# --- settings ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Training settings, from the config's ``training`` section (keys absent there take these defaults).
+
+    Args:
+        method: ``vcm`` or ``controlnet``.
+        steps: optimisation steps (upper bound when ``minutes`` is set).
+        batch_size: global batch (split over DDP ranks).
+        lr: peak AdamW learning rate; annealed to ``lr * min_lr_ratio``.
+        checkpoint_every: steps between ``checkpoint_latest.pt`` writes.
+        seed: seeds the networks' init and every random draw of training.
+        minutes: wall-clock budget of the training loop; the step count is then fixed from the measured speed
+            after a few steps (capped by ``steps``), so the cosine schedule still completes.
+        warmup_steps: linear warm-up; default 5 % of ``steps``, at most 100.
+        min_lr_ratio: final lr / peak lr (paper: 5e-6 / 5e-5).
+        weight_decay: AdamW weight decay.
+        flip: left-right flip augmentation with the pre-encoded flipped latent.
+        modality_dropout: ``latent`` (paper), ``input`` (ablation) or ``none``.
+        p_all: probability of keeping every group (paper: 0.4 for two groups).
+        vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
+        controlnet: overrides of :class:`ControlNetControl` arguments.
+        preview_subjects: validation subjects previewed at the end of training (0: no preview).
+        preview_ddim_steps: DDIM steps of the previews; default ``cohort.ddim_steps``.
+        preview_seed: base seed of the previews' noise.
+    """
+
+    method: str = "vcm"
+    steps: int = 2000
+    batch_size: int = 2
+    lr: float = 5e-5
+    checkpoint_every: int = 100
+    seed: int = 0
+    minutes: float | None = None
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    flip: bool = True
+    modality_dropout: str = "latent"
+    p_all: float = 0.4
+    vcm: dict[str, Any] = field(default_factory=dict)
+    controlnet: dict[str, Any] = field(default_factory=dict)
+    preview_subjects: int = 2
+    preview_ddim_steps: int | None = None
+    preview_seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> Settings:
+        """Read ``cfg["training"]`` (and ``cohort.ddim_steps`` for the previews); ``overrides`` win."""
+        section = dict(cfg.get("training", {}))
+        preview = section.pop("preview", None) or {}
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in section.items() if k in known}
+        for key, name in (("subjects", "preview_subjects"), ("ddim_steps", "preview_ddim_steps")):
+            if key in preview:
+                values[name] = preview[key]
+        if "seed" in preview:
+            values["preview_seed"] = preview["seed"]
+        if values.get("preview_ddim_steps") is None:
+            values["preview_ddim_steps"] = cfg.get("cohort", {}).get("ddim_steps", 200)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        out = cls(**values)
+        if out.method not in ("vcm", "controlnet"):
+            raise StageError(f"config key 'training.method': expected vcm or controlnet, got {out.method!r}")
+        if out.modality_dropout not in ("latent", "input", "none"):
+            raise StageError(
+                f"config key 'training.modality_dropout': expected latent, input or none, got {out.modality_dropout!r}"
+            )
+        return out
+
+    @property
+    def warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return int(self.warmup_steps)
+        return max(1, min(100, math.ceil(0.05 * self.steps)))
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine annealing to ``min_ratio``."""
+    warmup = max(0, min(warmup, total - 1))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- conditions --------------------------------------------------------------------------------------------
+
+
+def semantic_classes(h5: h5py.File) -> int:
+    """Foreground classes of ``/cond/semantics`` (one-hot channels; background is left out)."""
+    classes = h5["cond/semantics"].attrs.get("classes") if "cond/semantics" in h5 else None
+    return len(classes) - 1 if classes is not None else 8
+
+
+def condition_groups(
+    cfg: Mapping[str, Any], condset: str, n_semantic: int = 8
+) -> list[list[tuple[str, int]]]:
+    """The condition set's groups as ``[(name, channels), ...]`` (semantics: one channel per class)."""
+    sets = cfg.get("condition_sets", {})
+    if condset not in sets:
+        raise StageError(f"unknown condition set '{condset}' (config 'condition_sets': {', '.join(sets)})")
+    return [[(name, n_semantic if name == "semantics" else 1) for name in group] for group in sets[condset]]
+
+
+def condition_tensor(name: str, x: torch.Tensor, n_semantic: int) -> torch.Tensor:
+    """A stored condition batch (B, 1, *grid; uint8 or float16) as the float network input."""
+    if name == "semantics":  # class map 0..K -> one-hot without background
+        onehot = F.one_hot(x[:, 0].long(), n_semantic + 1)[..., 1:]
+        return onehot.movedim(-1, 1).float()
+    return x.float()
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Flip the samples of (B, C, *grid) ``x`` where ``flip`` (B,) is true, along the left-right axis."""
+    if not bool(flip.any()):
+        return x
+    flipped = torch.flip(x, dims=(2 + FLIP_AXIS,))
+    return torch.where(flip.reshape(-1, *([1] * (x.dim() - 1))).to(x.device), flipped, x)
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+
+class TrainData:
+    """One training split in memory: compact conditions, covariates and the pre-encoded posteriors.
+
+    Conditions stay in their stored dtype (uint8 masks and class maps, float16 images); a batch is
+    converted (one-hot, float, flip) when drawn. At BrainLDM scale that is ~5.7 MB per subject and condition.
+
+    Args:
+        dataset: ``dataset.h5``.
+        latents: ``latents.h5`` (same subjects, same order).
+        split: the split's name (e.g. ``train_10``) or explicit indices.
+        names: condition names to load.
+    """
+
+    def __init__(
+        self, dataset: str | Path, latents: str | Path, split: str | Sequence[int], names: Sequence[str]
+    ) -> None:
+        for path in (dataset, latents):
+            if not Path(path).is_file():
+                raise StageError(f"file not found: {path}")
+        with h5py.File(dataset, "r") as h5, h5py.File(latents, "r") as lh5:
+            if isinstance(split, str):
+                if f"splits/{split}" not in h5:
+                    have = ", ".join(sorted(h5["splits"])) if "splits" in h5 else "none"
+                    raise StageError(f"{dataset}: no split '{split}' (have: {have})")
+                index = np.asarray(h5[f"splits/{split}"][:], dtype=np.int64)
+            else:
+                index = np.asarray(split, dtype=np.int64)
+            if index.size == 0:
+                raise StageError(f"{dataset}: split {split!r} is empty")
+            order = np.argsort(index)
+            index = index[order]  # h5py reads sorted indices
+            for key in ("mu", "sigma"):
+                if key not in lh5:
+                    raise StageError(f"{latents}: no /{key} dataset (rerun encode-latents)")
+            if lh5["mu"].shape[0] != h5["image"].shape[0]:
+                raise StageError(
+                    f"{latents} has {lh5['mu'].shape[0]} subjects but {dataset} has {h5['image'].shape[0]}; "
+                    "rerun encode-latents"
+                )
+            if "subjects" in lh5 and "subjects" in h5 and list(lh5["subjects"][:]) != list(h5["subjects"][:]):
+                raise StageError(f"{latents} and {dataset} list different subjects; rerun encode-latents")
+            missing = [n for n in names if f"cond/{n}" not in h5]
+            if missing:
+                raise StageError(f"{dataset}: no condition {missing[0]!r} (have: {', '.join(h5['cond'])})")
+            self.index = index
+            self.subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][index]]
+            self.n_semantic = semantic_classes(h5)
+            self.cond = {n: torch.from_numpy(h5[f"cond/{n}"][index]) for n in names}
+            self.cov = torch.from_numpy(np.asarray(h5["covariates"][index], dtype=np.float32))
+            self.mu = torch.from_numpy(np.asarray(lh5["mu"][index], dtype=np.float32))
+            self.sigma = torch.from_numpy(np.asarray(lh5["sigma"][index], dtype=np.float32))
+            self.bundle_sha256 = str(lh5.attrs.get("bundle_sha256", ""))
+            self.grid = tuple(int(s) for s in h5["image"].shape[2:])
+            self.affine = (
+                np.asarray(h5.attrs["grid_affine"], dtype=float) if "grid_affine" in h5.attrs else None
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, *latent grid)."""
+        return tuple(self.mu.shape[2:])
+
+    def batch(
+        self, idx: torch.Tensor, flip: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conditions, posterior and covariates of the samples ``idx`` (positions in this split).
+
+        Args:
+            idx: (B,) positions.
+            flip: (B,) bool; flipped samples get the flipped image's posterior and flipped conditions.
+
+        Returns:
+            ``conditions`` (name -> float (B, C, *grid)), ``mu``, ``sigma`` (B, C, *latent grid) and
+            covariates (B, 1, 4).
+        """
+        view = flip.long()
+        mu, sigma = self.mu[idx, view], self.sigma[idx, view]
+        conditions = {
+            n: flip_where(condition_tensor(n, x[idx], self.n_semantic), flip) for n, x in self.cond.items()
+        }
+        return conditions, mu, sigma, self.cov[idx].unsqueeze(1)
+
+
+def draw_indices(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """A batch of positions in ``range(n)``, balanced: each position once before any twice."""
+    perms = [torch.randperm(n, generator=generator) for _ in range(math.ceil(batch / n))]
+    return torch.cat(perms)[:batch]
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+class ControlNetControl(nn.Module):
+    """The ControlNet baseline: MONAI's 3D :class:`~monai.networks.nets.ControlNet` for a frozen backbone.
+
+    The ControlNet copies the frozen U-Net's encoder architecture (initialise it from the backbone with
+    :meth:`init_from`) and takes the same input, ``cat[z_t, cov broadcast]``; the conditions of every group
+    are concatenated along channels into its conditioning embedding, which downsamples them to the latent
+    grid by the autoencoder's factor (``levels`` stride-2 convs). Its residuals are added to the frozen
+    U-Net's skip connections and middle block.
+
+    Args:
+        diffusion: the backbone's diffusion U-Net definition (``Backbone.definitions["diffusion"]``).
+        condition_groups: the condition set's groups of ``(name, channels)``.
+        levels: ``log2`` of the autoencoder's downsampling factor.
+        conditioning_channels: channels of the conditioning embedding, ``levels + 1`` entries; default
+            MONAI's ``(16, 32, 96, 256)`` cut to length.
+    """
+
+    def __init__(
+        self,
+        diffusion: Mapping[str, Any],
+        condition_groups: Sequence[Sequence[Sequence[Any]]],
+        levels: int,
+        conditioning_channels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        from monai.networks.nets import ControlNet
+
+        from vcm.models.vcm import parse_condition_groups
+
+        self.groups = parse_condition_groups(condition_groups)
+        conditioning_channels = list(conditioning_channels or (16, 32, 96, 256, 512)[: levels + 1])
+        if len(conditioning_channels) != levels + 1:
+            raise ValueError(f"conditioning_channels needs {levels + 1} entries (levels={levels})")
+        self.config: dict[str, Any] = {
+            "diffusion": dict(diffusion),
+            "condition_groups": [[[n, c] for n, c in g] for g in self.groups],
+            "levels": levels,
+            "conditioning_channels": conditioning_channels,
+        }
+        """JSON-serialisable constructor arguments."""
+        accepted = set(inspect.signature(ControlNet.__init__).parameters)
+        kwargs = {k: v for k, v in diffusion.items() if k in accepted}
+        self.controlnet = ControlNet(
+            **kwargs,
+            conditioning_embedding_in_channels=sum(c for g in self.groups for _, c in g),
+            conditioning_embedding_num_channels=tuple(conditioning_channels),
+        )
+        self.factor = 2**levels
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    def init_from(self, unet: nn.Module) -> int:
+        """Copy the frozen U-Net's matching weights (conv-in, time embedding, encoder, middle block).
+
+        Returns:
+            the number of tensors copied.
+        """
+        own = self.controlnet.state_dict()
+        copied = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
+        self.controlnet.load_state_dict(copied, strict=False)
+        return len(copied)
+
+    def condition_input(
+        self, conditions: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Concatenate the groups' conditions; zero the groups dropped by ``keep`` (B, n_groups)."""
+        parts = []
+        for g, group in enumerate(self.groups):
+            for name, _ in group:
+                x = conditions[name].float()
+                if keep is not None:
+                    x = x * keep[:, g].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+                parts.append(x)
+        return torch.cat(parts, dim=1)
+
+    def forward(
+        self, backbone: nn.Module, z_t: torch.Tensor, t: torch.Tensor, cov: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        """The frozen U-Net's noise prediction with this ControlNet's residuals (grads flow to the ControlNet)."""
+        b, spatial = z_t.shape[0], z_t.shape[2:]
+        cov = cov.to(device=z_t.device, dtype=z_t.dtype).reshape(b, 1, -1)
+        cov_map = cov.reshape(b, -1, *([1] * len(spatial))).expand(b, cov.shape[-1], *spatial)
+        unet = backbone.diffusion
+        x, pads = pad_to_multiple(torch.cat([z_t, cov_map], dim=1), 2 ** (len(unet.block_out_channels) - 1))
+        if any(pads):  # pad the conditions by the same latent margin, in image voxels
+            cond = F.pad(cond, [p * self.factor for p in pads])
+        t = t.long()
+        down, mid = self.controlnet(x, timesteps=t, controlnet_cond=cond.to(x.dtype), context=cov)
+        eps = unet(
+            x,
+            timesteps=t,
+            context=cov,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        )
+        return crop_to_shape(eps, pads)
+
+
+def build_model(
+    method: str,
+    groups: Sequence[Sequence[tuple[str, int]]],
+    backbone: nn.Module,
+    overrides: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """A fresh control module for ``backbone`` (the current torch seed initialises it).
+
+    Args:
+        method: ``vcm`` or ``controlnet``.
+        groups: condition groups of ``(name, channels)``.
+        backbone: the frozen :class:`~vcm.models.backbone.Backbone`.
+        overrides: constructor arguments to change (``training.vcm`` / ``training.controlnet``).
+    """
+    levels = int(round(math.log2(backbone.downsample_factor)))
+    overrides = dict(overrides or {})
+    try:
+        if method == "vcm":
+            kwargs = {
+                "spatial_dims": (backbone.definitions or {}).get("autoencoder", {}).get("spatial_dims", 3),
+                "latent_channels": backbone.latent_channels,
+                "condition_groups": groups,
+                "levels": levels,
+            }
+            return VCM(**{**kwargs, **overrides})
+        model = ControlNetControl(backbone.definitions["diffusion"], groups, levels, **overrides)
+    except (TypeError, ValueError) as err:
+        key = "training.vcm" if method == "vcm" else "training.controlnet"
+        raise StageError(f"config key '{key}': cannot build the {method} model ({err})") from None
+    model.init_from(backbone.diffusion)
+    return model
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a trained control module from ``vcm.pt``.
+
+    Returns:
+        the model (eval mode) and the file's metadata (``method``, ``condition_set``, ``condition_groups``,
+        ``backbone_sha256``, ``scale_factor``, ``provenance``, ...), without the weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"model file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        state = obj.pop("model")
+        if obj["method"] == "vcm":
+            model: nn.Module = VCM(**obj["model_config"])
+        else:
+            model = ControlNetControl(**obj["model_config"])
+        model.load_state_dict(state)
+    except Exception as err:  # a truncated or foreign file raises many types
+        text = str(err).strip().splitlines()
+        raise StageError(
+            f"{path}: not a vcm model file ({type(err).__name__}: {text[0] if text else ''})"
+        ) from None
+    return model.to(device).eval(), obj
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+
+def _signature(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A checkpoint, or ``None`` (with a warning) when the file is unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file from a killed job: start over rather than fail
+        logger.warning("ignoring unreadable checkpoint %s (%s)", path, type(err).__name__)
+        return None
+
+
+def _save(obj: Any, path: Path) -> None:
+    from vcm.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# --- distributed -------------------------------------------------------------------------------------------
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA); pick the device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+
+
+class _Interrupt:
+    """SIGTERM / SIGUSR1 (SLURM's pre-emption and time-limit signals) ask the loop to checkpoint and stop."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupt:
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did."""
+
+    model: nn.Module
+    step: int
+    total_steps: int
+    history: dict[str, list[float]]
+    seconds: float
+    resumed_from: int
+    model_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def training_loss(
+    net: nn.Module,
+    model: nn.Module,
+    backbone: nn.Module,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    cov: torch.Tensor,
+    conditions: Mapping[str, torch.Tensor],
+    keep: torch.Tensor | None = None,
+    drop: str = "latent",
+) -> torch.Tensor:
+    """The loss of one batch: eq. 4 for VCM, the noise MSE for ControlNet.
+
+    Args:
+        net: what to call (``model`` or its DDP wrapper).
+        model: the unwrapped :class:`~vcm.models.vcm.VCM` or :class:`ControlNetControl`.
+        backbone: the frozen backbone.
+        z_t: noisy latents; ``t`` their time steps; ``noise`` the noise that was added.
+        cov: covariates (B, 1, 4).
+        conditions: name -> float condition batch at image resolution.
+        keep: (B, n_groups) modality keep mask or ``None``.
+        drop: ``latent`` (zero a branch's features), ``input`` (zero its conditions) or ``none``.
+    """
+    keep = keep if drop != "none" else None
+    if isinstance(model, VCM):
+        with torch.no_grad():
+            eps_t = backbone.eps(z_t, t, cov)
+        if drop == "input" and keep is not None:
+            conditions, keep = model.drop_inputs(conditions, keep), None
+        gamma, beta = net(z_t, eps_t, t, conditions, keep)
+        return vcm_loss(noise, modulate(eps_t, gamma, beta), gamma, beta)
+    cond = model.condition_input(conditions, keep)  # ControlNet: one input, so dropping is at the input
+    eps = net(backbone, z_t, t, cov, cond)
+    return F.mse_loss(eps.float(), noise.float())
+
+
+def _write_loss(out_dir: Path, history: Mapping[str, list[float]], title: str) -> None:
+    from vcm.io import atomic_path
+
+    with atomic_path(out_dir / "loss.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss", "lr", "elapsed_s"])
+        for row in zip(history["step"], history["loss"], history["lr"], history["elapsed_s"], strict=True):
+            writer.writerow([int(row[0]), f"{row[1]:.6g}", f"{row[2]:.6g}", f"{row[3]:.2f}"])
+    if not history["step"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, loss = np.asarray(history["step"]), np.asarray(history["loss"])
+    window = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, lw=0.5, alpha=0.4, label="loss")
+    ax.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_dir / "loss.png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def train(
+    cfg: Mapping[str, Any],
+    dataset: str | Path,
+    latents: str | Path,
+    bundle: str | Path,
+    condset: str,
+    size: int,
+    out_dir: str | Path,
+    device: torch.device | str | None = None,
+    stop_after: int | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    write_model: bool = True,
+    **overrides: Any,
+) -> TrainResult:
+    """Train one control module (``training.method``) for a condition set on ``/splits/train_<size>``.
+
+    Resumes from ``out_dir/checkpoints`` when a checkpoint of the same run exists. Call inside an initialised
+    process group to train with DDP (every rank calls it; rank 0 writes).
+
+    Args:
+        cfg: the validated config.
+        dataset: ``dataset.h5``.
+        latents: ``latents.h5`` from the same dataset and bundle.
+        bundle: the backbone bundle folder.
+        condset: a key of ``condition_sets``.
+        size: training size (``/splits/train_<size>``).
+        out_dir: output folder.
+        device: default CUDA when available.
+        stop_after: stop after this many steps in this call (checkpointing), as a pre-emption would; rerun
+            to resume.
+        fresh: ignore existing checkpoints.
+        progress: tqdm bar (rank 0).
+        write_model: write ``vcm.pt``, ``loss.csv`` and ``loss.png`` at the end.
+        overrides: :class:`Settings` fields that win over the config (e.g. ``steps``, ``batch_size``).
+
+    Returns:
+        a :class:`TrainResult`; ``model`` is the trained, unwrapped module.
+    """
+    from vcm.config import dump_config
+    from vcm.io import provenance
+    from vcm.models.backbone import load_bundle
+
+    settings = Settings.from_config(cfg, **overrides)
+    rank, world = _dist()
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if settings.batch_size % world:
+        raise StageError(
+            f"training.batch_size {settings.batch_size} is not divisible by the {world} processes"
+        )
+    local = settings.batch_size // world
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    with h5py.File(dataset, "r") as h5:
+        groups = condition_groups(cfg, condset, semantic_classes(h5) if "cond/semantics" in h5 else 8)
+    names = [n for g in groups for n, _ in g]
+    data = TrainData(dataset, latents, f"train_{size}", names)
+    bundle_sha = bundle_sha256(bundle)
+    if data.bundle_sha256 and data.bundle_sha256 != bundle_sha:
+        raise StageError(
+            f"{latents} was encoded with another backbone bundle than {bundle}; rerun encode-latents"
+        )
+    backbone = load_bundle(bundle, scale_factor=cfg["backbone"]["scale_factor"], device=device)
+    if data.latent_shape[0] != backbone.latent_channels:
+        raise StageError(
+            f"{latents}: {data.latent_shape[0]} latent channels, the backbone has {backbone.latent_channels}"
+        )
+
+    torch.manual_seed(settings.seed)
+    overrides_model = settings.vcm if settings.method == "vcm" else settings.controlnet
+    model = build_model(settings.method, groups, backbone, overrides_model).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    scheduler = ddpm_scheduler()
+    alphas = scheduler.alphas_cumprod.to(device)
+    n_groups = len(groups)
+    keep_probs = subset_probabilities(n_groups, settings.p_all)
+    drop = settings.modality_dropout if n_groups > 1 else "none"
+
+    signature = _signature(
+        {
+            "settings": {
+                k: v
+                for k, v in asdict(settings).items()
+                if not k.startswith("preview") and k not in ("minutes", "checkpoint_every")
+            },
+            "groups": groups,
+            "bundle": bundle_sha,
+            "scale_factor": backbone.scale_factor,
+            "split": data.index.tolist(),
+            "model": getattr(model, "config", None),
+            "world": world,
+        }
+    )
+    history: dict[str, list[float]] = {"step": [], "loss": [], "lr": [], "elapsed_s": []}
+    step, total, elapsed0, resumed_from = 0, settings.steps if settings.minutes is None else None, 0.0, 0
+    ckpt = None
+    if not fresh:
+        for name in (FINAL, LATEST):
+            if (ckpt_dir / name).is_file():
+                ckpt = load_checkpoint(ckpt_dir / name)
+                if ckpt is not None and ckpt.get("signature") != signature:
+                    if rank == 0:
+                        logger.warning(
+                            "%s belongs to another configuration: training from scratch", ckpt_dir / name
+                        )
+                    ckpt = None
+                if ckpt is not None:
+                    break
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], generator)
+        step = resumed_from = int(ckpt["step"])
+        total = int(ckpt["scheduler"]["total_steps"]) if ckpt["scheduler"]["total_steps"] else total
+        history = {k: list(v) for k, v in ckpt["history"].items()}
+        elapsed0 = float(ckpt.get("elapsed_s", 0.0))
+        if rank == 0:
+            logger.info("resuming from %s at step %d", ckpt_dir, step)
+
+    ddp_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    config_text = dump_config(dict(cfg))
+
+    def checkpoint_obj(at: int, tot: int | None) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "method": settings.method,
+            "step": at,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {
+                "total_steps": tot,
+                "warmup_steps": settings.warmup,
+                "min_lr_ratio": settings.min_lr_ratio,
+                "base_lr": settings.lr,
+            },
+            "rng": _rng_state(generator),
+            "config": json.loads(json.dumps(dict(cfg), default=str)),
+            "model_config": getattr(model, "config", {}),
+            "signature": signature,
+            "history": history,
+            "elapsed_s": elapsed0 + (time.perf_counter() - start),
+        }
+
+    start = time.perf_counter()
+    deadline = start + 60.0 * settings.minutes if settings.minutes else None
+    probe_from, probe_len = step + 1, 5  # the first step pays one-off costs; time the next few
+    probe_t0 = None
+    done_here = 0
+    latent_shape = data.latent_shape
+    bar = tqdm(
+        total=total or settings.steps,
+        initial=step,
+        desc=f"train {settings.method} {condset} n{size}",
+        unit="step",
+        disable=not (progress and rank == 0),
+    )
+    stopped = "completed"
+    with _Interrupt() as interrupt:
+        while total is None or step < total:
+            # the global batch, drawn identically on every rank; each rank takes its slice
+            b = settings.batch_size
+            idx = draw_indices(len(data), b, generator)
+            flip = (
+                (torch.rand(b, generator=generator) < 0.5)
+                if settings.flip
+                else torch.zeros(b, dtype=torch.bool)
+            )
+            post_noise = torch.randn((b, *latent_shape), generator=generator)
+            t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator)
+            noise = torch.randn((b, *latent_shape), generator=generator)
+            keep = sample_keep_mask(b, n_groups, keep_probs, generator=generator) if drop != "none" else None
+            sl = slice(rank * local, (rank + 1) * local)
+            conditions, mu, sigma, cov = data.batch(idx[sl], flip[sl])
+            conditions = {k: v.to(device, non_blocking=True) for k, v in conditions.items()}
+            mu, sigma, cov = mu.to(device), sigma.to(device), cov.to(device)
+            t_l, noise_l = t[sl].to(device), noise[sl].to(device)
+            keep_l = keep[sl].to(device) if keep is not None else None
+            z0 = (mu + sigma * post_noise[sl].to(device)) * backbone.scale_factor
+            a = alphas[t_l].reshape(-1, *([1] * (z0.dim() - 1)))
+            z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise_l  # DDPMScheduler.add_noise
+
+            lr = settings.lr * lr_factor(
+                step, total or settings.steps, settings.warmup, settings.min_lr_ratio
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss = training_loss(
+                    ddp_model, model, backbone, z_t, t_l, noise_l, cov, conditions, keep_l, drop
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            done_here += 1
+
+            # one collective per step: the mean loss and the stop flags, so every rank stops together
+            flags = torch.tensor(
+                [
+                    loss.detach().float().item(),
+                    float(interrupt.flag),
+                    float(deadline is not None and time.perf_counter() > deadline),
+                ]
+            )
+            if world > 1:
+                dist.all_reduce(flags)
+                flags[0] /= world
+            history["step"].append(step)
+            history["loss"].append(float(flags[0]))
+            history["lr"].append(lr)
+            history["elapsed_s"].append(elapsed0 + time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{flags[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+            if total is None and step == probe_from:
+                probe_t0 = time.perf_counter()
+            elif total is None and probe_t0 is not None and step == probe_from + probe_len:
+                per_step = (time.perf_counter() - probe_t0) / probe_len
+                budget_steps = step + int((deadline - time.perf_counter()) / per_step)
+                est = torch.tensor([min(settings.steps, max(step, budget_steps))], dtype=torch.long)
+                if world > 1:
+                    dist.broadcast(est, 0)  # every rank uses rank 0's estimate
+                total = int(est.item())
+                bar.total = total
+                if rank == 0:
+                    logger.info("%.2f s/step: %d steps fit in %.1f min", per_step, total, settings.minutes)
+            if flags[2] > 0 and (total is None or step < total):
+                stopped = "time budget"
+                total = step  # the budget ran out early: this is the final step
+            if rank == 0 and total is not None and step < total and step % settings.checkpoint_every == 0:
+                _save(checkpoint_obj(step, total), ckpt_dir / LATEST)
+                if write_model:
+                    _write_loss(out_dir, history, f"{settings.method} {condset} n{size}")
+            if flags[1] > 0 or (stop_after is not None and done_here >= stop_after and step != total):
+                if rank == 0:
+                    _save(checkpoint_obj(step, total), ckpt_dir / LATEST)
+                bar.close()
+                if flags[1] > 0:
+                    raise StageError(f"interrupted at step {step}; checkpoint written, rerun to resume")
+                return TrainResult(
+                    model,
+                    step,
+                    total or settings.steps,
+                    history,
+                    elapsed0 + time.perf_counter() - start,
+                    resumed_from,
+                )
+    bar.close()
+    seconds = elapsed0 + time.perf_counter() - start
+    if world > 1:
+        dist.barrier()
+    result = TrainResult(model, step, int(total), history, seconds, resumed_from, extra={"stopped": stopped})
+    if rank != 0:
+        return result
+    if done_here:
+        _save(checkpoint_obj(step, total), ckpt_dir / FINAL)
+    if write_model:
+        _write_loss(out_dir, history, f"{settings.method} {condset} n{size}")
+        final_loss = (
+            float(np.mean(history["loss"][-max(1, len(history["loss"]) // 10) :]))
+            if history["loss"]
+            else None
+        )
+        meta = {
+            "format": FORMAT_VERSION,
+            "method": settings.method,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_config": model.config,
+            "condition_set": condset,
+            "condition_groups": [[[n, c] for n, c in g] for g in groups],
+            "training_size": int(size),
+            "subjects": data.subjects,
+            "backbone_sha256": bundle_sha,
+            "scale_factor": backbone.scale_factor,
+            "steps": int(step),
+            "batch_size": settings.batch_size,
+            "processes": world,
+            "train_seconds": float(seconds),
+            "final_loss": final_loss,
+            "settings": json.loads(json.dumps(asdict(settings))),
+            "provenance": provenance(
+                config_text,
+                bundle_sha256=bundle_sha,
+                latents=str(latents),
+                dataset=str(dataset),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            ),
+        }
+        result.model_path = out_dir / MODEL_FILE
+        _save(meta, result.model_path)
+    return result
+
+
+# --- previews ----------------------------------------------------------------------------------------------
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    denom = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+
+
+def _grid_from_affine(shape: Sequence[int], affine: np.ndarray):
+    from vcm.grid import Grid
+
+    spacing = float(abs(affine[1, 1]))
+    centre = affine[:3, :3] @ ((np.asarray(shape, dtype=float) - 1) / 2) + affine[:3, 3]
+    return Grid(tuple(int(s) for s in shape), spacing, tuple(float(c) for c in centre))
+
+
+def _montage(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Real | controlled | uncontrolled, axial and coronal through the LV mask's centre, LV contour in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vcm.io import atomic_path
+
+    cols = ("real", "controlled", "uncontrolled")
+    fig, axes = plt.subplots(2 * len(rows), 3, figsize=(7.5, 3.2 * 2 * len(rows) * 0.62), squeeze=False)
+    for r, row in enumerate(rows):
+        lv = row["lv"]
+        centre = [
+            int(round(c.mean())) if c.size else s // 2 for c, s in zip(np.nonzero(lv), lv.shape, strict=True)
+        ]
+        for c, name in enumerate(cols):
+            vol = row[name]
+            for p, (view, sl) in enumerate(
+                (
+                    ("axial", (slice(None), slice(None), centre[2])),
+                    ("coronal", (slice(None), centre[1], slice(None))),
+                )
+            ):
+                ax = axes[2 * r + p, c]
+                ax.imshow(vol[sl].T, origin="lower", cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                mask = lv[sl].T.astype(float)
+                if mask.any():
+                    ax.contour(mask, levels=[0.5], colors="r", linewidths=0.8)
+                ax.set_axis_off()
+                title = f"{row['subject']} {name}" if p == 0 else view
+                dice = row.get(f"dice_{name}")
+                if p == 0 and dice is not None:
+                    title += f"\nLV Dice {dice:.2f}"
+                ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def preview(
+    model: nn.Module,
+    meta: Mapping[str, Any],
+    backbone: nn.Module,
+    dataset: str | Path,
+    out_dir: str | Path,
+    n_subjects: int = 2,
+    ddim_steps: int = 200,
+    seed: int = 0,
+    template_dir: str | Path | None = None,
+    lv_labels: Sequence[int] = (4, 43),
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Controlled vs uncontrolled DDIM previews of a few validation subjects, from the same noise.
+
+    Writes ``<out_dir>/<subject>_{controlled,uncontrolled,real,lv}.nii.gz`` (grid affine),
+    ``preview.png`` (LV-mask contour on the images) and ``preview_metrics.json``: the LV Dice of each
+    generated image's atlas segmentation (:func:`~vcm.prep.segmentation.segment_atlas`) against the condition
+    mask, when ``template_dir`` is given. VCM's condition features are computed once per sample.
+
+    Args:
+        model: the trained control module (VCM or :class:`ControlNetControl`).
+        meta: ``vcm.pt`` metadata (``method``, ``condition_set``).
+        backbone: the frozen backbone the model was trained on.
+        dataset: ``dataset.h5`` (``/splits/val``, conditions, covariates, ``grid_affine``).
+        out_dir: the preview folder.
+        n_subjects: first validation subjects to preview.
+        ddim_steps: DDIM steps.
+        seed: subject ``i`` of the dataset gets the noise of seed ``seed * 1_000_003 + i``.
+        template_dir: the template (``t1_head.nii.gz``, ``labels.nii.gz``) for the Dice; ``None`` skips it.
+        lv_labels: FreeSurfer labels of the LV in the atlas segmentation.
+        device: where to sample.
+        progress: tqdm bar.
+
+    Returns:
+        the metrics written to ``preview_metrics.json``.
+    """
+    from vcm.io import save_nifti, write_json
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    groups = [[(n, int(c)) for n, c in g] for g in meta["condition_groups"]]
+    names = [n for g in groups for n, _ in g]
+    model = model.to(device).eval()
+    with h5py.File(dataset, "r") as h5:
+        val = np.sort(np.asarray(h5["splits/val"][:], dtype=np.int64))[:n_subjects]
+        if val.size == 0:
+            raise StageError(f"{dataset}: /splits/val is empty: nothing to preview")
+        n_sem = semantic_classes(h5)
+        subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][val]]
+        conditions = {
+            n: condition_tensor(n, torch.from_numpy(h5[f"cond/{n}"][val]), n_sem).to(device) for n in names
+        }
+        lv = h5["cond/lv"][val][:, 0] > 0 if "cond/lv" in h5 else None
+        real = np.asarray(h5["image"][val][:, 0], dtype=np.float32)
+        cov = torch.from_numpy(np.asarray(h5["covariates"][val], dtype=np.float32)).unsqueeze(1).to(device)
+        affine = np.asarray(h5.attrs["grid_affine"], dtype=float)
+    factor = backbone.downsample_factor
+    latent = (backbone.latent_channels, *(s // factor for s in real.shape[1:]))
+    noise = noise_from_seeds([seed * 1_000_003 + int(i) for i in val], latent, device=device)
+
+    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return backbone.eps(z, t, cov)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    total = 2 * ddim_steps
+    bar = tqdm(total=total, desc="preview DDIM", unit="step", disable=not progress)
+    tick = lambda i, n: bar.update(1)  # noqa: E731
+    with autocast:
+        if meta["method"] == "vcm":
+            z_ctrl = ddim_sample(eps_fn, noise, ddim_scheduler(ddim_steps), model, conditions, progress=tick)
+        else:
+            cond = model.condition_input(conditions)
+            z_ctrl = ddim_sample(
+                lambda z, t: model(backbone, z, t, cov, cond),
+                noise,
+                ddim_scheduler(ddim_steps),
+                progress=tick,
+            )
+        z_free = ddim_sample(eps_fn, noise, ddim_scheduler(ddim_steps), progress=tick)
+        images = {
+            name: np.stack(
+                [backbone.decode(z[i : i + 1]).float().clamp(0, 1)[0, 0].cpu().numpy() for i in range(len(z))]
+            )
+            for name, z in (("controlled", z_ctrl), ("uncontrolled", z_free))
+        }
+    bar.close()
+    sample_s = time.perf_counter() - start
+    grid = _grid_from_affine(real.shape[1:], affine) if template_dir is not None else None
+    rows, per_subject = [], []
+    for i, (subject, index) in enumerate(zip(subjects, val, strict=True)):
+        row: dict[str, Any] = {
+            "subject": subject,
+            "real": real[i],
+            "lv": lv[i] if lv is not None else np.zeros(real.shape[1:], bool),
+        }
+        record: dict[str, Any] = {
+            "subject": subject,
+            "index": int(index),
+            "seed": seed * 1_000_003 + int(index),
+        }
+        save_nifti(out_dir / f"{subject}_real.nii.gz", real[i], affine, np.float32)
+        if lv is not None:
+            save_nifti(out_dir / f"{subject}_lv.nii.gz", lv[i], affine, np.uint8)
+        for name in ("controlled", "uncontrolled"):
+            path = out_dir / f"{subject}_{name}.nii.gz"
+            save_nifti(path, images[name][i], affine, np.float32)
+            row[name] = images[name][i]
+            if grid is not None and lv is not None:
+                from vcm.labels import mask_of
+                from vcm.prep.segmentation import segment_atlas
+
+                labels = segment_atlas(path, template_dir, grid)
+                record[f"dice_{name}"] = row[f"dice_{name}"] = _dice(mask_of(labels, tuple(lv_labels)), lv[i])
+        rows.append(row)
+        per_subject.append(record)
+    _montage(out_dir / "preview.png", rows)
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in per_subject if key in r]
+        return float(np.mean(values)) if values else None
+
+    metrics = {
+        "method": meta["method"],
+        "condition_set": meta.get("condition_set"),
+        "ddim_steps": int(ddim_steps),
+        "subjects": per_subject,
+        "lv_dice_controlled": mean("dice_controlled"),
+        "lv_dice_uncontrolled": mean("dice_uncontrolled"),
+        "dice_method": "atlas" if grid is not None else None,
+        "sampling_seconds": round(sample_s, 2),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_json(out_dir / "preview_metrics.json", metrics)
+    return metrics
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--dataset", required=True, help="dataset.h5")
+    parser.add_argument("--bundle", required=True, help="backbone bundle folder")
+    parser.add_argument("--template-dir", default=None, help="template for the previews' LV Dice (atlas)")
+    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def cli(argv: list[str]) -> int:
+    """``python -m vcm train-vcm``: train one model (``training.method``) for a condition set and size."""
+    from vcm.config import load_config
+    from vcm.models.backbone import load_bundle
+
+    parser = argparse.ArgumentParser(prog="python -m vcm train-vcm", description=__doc__.splitlines()[0])
+    _common_args(parser)
+    parser.add_argument("--latents", required=True, help="latents.h5")
+    parser.add_argument("--condition-set", required=True)
+    parser.add_argument("--size", type=int, required=True, help="training size: uses /splits/train_<size>")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--steps", type=int, default=None, help="override training.steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="override training.batch_size")
+    parser.add_argument("--minutes", type=float, default=None, help="override training.minutes")
+    parser.add_argument(
+        "--method", choices=("vcm", "controlnet"), default=None, help="override training.method"
+    )
+    parser.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after N steps")
+    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    parser.add_argument("--no-preview", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    device = torch.device(args.device) if args.device else init_distributed()
+    if args.device:
+        init_distributed()
+    try:
+        result = train(
+            cfg,
+            args.dataset,
+            args.latents,
+            args.bundle,
+            args.condition_set,
+            args.size,
+            args.out_dir,
+            device=device,
+            stop_after=args.stop_after,
+            fresh=args.fresh,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            minutes=args.minutes,
+            method=args.method,
+        )
+        rank, _ = _dist()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    if result.model_path is None:  # stopped early on request
+        print(f"{args.out_dir}: stopped at step {result.step} of {result.total_steps}; rerun to resume")
+        return 0
+    rate = (result.step - result.resumed_from) / max(result.seconds, 1e-9)
+    print(
+        f"{result.model_path}: {result.step} steps ({result.extra.get('stopped')}), "
+        f"final loss {result.history['loss'][-1] if result.history['loss'] else float('nan'):.4f}, "
+        f"{result.seconds:.0f} s ({rate:.2f} steps/s over the whole run)"
+    )
+    settings = Settings.from_config(cfg)
+    if not args.no_preview and settings.preview_subjects > 0:
+        backbone = load_bundle(args.bundle, scale_factor=cfg["backbone"]["scale_factor"], device=device)
+        meta = torch.load(result.model_path, map_location="cpu", weights_only=True)
+        meta.pop("model")
+        metrics = preview(
+            result.model,
+            meta,
+            backbone,
+            args.dataset,
+            Path(args.out_dir) / "preview",
+            n_subjects=settings.preview_subjects,
+            ddim_steps=settings.preview_ddim_steps,
+            seed=settings.preview_seed,
+            template_dir=args.template_dir,
+            lv_labels=cfg.get("conditions", {}).get("lv_labels", (4, 43)),
+            device=device,
+        )
+        _print_preview(Path(args.out_dir) / "preview", metrics)
+    return 0
+
+
+def _print_preview(folder: Path, metrics: Mapping[str, Any]) -> None:
+    dc, du = metrics["lv_dice_controlled"], metrics["lv_dice_uncontrolled"]
+    dice = (
+        f"LV Dice controlled {dc:.3f} vs uncontrolled {du:.3f}" if dc is not None else "no Dice (no template)"
+    )
+    print(f"{folder}: {len(metrics['subjects'])} subjects at DDIM-{metrics['ddim_steps']}, {dice}")
+
+
+def preview_cli(argv: list[str]) -> int:
+    """``python -m vcm preview``: controlled vs uncontrolled previews of a trained model."""
+    from vcm.config import load_config
+    from vcm.models.backbone import load_bundle
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vcm preview", description=preview.__doc__.splitlines()[0]
+    )
+    _common_args(parser)
+    parser.add_argument("--model", required=True, help="vcm.pt")
+    parser.add_argument("--out-dir", required=True, help="preview folder")
+    parser.add_argument(
+        "--subjects", type=int, default=None, help="validation subjects (default training.preview)"
+    )
+    parser.add_argument(
+        "--ddim-steps", type=int, default=None, help="default training.preview / cohort.ddim_steps"
+    )
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    settings = Settings.from_config(cfg)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, meta = load_model(args.model, device)
+    sha = bundle_sha256(args.bundle)
+    if meta.get("backbone_sha256") and meta["backbone_sha256"] != sha:
+        raise StageError(f"{args.model} was trained on another backbone bundle than {args.bundle}")
+    backbone = load_bundle(args.bundle, scale_factor=meta.get("scale_factor"), device=device)
+    metrics = preview(
+        model,
+        meta,
+        backbone,
+        args.dataset,
+        args.out_dir,
+        n_subjects=args.subjects or settings.preview_subjects or 2,
+        ddim_steps=args.ddim_steps or settings.preview_ddim_steps,
+        seed=settings.preview_seed if args.seed is None else args.seed,
+        template_dir=args.template_dir,
+        lv_labels=cfg.get("conditions", {}).get("lv_labels", (4, 43)),
+        device=device,
+    )
+    _print_preview(Path(args.out_dir), metrics)
+    return 0
