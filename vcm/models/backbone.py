@@ -118,7 +118,7 @@ def tiny_definitions(
     diffusion_channels: Sequence[int] = (32, 64),
     diffusion_attention_levels: Sequence[bool] = (False, True),
     diffusion_num_head_channels: Sequence[int] = (0, 32),
-    diffusion_num_res_blocks: int = 1,
+    diffusion_num_res_blocks: int | Sequence[int] = 1,
     diffusion_norm_num_groups: int = 16,
     spatial_dims: int = 3,
     scale_factor: float = 1.0,
@@ -150,7 +150,11 @@ def tiny_definitions(
             "in_channels": latent_channels + n_cov,
             "out_channels": latent_channels,
             "channels": list(diffusion_channels),
-            "num_res_blocks": diffusion_num_res_blocks,
+            "num_res_blocks": (
+                diffusion_num_res_blocks
+                if isinstance(diffusion_num_res_blocks, int)
+                else [int(n) for n in diffusion_num_res_blocks]
+            ),
             "attention_levels": list(diffusion_attention_levels),
             "norm_num_groups": diffusion_norm_num_groups,
             "norm_eps": 1e-6,
@@ -358,13 +362,17 @@ def load_weights(net: nn.Module, path: str | Path, label: str = "network") -> st
     return fmt
 
 
-def save_bundle(folder: str | Path, backbone: Backbone, old_format: bool = False) -> Path:
+def save_bundle(
+    folder: str | Path, backbone: Backbone, old_format: bool = False, dtype: torch.dtype | None = None
+) -> Path:
     """Write a backbone in the bundle layout (atomic writes).
 
     Args:
         folder: the bundle folder (created).
         backbone: the backbone; its ``definitions`` are written to ``configs/network.json``.
         old_format: write GenerativeModels key names (as the model-zoo bundle has) instead of MONAI's.
+        dtype: store floating-point tensors in this dtype (e.g. ``torch.float16`` for a small shipped
+            bundle); :func:`load_bundle` casts them back to the networks' float32.
     """
     from vcm.io import atomic_path, write_json
 
@@ -372,7 +380,10 @@ def save_bundle(folder: str | Path, backbone: Backbone, old_format: bool = False
     if backbone.definitions is None:
         raise ValueError("the backbone has no definitions to save")
     for rel, net in ((AUTOENCODER_FILE, backbone.autoencoder), (DIFFUSION_FILE, backbone.diffusion)):
-        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        state = {
+            k: v.detach().cpu().to(dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu()
+            for k, v in net.state_dict().items()
+        }
         with atomic_path(folder / rel) as tmp:
             torch.save(to_old_state_dict(state) if old_format else state, tmp)
     write_json(folder / NETWORK_FILE, {**backbone.definitions, "scale_factor": backbone.scale_factor})

@@ -1,0 +1,181 @@
+"""Tests of the tiny-backbone trainer (vcm.train_backbone) on a 16³ fake corpus with toy networks."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from vcm import train_backbone as tb
+from vcm.cli import StageError
+from vcm.models.backbone import AUTOENCODER_FILE, DIFFUSION_FILE, NETWORK_FILE, load_bundle
+
+GRID = (16, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_deterministic():
+    """One thread (the CPUs are shared) and deterministic kernels: resumption must reproduce a run exactly."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(det)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """Six smooth blob 'heads' whose size follows the covariates, in the dataset.h5 layout."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.h5"
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in GRID), indexing="ij")
+    cov = rng.uniform(0, 1, (6, 4)).astype(np.float32)
+    images = []
+    for c in cov:
+        r = np.sqrt(x**2 + (y / 1.2) ** 2 + z**2)
+        head = (r < 0.7 + 0.1 * c[3]).astype(np.float32) * 0.6
+        vent = (np.sqrt((x / 0.3) ** 2 + (y / 0.5) ** 2 + (z / 0.3) ** 2) < 0.3 + 0.4 * c[2]).astype(
+            np.float32
+        )
+        images.append(np.clip(head - 0.4 * vent + 0.02 * rng.standard_normal(GRID), 0, 1))
+    with h5py.File(path, "w") as h5:
+        h5["image"] = np.stack(images)[:, None].astype(np.float16)
+        h5["covariates"] = cov
+        h5["splits/train"] = np.arange(1, 6)
+        h5["splits/val"] = np.array([0])
+    return path
+
+
+def argv(corpus_file, tmp_path, *extra: str) -> list[str]:
+    return [
+        "--data", str(corpus_file),
+        "--work-dir", str(tmp_path / "work"),
+        "--out", str(tmp_path / "bundle"),
+        "--ae-channels", "4,8",
+        "--ae-norm-groups", "4",
+        "--ae-batch", "2",
+        "--dm-channels", "8,16",
+        "--dm-attention", "false,true",
+        "--dm-head-channels", "0,8",
+        "--dm-res-blocks", "1",
+        "--dm-norm-groups", "4",
+        "--dm-batch", "4",
+        "--checkpoint-every", "3",
+        "--ae-val-every", "3",
+        "--dm-val-every", "3",
+        "--ddim-steps", "3",
+        *extra,
+    ]  # fmt: skip
+
+
+def read_losses(path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_loss_falls_on_a_tiny_overfit(corpus_file, tmp_path):
+    """Autoencoder L1 and diffusion MSE both drop well below their start on the toy corpus."""
+    code = tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "40", "--ae-lr", "3e-3", "--dm-steps", "40",
+                       "--dm-lr", "2e-3", "--no-samples"))  # fmt: skip
+    assert code == 0
+    ae_rows = read_losses(tmp_path / "work/ae/losses.csv")
+    dm_rows = read_losses(tmp_path / "work/ldm/losses.csv")
+    assert [int(r["step"]) for r in ae_rows] == list(range(1, 41))
+    first, last = (np.mean([float(r["l1"]) for r in rows]) for rows in (ae_rows[:5], ae_rows[-5:]))
+    assert last < 0.6 * first
+    first, last = (np.mean([float(r["loss"]) for r in rows]) for rows in (dm_rows[:5], dm_rows[-5:]))
+    assert last < 0.8 * first
+    assert (tmp_path / "work/ae/loss.png").stat().st_size > 0
+    assert (tmp_path / "work/ldm/loss.png").stat().st_size > 0
+    record = json.loads((tmp_path / "bundle/training_record.json").read_text())
+    assert record["autoencoder"]["steps"] == 40 and record["diffusion"]["steps"] == 40
+    assert record["data"]["n_train"] == 5 and record["data"]["n_val"] == 1
+    assert record["autoencoder"]["val_loss"] is not None and record["diffusion"]["val_loss"] is not None
+
+
+def test_bundle_loads_back_in_float32_and_has_the_right_shapes(corpus_file, tmp_path):
+    assert tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "2", "--dm-steps", "2")) == 0
+    bundle = tmp_path / "bundle"
+    for rel in (AUTOENCODER_FILE, DIFFUSION_FILE):  # shipped small: float16 on disk
+        state = torch.load(bundle / rel, weights_only=True)
+        assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    network = json.loads((bundle / NETWORK_FILE).read_text())
+    latents = torch.load(tmp_path / "work" / tb.LATENTS_FILE, weights_only=True)["latents"]
+    assert latents["train"].shape == (10, 3, 8, 8, 8)  # 5 images + their flips
+    assert network["scale_factor"] == pytest.approx(1 / float(latents["train"].std()), rel=1e-6)
+    assert network["grid"] == list(GRID)
+
+    backbone = load_bundle(bundle)
+    assert {p.dtype for p in backbone.parameters()} == {torch.float32}
+    assert backbone.scale_factor == pytest.approx(network["scale_factor"])
+    with torch.no_grad():
+        mu, sigma = backbone.encode(torch.rand(2, 1, *GRID))
+        assert mu.shape == sigma.shape == (2, 3, 8, 8, 8)
+        eps = backbone.eps(torch.randn(2, 3, 8, 8, 8), torch.tensor([10, 900]), torch.rand(2, 1, 4))
+        assert eps.shape == (2, 3, 8, 8, 8)
+        assert backbone.decode(mu).shape == (2, 1, *GRID)
+    images = tb.sample_images(backbone, torch.rand(4), seeds=(0, 1), ddim_steps=2)
+    assert images.shape == (2, 1, *GRID) and 0 <= images.min() and images.max() <= 1
+    assert (bundle / "samples.png").stat().st_size > 0
+
+
+def test_resume_reproduces_an_uninterrupted_run(corpus_file, tmp_path, monkeypatch):
+    """Interrupted after the step-6 checkpoint and rerun, training continues the step counter and ends with
+    bitwise the same weights as a run that was never interrupted (CPU, one thread, deterministic kernels:
+    tolerance 0)."""
+    steps = ["--ae-steps", "9", "--dm-steps", "9", "--no-samples"]
+    assert tb.cli(argv(corpus_file, tmp_path / "straight", *steps)) == 0
+
+    save = tb._Stage.checkpoint
+
+    def interrupt_after_step_6(self):
+        save(self)
+        if self.name == "ldm" and self.step == 6:
+            raise KeyboardInterrupt  # a killed job: the checkpoint of step 6 is on disk
+
+    monkeypatch.setattr(tb._Stage, "checkpoint", interrupt_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        tb.cli(argv(corpus_file, tmp_path / "resumed", *steps))
+    ckpt = torch.load(tmp_path / "resumed/work/ldm" / tb.CHECKPOINT_LATEST, weights_only=True)
+    assert ckpt["step"] == 6
+    monkeypatch.setattr(tb._Stage, "checkpoint", save)
+    assert tb.cli(argv(corpus_file, tmp_path / "resumed", *steps)) == 0
+
+    rows = read_losses(tmp_path / "resumed/work/ldm/losses.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 10))
+    straight_rows = read_losses(tmp_path / "straight/work/ldm/losses.csv")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+    for rel in (AUTOENCODER_FILE, DIFFUSION_FILE):
+        a = torch.load(tmp_path / "straight/bundle" / rel, weights_only=True)
+        b = torch.load(tmp_path / "resumed/bundle" / rel, weights_only=True)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (rel, k)
+    a = torch.load(tmp_path / "straight/work/ldm" / tb.CHECKPOINT_FINAL, weights_only=True)["modules"]
+    b = torch.load(tmp_path / "resumed/work/ldm" / tb.CHECKPOINT_FINAL, weights_only=True)["modules"]
+    for k in a["diffusion"]:  # the float32 training weights too, not only the float16 bundle
+        assert torch.equal(a["diffusion"][k], b["diffusion"][k]), k
+
+
+def test_a_finished_stage_is_not_retrained_and_other_networks_are_refused(corpus_file, tmp_path):
+    steps = ["--ae-steps", "2", "--dm-steps", "2", "--no-samples"]
+    assert tb.cli(argv(corpus_file, tmp_path, *steps)) == 0
+    before = (tmp_path / "work/ae/losses.csv").read_text()
+    assert tb.cli(argv(corpus_file, tmp_path, *steps)) == 0
+    assert (tmp_path / "work/ae/losses.csv").read_text() == before
+    with pytest.raises(StageError, match="other network definitions"):
+        tb.cli(argv(corpus_file, tmp_path, *steps, "--latent-channels", "4"))
+
+
+def test_bad_inputs_are_one_line_errors(corpus_file, tmp_path):
+    with pytest.raises(StageError, match="not found"):
+        tb.cli(argv(tmp_path / "missing.h5", tmp_path, "--ae-steps", "1", "--dm-steps", "1"))
+    with pytest.raises(StageError, match="budget"):
+        tb.cli(argv(corpus_file, tmp_path, "--dm-steps", "1"))
+    with pytest.raises(StageError, match="one value per level"):
+        tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--dm-attention", "true"))
