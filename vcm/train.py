@@ -290,24 +290,87 @@ class TrainData:
         return tuple(self.mu.shape[2:])
 
     def batch(
-        self, idx: torch.Tensor, flip: torch.Tensor
+        self, idx: torch.Tensor, flip: torch.Tensor, device: torch.device | str = "cpu"
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Conditions, posterior and covariates of the samples ``idx`` (positions in this split).
 
         Args:
             idx: (B,) positions.
             flip: (B,) bool; flipped samples get the flipped image's posterior and flipped conditions.
+            device: where to return them; the compact stored batch is moved first and expanded there.
 
         Returns:
             ``conditions`` (name -> float (B, C, *grid)), ``mu``, ``sigma`` (B, C, *latent grid) and
             covariates (B, 1, 4).
         """
         view = flip.long()
-        mu, sigma = self.mu[idx, view], self.sigma[idx, view]
+        mu, sigma = self.mu[idx, view].to(device), self.sigma[idx, view].to(device)
+        flip_d = flip.to(device)
         conditions = {
-            n: flip_where(condition_tensor(n, x[idx], self.n_semantic), flip) for n, x in self.cond.items()
+            n: flip_where(condition_tensor(n, x[idx].to(device, non_blocking=True), self.n_semantic), flip_d)
+            for n, x in self.cond.items()
         }
-        return conditions, mu, sigma, self.cov[idx].unsqueeze(1)
+        return conditions, mu, sigma, self.cov[idx].unsqueeze(1).to(device)
+
+
+@dataclass
+class Batch:
+    """One rank's share of a training batch, on the training device."""
+
+    z_t: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    cov: torch.Tensor
+    conditions: dict[str, torch.Tensor]
+    keep: torch.Tensor | None
+    flip: torch.Tensor
+
+
+def draw_batch(
+    data: TrainData,
+    batch_size: int,
+    generator: torch.Generator,
+    alphas_cumprod: torch.Tensor,
+    scale_factor: float,
+    flip: bool = True,
+    keep_probs: Mapping[tuple[int, ...], float] | None = None,
+    n_groups: int = 1,
+    part: slice = slice(None),
+    device: torch.device | str = "cpu",
+) -> Batch:
+    """Draw a global training batch from ``generator`` and return the samples ``part`` of it.
+
+    Every random number of a step comes from ``generator`` in a fixed order, for the whole global batch: DDP
+    ranks (each taking its slice) see exactly the samples of a 1-process run, and a resumed run those of an
+    uninterrupted one.
+
+    Args:
+        data: the training split.
+        batch_size: global batch size.
+        generator: the training's CPU generator.
+        alphas_cumprod: the DDPM schedule's cumulative alphas (on ``device``).
+        scale_factor: diffusion latent = autoencoder latent × ``scale_factor``.
+        flip: left-right flip augmentation (p = 0.5 per sample).
+        keep_probs: modality-dropout subset probabilities; ``None`` keeps every group.
+        n_groups: condition groups.
+        part: this rank's slice of the global batch.
+        device: training device.
+    """
+    b = batch_size
+    idx = draw_indices(len(data), b, generator)
+    flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    shape = (b, *data.latent_shape)
+    posterior = torch.randn(shape, generator=generator)
+    t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    keep = sample_keep_mask(b, n_groups, keep_probs, generator=generator) if keep_probs is not None else None
+    conditions, mu, sigma, cov = data.batch(idx[part], flips[part], device)
+    t, noise = t[part].to(device), noise[part].to(device)
+    z0 = (mu + sigma * posterior[part].to(device)) * scale_factor
+    a = alphas_cumprod[t].reshape(-1, *([1] * (z0.dim() - 1)))
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise
+    keep = keep[part].to(device) if keep is not None else None
+    return Batch(z_t, t, noise, cov, conditions, keep, flips[part])
 
 
 def draw_indices(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -744,6 +807,7 @@ def train(
     )
     history: dict[str, list[float]] = {"step": [], "loss": [], "lr": [], "elapsed_s": []}
     step, total, elapsed0, resumed_from = 0, settings.steps if settings.minutes is None else None, 0.0, 0
+    warmup = settings.warmup
     ckpt = None
     if not fresh:
         for name in (FINAL, LATEST):
@@ -763,6 +827,7 @@ def train(
         _set_rng_state(ckpt["rng"], generator)
         step = resumed_from = int(ckpt["step"])
         total = int(ckpt["scheduler"]["total_steps"]) if ckpt["scheduler"]["total_steps"] else total
+        warmup = int(ckpt["scheduler"]["warmup_steps"])
         history = {k: list(v) for k, v in ckpt["history"].items()}
         elapsed0 = float(ckpt.get("elapsed_s", 0.0))
         if rank == 0:
@@ -787,7 +852,7 @@ def train(
             "optimizer": optimizer.state_dict(),
             "scheduler": {
                 "total_steps": tot,
-                "warmup_steps": settings.warmup,
+                "warmup_steps": warmup,
                 "min_lr_ratio": settings.min_lr_ratio,
                 "base_lr": settings.lr,
             },
@@ -804,7 +869,8 @@ def train(
     probe_from, probe_len = step + 1, 5  # the first step pays one-off costs; time the next few
     probe_t0 = None
     done_here = 0
-    latent_shape = data.latent_shape
+    # NCCL reduces CUDA tensors only; gloo CPU ones
+    comm = device if world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
     bar = tqdm(
         total=total or settings.steps,
         initial=step,
@@ -815,36 +881,33 @@ def train(
     stopped = "completed"
     with _Interrupt() as interrupt:
         while total is None or step < total:
-            # the global batch, drawn identically on every rank; each rank takes its slice
-            b = settings.batch_size
-            idx = draw_indices(len(data), b, generator)
-            flip = (
-                (torch.rand(b, generator=generator) < 0.5)
-                if settings.flip
-                else torch.zeros(b, dtype=torch.bool)
+            batch = draw_batch(
+                data,
+                settings.batch_size,
+                generator,
+                alphas,
+                backbone.scale_factor,
+                settings.flip,
+                keep_probs if drop != "none" else None,
+                n_groups,
+                slice(rank * local, (rank + 1) * local),
+                device,
             )
-            post_noise = torch.randn((b, *latent_shape), generator=generator)
-            t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator)
-            noise = torch.randn((b, *latent_shape), generator=generator)
-            keep = sample_keep_mask(b, n_groups, keep_probs, generator=generator) if drop != "none" else None
-            sl = slice(rank * local, (rank + 1) * local)
-            conditions, mu, sigma, cov = data.batch(idx[sl], flip[sl])
-            conditions = {k: v.to(device, non_blocking=True) for k, v in conditions.items()}
-            mu, sigma, cov = mu.to(device), sigma.to(device), cov.to(device)
-            t_l, noise_l = t[sl].to(device), noise[sl].to(device)
-            keep_l = keep[sl].to(device) if keep is not None else None
-            z0 = (mu + sigma * post_noise[sl].to(device)) * backbone.scale_factor
-            a = alphas[t_l].reshape(-1, *([1] * (z0.dim() - 1)))
-            z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise_l  # DDPMScheduler.add_noise
-
-            lr = settings.lr * lr_factor(
-                step, total or settings.steps, settings.warmup, settings.min_lr_ratio
-            )
+            lr = settings.lr * lr_factor(step, total or settings.steps, warmup, settings.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
                 loss = training_loss(
-                    ddp_model, model, backbone, z_t, t_l, noise_l, cov, conditions, keep_l, drop
+                    ddp_model,
+                    model,
+                    backbone,
+                    batch.z_t,
+                    batch.t,
+                    batch.noise,
+                    batch.cov,
+                    batch.conditions,
+                    batch.keep,
+                    drop,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -853,16 +916,19 @@ def train(
             done_here += 1
 
             # one collective per step: the mean loss and the stop flags, so every rank stops together
-            flags = torch.tensor(
+            flags = torch.stack(
                 [
-                    loss.detach().float().item(),
-                    float(interrupt.flag),
-                    float(deadline is not None and time.perf_counter() > deadline),
+                    loss.detach().float().reshape(()),
+                    torch.tensor(float(interrupt.flag), device=loss.device),
+                    torch.tensor(
+                        float(deadline is not None and time.perf_counter() > deadline), device=loss.device
+                    ),
                 ]
-            )
+            ).to(comm)
             if world > 1:
                 dist.all_reduce(flags)
                 flags[0] /= world
+            flags = flags.cpu()
             history["step"].append(step)
             history["loss"].append(float(flags[0]))
             history["lr"].append(lr)
@@ -875,11 +941,13 @@ def train(
             elif total is None and probe_t0 is not None and step == probe_from + probe_len:
                 per_step = (time.perf_counter() - probe_t0) / probe_len
                 budget_steps = step + int((deadline - time.perf_counter()) / per_step)
-                est = torch.tensor([min(settings.steps, max(step, budget_steps))], dtype=torch.long)
+                est = torch.tensor([min(settings.steps, max(step, budget_steps))], device=comm)
                 if world > 1:
                     dist.broadcast(est, 0)  # every rank uses rank 0's estimate
                 total = int(est.item())
                 bar.total = total
+                if settings.warmup_steps is None:  # the default 5 % of the steps that now fit
+                    warmup = min(warmup, max(step, math.ceil(0.05 * total)))
                 if rank == 0:
                     logger.info("%.2f s/step: %d steps fit in %.1f min", per_step, total, settings.minutes)
             if flags[2] > 0 and (total is None or step < total):
@@ -1175,6 +1243,12 @@ def cli(argv: list[str]) -> int:
     parser.add_argument(
         "--method", choices=("vcm", "controlnet"), default=None, help="override training.method"
     )
+    parser.add_argument(
+        "--modality-dropout",
+        choices=("latent", "input", "none"),
+        default=None,
+        help="override training.modality_dropout (input: the ablation)",
+    )
     parser.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after N steps")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     parser.add_argument("--no-preview", action="store_true")
@@ -1201,6 +1275,7 @@ def cli(argv: list[str]) -> int:
             batch_size=args.batch_size,
             minutes=args.minutes,
             method=args.method,
+            modality_dropout=args.modality_dropout,
         )
         rank, _ = _dist()
     finally:

@@ -1,0 +1,345 @@
+"""Training VCM / ControlNet on a frozen backbone, checkpoints, resume, DDP and previews (vcm.train).
+
+Everything runs on a 16³ fake dataset, a tiny random backbone (latent 3×4³) and tiny control modules, one
+thread per process.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from tests.test_latents import encode, make_bundle, make_dataset
+from vcm.cli import StageError
+from vcm.config import load_config
+from vcm.diffusion import ddpm_scheduler
+from vcm.models.backbone import load_bundle
+from vcm.models.vcm import VCM
+from vcm.train import (
+    FINAL,
+    LATEST,
+    ControlNetControl,
+    TrainData,
+    build_model,
+    cli,
+    condition_groups,
+    draw_batch,
+    load_model,
+    lr_factor,
+    preview,
+    preview_cli,
+    train,
+    training_loss,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_VCM = {
+    "encoder_channels": [4, 8],
+    "encoder_norm_num_groups": 4,
+    "unet_channels": [8, 16],
+    "unet_num_res_blocks": 1,
+    "unet_num_head_channels": 8,
+    "unet_norm_num_groups": 8,
+    "unet_out_channels": 8,
+    "head_channels": 8,
+}
+TINY_CONTROLNET = {"conditioning_channels": [4, 8, 8]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster than several and leaves the shared CPUs to others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    dataset, bundle = make_dataset(root / "dataset.h5"), make_bundle(root / "bundle")
+    return {"dataset": dataset, "bundle": bundle, "latents": encode(dataset, bundle, root / "latents.h5")}
+
+
+@pytest.fixture
+def tcfg() -> dict:
+    """The project config with tiny models, a few steps and test condition sets."""
+    cfg = load_config(REPO / "config" / "config.yaml")
+    cfg["condition_sets"] = {
+        "lv": [["lv"]],
+        "two": [["lv", "brain"], ["skull"]],
+        "sem": [["semantics"], ["skull"]],
+    }
+    cfg["training"].update(
+        steps=6, batch_size=2, lr=1e-3, checkpoint_every=2, seed=0, vcm=TINY_VCM, controlnet=TINY_CONTROLNET
+    )
+    return cfg
+
+
+def run(cfg, files, out, condset="two", size=2, **kwargs):
+    return train(
+        cfg, files["dataset"], files["latents"], files["bundle"], condset, size, out, progress=False, **kwargs
+    )
+
+
+def assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_lr_warms_up_then_anneals_to_a_tenth():
+    lrs = [lr_factor(s, 100, 10) for s in range(100)]
+    assert all(b > a for a, b in zip(lrs[:10], lrs[1:11], strict=True))
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(b <= a for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_flip_picks_the_flipped_latent_and_flips_the_conditions(files):
+    data = TrainData(files["dataset"], files["latents"], "train_4", ["lv", "skull", "semantics"])
+    with h5py.File(files["latents"]) as h5, h5py.File(files["dataset"]) as ds:
+        mu, sigma = h5["mu"][[1, 2]], h5["sigma"][[1, 2]]
+        lv, skull = ds["cond/lv"][[1, 2]].astype(np.float32), ds["cond/skull"][[1, 2]].astype(np.float32)
+        sem = ds["cond/semantics"][[1, 2]]
+    cond, mu_b, sigma_b, cov = data.batch(torch.tensor([1, 2]), torch.tensor([True, False]))
+    np.testing.assert_array_equal(mu_b[0].numpy(), mu[0, 1])  # flipped view of subject 1
+    np.testing.assert_array_equal(mu_b[1].numpy(), mu[1, 0])
+    np.testing.assert_array_equal(sigma_b[0].numpy(), sigma[0, 1])
+    np.testing.assert_array_equal(cond["lv"][0].numpy(), lv[0][:, ::-1])  # axis 0 of the grid flipped
+    np.testing.assert_array_equal(cond["lv"][1].numpy(), lv[1])
+    np.testing.assert_array_equal(cond["skull"][0].numpy(), skull[0][:, ::-1])
+    assert not np.array_equal(lv[0], lv[0][:, ::-1])  # the fixture's LV is asymmetric
+    # semantics: one-hot without background, flipped too
+    assert cond["semantics"].shape == (2, 8, 16, 16, 16)
+    np.testing.assert_array_equal(cond["semantics"][0, 3].numpy(), (sem[0, 0] == 4)[::-1].astype(np.float32))
+    assert cov.shape == (2, 1, 4)
+
+
+def test_ranks_draw_slices_of_the_same_global_batch(files):
+    data = TrainData(files["dataset"], files["latents"], "train_4", ["lv"])
+    alphas = ddpm_scheduler().alphas_cumprod
+    probs = {(0,): 0.5, (0, 1): 0.5}
+
+    def draw(part):
+        g = torch.Generator().manual_seed(7)
+        return draw_batch(data, 4, g, alphas, 0.9, True, probs, 2, part)
+
+    whole, first, second = draw(slice(None)), draw(slice(0, 2)), draw(slice(2, 4))
+    for name in ("z_t", "t", "noise", "cov", "keep", "flip"):
+        torch.testing.assert_close(
+            torch.cat([getattr(first, name), getattr(second, name)]), getattr(whole, name)
+        )
+    torch.testing.assert_close(
+        torch.cat([first.conditions["lv"], second.conditions["lv"]]), whole.conditions["lv"]
+    )
+    assert whole.flip.any() and not whole.flip.all()  # seed 7 flips some samples: both paths are exercised
+
+
+def test_minutes_budget_fixes_the_step_count_and_completes_the_schedule(tmp_path, files, tcfg):
+    tcfg["training"].update(steps=10_000, minutes=0.03, checkpoint_every=10_000)
+    result = run(tcfg, files, tmp_path / "budget")
+    assert 6 <= result.step < 10_000 and result.step == result.total_steps
+    ckpt = torch.load(tmp_path / "budget" / "checkpoints" / FINAL, weights_only=True)
+    assert ckpt["scheduler"]["total_steps"] == result.step
+    # the fixed count lets the cosine schedule finish (at lr/10) unless the budget ran out first
+    if result.extra["stopped"] == "completed":
+        assert result.history["lr"][-1] == pytest.approx(0.1 * tcfg["training"]["lr"])
+    assert (tmp_path / "budget" / "vcm.pt").is_file()
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch(files, tcfg):
+    """The training loss on one fixed batch, optimised: VCM learns to correct the random backbone."""
+    backbone = load_bundle(files["bundle"])
+    groups = condition_groups(tcfg, "two")
+    torch.manual_seed(0)
+    model = build_model("vcm", groups, backbone, TINY_VCM).train()
+    data = TrainData(files["dataset"], files["latents"], "train_2", ["lv", "brain", "skull"])
+    cond, mu, sigma, cov = data.batch(torch.tensor([0, 1]), torch.tensor([False, True]))
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(mu.shape, generator=g), torch.tensor([100, 500])
+    z_t = ddpm_scheduler().add_noise(mu + sigma * torch.randn(mu.shape, generator=g), noise, t)
+    keep = torch.ones(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = training_loss(model, model, backbone, z_t, t, noise, cov, cond, keep)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses  # measured: 1.14 -> 0.71
+    assert max(losses[-5:]) < min(losses[:3]), losses
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, files, tcfg):
+    full = run(tcfg, files, tmp_path / "full")
+    part = run(tcfg, files, tmp_path / "resumed", stop_after=3)
+    assert part.step == 3 and part.model_path is None
+    assert (tmp_path / "resumed" / "checkpoints" / LATEST).is_file()
+    assert not (tmp_path / "resumed" / "vcm.pt").exists()  # the declared output only at the end
+    resumed = run(tcfg, files, tmp_path / "resumed")
+    assert resumed.resumed_from == 3 and resumed.step == 6
+    # same process, same thread count, same draws: identical on CPU (tolerance 0)
+    assert_same_state(full.model.state_dict(), resumed.model.state_dict(), atol=0.0)
+    assert resumed.history["loss"] == pytest.approx(full.history["loss"], abs=0.0)
+
+    # checkpoints and the model load with weights_only=True and hold what a resume needs
+    ckpt = torch.load(tmp_path / "full" / "checkpoints" / FINAL, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "step", "rng", "config", "history"} <= ckpt.keys()
+    assert ckpt["step"] == 6 and ckpt["scheduler"]["total_steps"] == 6
+    assert torch.load(tmp_path / "full" / "checkpoints" / LATEST, weights_only=True)["step"] == 4
+    meta = torch.load(tmp_path / "full" / "vcm.pt", weights_only=True)
+    assert meta["method"] == "vcm" and meta["condition_set"] == "two" and meta["steps"] == 6
+    assert meta["condition_groups"] == [[["lv", 1], ["brain", 1]], [["skull", 1]]]
+    assert len(meta["backbone_sha256"]) == 64 and "config_yaml" in meta["provenance"]
+    model, _ = load_model(tmp_path / "full" / "vcm.pt")
+    assert isinstance(model, VCM)
+    assert_same_state(model.state_dict(), full.model.state_dict())
+
+    rows = list(csv.DictReader(open(tmp_path / "full" / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 0
+
+    # a rerun after the final checkpoint trains nothing and rewrites the model
+    (tmp_path / "full" / "vcm.pt").unlink()
+    again = run(tcfg, files, tmp_path / "full")
+    assert again.resumed_from == 6 and (tmp_path / "full" / "vcm.pt").is_file()
+    # a changed configuration does not resume from another run's checkpoint
+    other = copy.deepcopy(tcfg)
+    other["training"]["lr"] = 2e-3
+    assert run(other, files, tmp_path / "full", stop_after=1).resumed_from == 0
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, cfg: dict, files: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        run(cfg, files, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, files, tcfg):
+    tcfg["training"].update(steps=3, batch_size=4)
+    mp.spawn(
+        _ddp_worker,
+        args=(2, str(tmp_path / "pg"), tcfg, files, str(tmp_path / "ddp")),
+        nprocs=2,
+        join=True,
+    )
+    ddp, ddp_meta = load_model(tmp_path / "ddp" / "vcm.pt")
+    assert ddp_meta["processes"] == 2 and ddp_meta["steps"] == 3
+    # the global batch is drawn identically and split, so DDP's mean gradient is the 1-process gradient up to
+    # the order of float sums; Adam's normalisation amplifies that on near-zero gradients (measured: 1.4e-5
+    # after 3 steps at lr 1e-3, i.e. < 1 % of the largest possible move 3 * lr), hence atol 1e-4
+    single = run(tcfg, files, tmp_path / "single")
+    assert_same_state(ddp.state_dict(), single.model.state_dict(), atol=1e-4)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / FINAL, weights_only=True)
+    assert ckpt["history"]["loss"] == pytest.approx(single.history["loss"], abs=1e-5)
+
+
+def test_controlnet_starts_as_the_backbone_then_trains_and_saves(tmp_path, files, tcfg):
+    backbone = load_bundle(files["bundle"])
+    torch.manual_seed(0)
+    net = build_model("controlnet", condition_groups(tcfg, "two"), backbone, TINY_CONTROLNET)
+    assert isinstance(net, ControlNetControl)
+    g = torch.Generator().manual_seed(0)
+    z, cov = torch.randn(2, 3, 4, 4, 4, generator=g), torch.rand(2, 1, 4, generator=g)
+    cond = torch.rand(2, 3, 16, 16, 16, generator=g)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():  # zero-initialised residuals: exactly the frozen model
+        torch.testing.assert_close(net(backbone, z, t, cov, cond), backbone.eps(z, t, cov))
+
+    tcfg["training"].update(method="controlnet", steps=2)
+    result = run(tcfg, files, tmp_path / "cn")
+    model, meta = load_model(tmp_path / "cn" / "vcm.pt")
+    assert meta["method"] == "controlnet" and isinstance(model, ControlNetControl)
+    assert_same_state(model.state_dict(), result.model.state_dict())
+    # the backbone stays frozen: its weights are not in the ControlNet's file
+    assert not any(k.startswith("diffusion.") for k in model.state_dict())
+
+
+def test_input_level_modality_drop_and_semantics(tmp_path, files, tcfg):
+    tcfg["training"].update(steps=2, modality_dropout="input")
+    result = run(tcfg, files, tmp_path / "sem", condset="sem", size=4)
+    assert result.step == 2 and all(np.isfinite(result.history["loss"]))
+    meta = torch.load(tmp_path / "sem" / "vcm.pt", weights_only=True)
+    assert meta["condition_groups"] == [[["semantics", 8]], [["skull", 1]]]
+    assert meta["settings"]["modality_dropout"] == "input"
+
+
+def test_preview_writes_images_montage_and_lv_dice(tmp_path, files, tcfg, template_dir):
+    backbone = load_bundle(files["bundle"])
+    torch.manual_seed(0)
+    model = build_model("vcm", condition_groups(tcfg, "lv"), backbone, TINY_VCM)  # identity at init
+    meta = {"method": "vcm", "condition_set": "lv", "condition_groups": [[["lv", 1]]]}
+    out = tmp_path / "preview"
+    metrics = preview(
+        model, meta, backbone, files["dataset"], out, 1, 3, template_dir=template_dir, progress=False
+    )
+    for name in ("controlled", "uncontrolled", "real", "lv"):
+        assert (out / f"sub-04_{name}.nii.gz").is_file()
+    assert (out / "preview.png").stat().st_size > 0
+    assert json.loads((out / "preview_metrics.json").read_text()) == metrics
+    assert metrics["ddim_steps"] == 3 and [s["subject"] for s in metrics["subjects"]] == ["sub-04"]
+    assert 0.0 <= metrics["lv_dice_controlled"] <= 1.0
+    # an identity VCM from the same noise generates the uncontrolled image exactly
+    assert metrics["lv_dice_controlled"] == metrics["lv_dice_uncontrolled"]
+    import nibabel as nib
+
+    img = nib.load(out / "sub-04_controlled.nii.gz")
+    with h5py.File(files["dataset"]) as h5:
+        np.testing.assert_allclose(img.affine, h5.attrs["grid_affine"])
+    np.testing.assert_array_equal(img.get_fdata(), nib.load(out / "sub-04_uncontrolled.nii.gz").get_fdata())
+
+
+def test_cli_trains_controlnet_and_previews(tmp_path, files, capsys):
+    """The stages as the rule calls them, with a schema-valid config (ControlNet on the tiny backbone)."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["condition_sets"] = {"lv": [["lv"]]}
+    cfg["training"].update(steps=2, batch_size=2, checkpoint_every=1)
+    cfg["cohort"].update(sets=[], ddim_steps=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    common = ["--config", str(tmp_path / "config.yaml"), "--dataset", str(files["dataset"])]
+    common += ["--bundle", str(files["bundle"]), "--device", "cpu", "--threads", "1"]
+    out = tmp_path / "models" / "lv" / "n2"
+    args = [*common, "--latents", str(files["latents"]), "--condition-set", "lv", "--size", "2"]
+    assert cli([*args, "--out-dir", str(out), "--method", "controlnet"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    for name in ("vcm.pt", "loss.csv", "loss.png", "preview/preview.png", "preview/preview_metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "preview" / "preview_metrics.json").read_text())
+    assert metrics["method"] == "controlnet" and metrics["lv_dice_controlled"] is None  # no template given
+    assert len(metrics["subjects"]) == 2
+    assert (
+        preview_cli(
+            [*common, "--model", str(out / "vcm.pt"), "--out-dir", str(tmp_path / "p"), "--subjects", "1"]
+        )
+        == 0
+    )
+    assert (tmp_path / "p" / "sub-04_controlled.nii.gz").is_file()
+
+
+def test_one_line_errors(tmp_path, files, tcfg):
+    with pytest.raises(StageError, match="unknown condition set 'nope'"):
+        run(tcfg, files, tmp_path / "x", condset="nope")
+    with pytest.raises(StageError, match=r"no split 'train_3' \(have: train_2, train_4, val\)"):
+        run(tcfg, files, tmp_path / "x", size=3)
+    other = make_bundle(tmp_path / "other", seed=1)
+    with pytest.raises(StageError, match="another backbone bundle"):
+        train(tcfg, files["dataset"], files["latents"], other, "lv", 2, tmp_path / "x", progress=False)
+    with pytest.raises(StageError, match="not a vcm model file"):
+        (tmp_path / "bad.pt").write_bytes(b"junk")
+        load_model(tmp_path / "bad.pt")

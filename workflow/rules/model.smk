@@ -1,0 +1,87 @@
+# Control modules on the frozen backbone: latents encoded once, one model per condition set x training size.
+import hashlib as _hashlib
+import json as _json
+
+# The backbone rules define the bundle; until they are included, the configured bundle folder is used.
+MODEL_BUNDLE = globals().get("BACKBONE_BUNDLE", CFG["backbone"]["bundle"])
+MODEL_BUNDLE_FILES = globals().get(
+    "BACKBONE_FILES", [f"{MODEL_BUNDLE}/models/autoencoder.pt", f"{MODEL_BUNDLE}/models/model.pt"]
+)
+MODEL_DIR = f"{RESULTS}/models/{{condset}}/n{{size}}"
+MODELS = expand(f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt", condset=CFG["condition_sets"], size=CFG["training"]["sizes"])
+
+
+def _model_settings(wildcards):
+    """Rerun trigger: what one model depends on (not the other condition sets, not the cohort's size)."""
+    parts = [
+        CFG["training"],
+        CFG["backbone"],
+        CFG["condition_sets"].get(wildcards.condset),
+        CFG["cohort"]["ddim_steps"],  # previews
+        CFG["conditions"]["lv_labels"],  # previews' LV Dice
+    ]
+    return _hashlib.sha256(_json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+rule encode_latents:
+    input:
+        dataset=f"{RESULTS}/dataset.h5",
+        bundle=MODEL_BUNDLE_FILES,
+    output:
+        f"{RESULTS}/latents.h5",
+    params:
+        settings=section("backbone"),
+        bundle=MODEL_BUNDLE,
+    log:
+        f"{LOGS}/encode_latents.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/encode_latents.tsv"
+    threads: 2
+    shell:
+        "python -m vcm encode-latents --config {CONFIG_FILE} --dataset {input.dataset} --bundle {params.bundle}"
+        " --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule train_vcm:
+    input:
+        dataset=f"{RESULTS}/dataset.h5",
+        latents=rules.encode_latents.output[0],
+        bundle=MODEL_BUNDLE_FILES,
+        template_head=f"{RESULTS}/template/t1_head.nii.gz",
+        template_labels=f"{RESULTS}/template/labels.nii.gz",
+    output:
+        # checkpoints/ is deliberately not an output: Snakemake deletes a failed job's outputs, and a rerun
+        # resumes from checkpoints/checkpoint_latest.pt
+        model=f"{MODEL_DIR}/vcm.pt",
+        loss=report(f"{MODEL_DIR}/loss.png", category="Models", subcategory="{condset} n{size}", labels={"figure": "loss"}),
+        loss_csv=f"{MODEL_DIR}/loss.csv",
+        preview=report(
+            f"{MODEL_DIR}/preview/preview.png",
+            category="Models",
+            subcategory="{condset} n{size}",
+            labels={"figure": "preview"},
+        ),
+        metrics=f"{MODEL_DIR}/preview/preview_metrics.json",
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+        size=r"\d+",
+    params:
+        settings=_model_settings,
+        bundle=MODEL_BUNDLE,
+        out_dir=lambda w: f"{RESULTS}/models/{w.condset}/n{w.size}",
+        template_dir=f"{RESULTS}/template",
+    log:
+        f"{LOGS}/train_vcm/{{condset}}_n{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_vcm/{{condset}}_n{{size}}.tsv"
+    threads: 8  # capped by --cores locally; the SLURM profile sets the CPUs per GPU job
+    shell:
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm train-vcm --config {CONFIG_FILE}"
+        " --dataset {input.dataset} --latents {input.latents} --bundle {params.bundle}"
+        " --condition-set {wildcards.condset} --size {wildcards.size} --template-dir {params.template_dir}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+
+
+rule models:
+    input:
+        MODELS,
