@@ -141,14 +141,17 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--t1", required=True, help="registered T1 on the grid")
     parser.add_argument("--labels", required=True, help="labels on the grid")
     parser.add_argument("--volumes", required=True, help="volumes.json of the segmentation")
-    parser.add_argument("--age", type=float, required=True)
-    parser.add_argument("--sex", choices=["F", "M"], required=True)
+    parser.add_argument("--meta", help="the subject's check-inputs JSON (gives age and sex)")
+    parser.add_argument("--age", type=float)
+    parser.add_argument("--sex", choices=["F", "M"])
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    info = make_conditions(
-        cfg, args.t1, args.labels, read_json(args.volumes), args.age, args.sex, args.out_dir
-    )
+    meta = read_json(args.meta) if args.meta else {"age": args.age, "sex": args.sex}
+    if meta.get("age") is None or meta.get("sex") not in ("F", "M"):
+        raise StageError(f"subject {args.subject}: give --meta, or --age and --sex")
+    volumes = read_json(args.volumes)
+    info = make_conditions(cfg, args.t1, args.labels, volumes, meta["age"], meta["sex"], args.out_dir)
     note = f" (clipped to the range: {', '.join(info['clipped'])})" if info["clipped"] else ""
     print(f"subject {args.subject}: covariates {', '.join(f'{v:.3f}' for v in info['scaled'])}{note}")
     return 0

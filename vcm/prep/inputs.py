@@ -8,6 +8,7 @@ goes on, and the excluded ones are listed in ``excluded.csv``.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -127,6 +128,22 @@ def check_inputs(manifest: str | Path, backend: str) -> tuple[pd.DataFrame, pd.D
     return ok, bad
 
 
+def write_subject_meta(table: pd.DataFrame, folder: str | Path) -> None:
+    """One JSON per subject with its manifest row, rewritten only when the row changed.
+
+    Per-subject rules take these as inputs: adding a subject to the manifest touches no other subject's
+    file, so nothing else reruns.
+    """
+    from vcm.io import write_json
+
+    for row in table.to_dict("records"):
+        meta = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        path = Path(folder) / f"{row['subject']}.json"
+        text = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+        if not path.is_file() or path.read_text() != text:
+            write_json(path, meta)
+
+
 def cli(argv: list[str]) -> int:
     from vcm.config import load_config
 
@@ -135,6 +152,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True, help="CSV of the subjects that passed (resolved paths)")
     parser.add_argument("--excluded", required=True, help="CSV of excluded subjects with their reason")
+    parser.add_argument("--meta-dir", help="also write <subject>.json (t1, seg, age, sex) here, only where changed")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     ok, bad = check_inputs(args.manifest, cfg["segmentation"]["backend"])
@@ -146,6 +164,8 @@ def cli(argv: list[str]) -> int:
         raise StageError(
             f"manifest {args.manifest}: no subject passed the input checks (see {args.excluded})"
         )
+    if args.meta_dir:
+        write_subject_meta(ok, args.meta_dir)
     with atomic_path(args.out) as tmp:
         ok.to_csv(tmp, index=False)
     print(f"{len(ok)} subject(s) passed, {len(bad)} excluded")

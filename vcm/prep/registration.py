@@ -40,6 +40,15 @@ def read_ants(path: str | Path):
     return to_ants(data, affine)
 
 
+def seed_ants(seed: int) -> None:
+    """Make ANTs reproducible: antspyx ignores a ``random_seed`` argument; its global deterministic mode
+    passes ``--random-seed`` to every registration (and runs ITK single-threaded). ANTs treats seed 0 as
+    "seed from the clock", so config seed s is passed as s + 1."""
+    import ants.config
+
+    ants.config.set_ants_deterministic(True, int(seed) + 1)
+
+
 def normalise_intensity(data: np.ndarray, percentiles: tuple[float, float] = (0.0, 99.5)) -> np.ndarray:
     """Clip to percentiles of the non-zero voxels and scale to [0, 1]."""
     values = data[data > 0]
@@ -83,6 +92,7 @@ def register(
     """
     import ants
 
+    seed_ants(seed)
     out = Path(out_dir)
     xfm = out / "xfm"
     xfm.mkdir(parents=True, exist_ok=True)
@@ -97,7 +107,6 @@ def register(
         moving=moving,
         type_of_transform=TRANSFORM_NAMES[transform],
         outprefix=str(xfm / "fwd_"),
-        random_seed=seed,
         aff_metric="mattes",
     )
     fwd, inv = list(reg["fwdtransforms"]), list(reg["invtransforms"])

@@ -25,7 +25,7 @@ from vcm.cli import StageError
 from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
 from vcm.labels import FS_LABELS, LATERAL_VENTRICLES, brain_mask, mask_of
-from vcm.prep.registration import read_ants, resample_labels_to_grid, to_ants
+from vcm.prep.registration import read_ants, resample_labels_to_grid, seed_ants, to_ants
 
 BACKENDS = ("atlas", "synthseg", "precomputed")
 
@@ -52,6 +52,7 @@ def segment_atlas(
     from vcm.io import load_nifti
     from vcm.prep.registration import normalise_intensity
 
+    seed_ants(seed)
     reference = grid.reference_image()
     tpl_dir = Path(template_dir)
     tpl = ants.apply_transforms(
@@ -69,7 +70,6 @@ def segment_atlas(
             moving=tpl,
             type_of_transform="SyNOnly" if transform == "SyN" else transform,
             outprefix=str(Path(tmp) / "atlas_"),
-            random_seed=seed,
             syn_metric="CC",
             syn_sampling=1,
             reg_iterations=(60, 40, 20),
@@ -188,13 +188,15 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--subject", required=True)
     parser.add_argument("--t1", required=True, help="native T1 (synthseg input)")
     parser.add_argument("--seg", default=None, help="native label map (precomputed backend)")
+    parser.add_argument("--meta", help="the subject's check-inputs JSON (gives --seg)")
     parser.add_argument("--reg-dir", required=True, help="the subject's registration folder")
     parser.add_argument("--template-dir", required=True)
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    seg = read_json(args.meta).get("seg") if args.meta else args.seg
     try:
-        vol = segment(cfg, args.subject, args.t1, args.seg, args.reg_dir, args.template_dir, args.out_dir)
+        vol = segment(cfg, args.subject, args.t1, seg, args.reg_dir, args.template_dir, args.out_dir)
     except StageError as err:
         raise StageError(f"subject {args.subject}: {err}") from None
     print(

@@ -2,6 +2,7 @@
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,12 @@ try:
     CFG = validate_config(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+
+# Jobs run `python -m vcm` from this checkout, also inside conda envs that do not install vcm
+# (local jobs and SLURM jobs inherit this environment).
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
+PREP_ENV = "../../envs/prep.yaml"
+TORCH_ENV = "../../envs/torch.yaml"
 
 RESULTS = CFG["results"].rstrip("/")
 LOGS = f"{RESULTS}/logs"

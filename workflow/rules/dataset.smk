@@ -10,6 +10,8 @@ rule dataset:
         f"{RESULTS}/dataset.h5",
     params:
         settings=section("dataset", "training", "conditions", "grid"),
+    conda:
+        PREP_ENV
     log:
         f"{LOGS}/dataset.log",
     benchmark:

@@ -6,6 +6,8 @@ rule demo_cohort:
         manifest=f"{RESULTS}/demo/manifest.csv",
     params:
         demo=lambda w: CFG["data"]["demo"],
+    conda:
+        PREP_ENV
     log:
         f"{LOGS}/demo_cohort.log",
     shell:
@@ -18,6 +20,8 @@ rule template:
         t1_head=f"{RESULTS}/template/t1_head.nii.gz",
         t1_brain=f"{RESULTS}/template/t1_brain.nii.gz",
         labels=f"{RESULTS}/template/labels.nii.gz",
+    conda:
+        PREP_ENV
     log:
         f"{LOGS}/template.log",
     shell:
@@ -32,11 +36,13 @@ checkpoint check_inputs:
         excluded=f"{RESULTS}/excluded.csv",
     params:
         settings=section("segmentation"),
+    conda:
+        PREP_ENV
     log:
         f"{LOGS}/check_inputs.log",
     shell:
         "python -m vcm check-inputs --config {CONFIG_FILE} --manifest {input.manifest}"
-        " --out {output.subjects} --excluded {output.excluded} > {log} 2>&1"
+        " --out {output.subjects} --excluded {output.excluded} --meta-dir {RESULTS}/inputs > {log} 2>&1"
 
 
 rule register:
@@ -49,6 +55,8 @@ rule register:
         png=report(f"{PREP}/{{subject}}/registration.png", category="Registration", subcategory="{subject}"),
     params:
         settings=section("grid", "registration", "intensity"),
+    conda:
+        PREP_ENV
     log:
         f"{LOGS}/register/{{subject}}.log",
     benchmark:
@@ -59,9 +67,9 @@ rule register:
         " --template-dir {RESULTS}/template --out-dir {PREP}/{wildcards.subject} --threads {threads} > {log} 2>&1"
 
 
-def _seg_arg(wildcards):
-    seg = subject_row(wildcards).get("seg")
-    return f"--seg {seg}" if CFG["segmentation"]["backend"] == "precomputed" and isinstance(seg, str) else ""
+# Per-subject rules read the subject's manifest row from inputs/<subject>.json (written by check_inputs,
+# rewritten only when the row changes); params must not depend on the checkpoint (remote jobs reject that).
+SUBJECT_META = f"{RESULTS}/inputs/{{subject}}.json"
 
 
 rule segment:
@@ -70,12 +78,14 @@ rule segment:
         registered=rules.register.output.t1,
         info=rules.register.output.info,
         template=rules.template.output.labels,
+        meta=SUBJECT_META,
     output:
         labels=f"{PREP}/{{subject}}/labels.nii.gz",
         volumes=f"{PREP}/{{subject}}/volumes.json",
     params:
         settings=section("grid", "segmentation", "conditions"),
-        seg=_seg_arg,
+    conda:
+        PREP_ENV
     log:
         f"{LOGS}/segment/{{subject}}.log",
     benchmark:
@@ -83,7 +93,7 @@ rule segment:
     threads: 1
     shell:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm segment --config {CONFIG_FILE}"
-        " --subject {wildcards.subject} --t1 {input.t1:q} {params.seg} --reg-dir {PREP}/{wildcards.subject}"
+        " --subject {wildcards.subject} --t1 {input.t1:q} --meta {input.meta} --reg-dir {PREP}/{wildcards.subject}"
         " --template-dir {RESULTS}/template --out-dir {PREP}/{wildcards.subject} > {log} 2>&1"
 
 
@@ -95,16 +105,17 @@ rule conditions:
         t1=rules.register.output.t1,
         labels=rules.segment.output.labels,
         volumes=rules.segment.output.volumes,
+        meta=SUBJECT_META,
     output:
         masks=expand(f"{PREP}/{{{{subject}}}}/conditions/{{name}}.nii.gz", name=CONDITION_FILES),
         covariates=f"{PREP}/{{subject}}/conditions/covariates.json",
     params:
         settings=section("grid", "conditions"),
-        age=lambda w: subject_row(w)["age"],
-        sex=lambda w: subject_row(w)["sex"],
+    conda:
+        PREP_ENV
     log:
         f"{LOGS}/conditions/{{subject}}.log",
     shell:
         "python -m vcm conditions --config {CONFIG_FILE} --subject {wildcards.subject} --t1 {input.t1}"
-        " --labels {input.labels} --volumes {input.volumes} --age {params.age} --sex {params.sex}"
+        " --labels {input.labels} --volumes {input.volumes} --meta {input.meta}"
         " --out-dir {PREP}/{wildcards.subject}/conditions > {log} 2>&1"
