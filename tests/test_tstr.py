@@ -1,0 +1,101 @@
+"""Train on synthetic, test on real (vcm.tstr) on a 16³ phantom task a tiny U-Net learns in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tests.test_data import make_cohort, make_real
+from vcm.cli import StageError, main
+from vcm.config import load_config
+from vcm.tstr import TstrSettings, run_tstr
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = {"steps": 40, "lr": 1e-2, "channels": [4, 8, 16], "batch_size": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tstr")
+    return {"cohort": make_cohort(root / "cohorts" / "lv"), "dataset": make_real(root / "dataset.h5")}
+
+
+@pytest.fixture
+def tcfg() -> dict:
+    cfg = load_config(REPO / "config" / "config.yaml")
+    cfg["training"]["sizes"] = [2, 4]
+    return cfg
+
+
+def test_both_rows_with_dice_and_the_real_network_learns_the_easy_task(tmp_path, files, tcfg):
+    settings = TstrSettings.from_config(tcfg, **FAST)
+    assert settings.real_split == "train_4"  # the largest training size by default
+    out = tmp_path / "tstr" / "lv.csv"
+    table = run_tstr(tcfg, files["dataset"], files["cohort"], out, settings, progress=False)
+    assert pd.read_csv(out).shape == table.shape
+    assert list(table["train_data"]) == ["synthetic", "real"]
+    assert list(table["source"]) == ["lv", "train_4"]
+    assert list(table["n_train"]) == [4, 4]  # QC-passed synthetic subjects only
+    assert list(table["steps"]) == [40, 40] and list(table["n_val"]) == [2, 2]
+    assert table["dice_mean"].between(0, 1).all()
+    assert table.loc[1, "dice_mean"] > 0.5  # the real-trained network on the phantom task
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["classes"] == ["lv"] and info["settings"]["steps"] == 40
+    assert info["results"]["synthetic"]["n_total"] == 6
+    assert info["results"]["real"]["subjects"] == ["sub-06", "sub-07"]
+    assert len(info["results"]["real"]["per_class"][0]) == 1
+
+
+def test_same_seed_same_result(tmp_path, files, tcfg):
+    settings = TstrSettings.from_config(tcfg, **{**FAST, "steps": 3})
+    a = run_tstr(tcfg, files["dataset"], files["cohort"], tmp_path / "a.csv", settings, progress=False)
+    b = run_tstr(tcfg, files["dataset"], files["cohort"], tmp_path / "b.csv", settings, progress=False)
+    pd.testing.assert_series_equal(a["dice_mean"], b["dice_mean"])
+
+
+def test_semantic_classes_and_minutes_cap(tmp_path, files, tcfg):
+    settings = TstrSettings.from_config(
+        tcfg, **{**FAST, "steps": 500, "labels": "semantics", "minutes": 1e-4}
+    )
+    table = run_tstr(tcfg, files["dataset"], files["cohort"], tmp_path / "s.csv", settings, progress=False)
+    assert (table["steps"] < 500).all() and (table["steps"] >= 1).all()  # the wall-clock cap stopped both
+    assert table["dice_mean"].between(0, 1).all()
+    info = json.loads((tmp_path / "s.json").read_text())
+    assert len(info["classes"]) == 8 and len(info["results"]["real"]["per_class"][0]) == 8
+
+
+def test_settings_errors(tcfg):
+    with pytest.raises(StageError, match="'tstr.labels': expected lv or semantics"):
+        TstrSettings.from_config(tcfg, labels="tissue")
+    with pytest.raises(StageError, match="unknown key 'step' under 'tstr'"):
+        TstrSettings.from_config({**tcfg, "tstr": {"step": 3}})
+    assert TstrSettings.from_config({**tcfg, "tstr": {"steps": 7}}).steps == 7
+
+
+def test_cli_prints_both_rows_and_one_line_errors(tmp_path, files, capsys):
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["training"]["sizes"] = [2, 4]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = ["tstr", "--config", str(config), "--dataset", str(files["dataset"]), "--device", "cpu"]
+    out = tmp_path / "t.csv"
+    assert main([*args, "--cohort", str(files["cohort"]), "--out", str(out), "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "TSTR synthetic (lv, 4 subjects, 2 steps" in text and "TSTR real (train_4, 4 subjects" in text
+    assert out.is_file()
+    assert main([*args, "--cohort", str(tmp_path / "none.h5"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vcm tstr: error: cohort file not found: {tmp_path / 'none.h5'}"]
