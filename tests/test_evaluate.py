@@ -1,0 +1,357 @@
+"""Evaluation (vcm.evaluate): metric values on hand-made volumes, the MS-SSIM scale choice, FID 3D with a
+local MedicalNet-format checkpoint (and the one-line message without one), the per-model stage on a tiny
+backbone and VCM, and the gathered tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.test_latents import make_bundle, make_dataset
+from tests.test_train import TINY_VCM
+from vcm.cli import StageError, main
+from vcm.config import load_config
+from vcm.evaluate import (
+    EvalSettings,
+    alignment_metrics,
+    evaluate_model,
+    fid_3d,
+    image_metrics,
+    load_medicalnet,
+    medicalnet_features,
+    ms_ssim_scales,
+    ms_ssim_weights,
+    skull_dist,
+)
+from vcm.latents import bundle_sha256
+from vcm.models.backbone import load_bundle
+from vcm.train import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cube(shape=(20, 20, 20), lo=(5, 5, 5), size=5) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[tuple(slice(a, a + size) for a in lo)] = True
+    return m
+
+
+# --- metrics on hand-made volumes --------------------------------------------------------------------------
+
+
+def test_alignment_metrics_on_cubes():
+    a = cube()
+    assert alignment_metrics(a, a, 2.0) == {"dice": 1.0, "hd95": 0.0, "assd": 0.0}
+    shifted = cube(lo=(7, 5, 5))  # 2 voxels along x: overlap 3x5x5 of 5x5x5
+    m = alignment_metrics(shifted, a, 2.0)
+    assert m["dice"] == pytest.approx(2 * 75 / 250)
+    assert m["hd95"] == pytest.approx(4.0)  # the end faces lie exactly 2 voxels = 4 mm apart
+    assert 0.0 < m["assd"] < 4.0  # the side faces coincide
+    assert alignment_metrics(shifted, a, (2.0, 1.0, 1.0))["hd95"] == pytest.approx(4.0)
+    empty = alignment_metrics(np.zeros_like(a), a, 2.0)
+    assert empty["dice"] == 0.0 and math.isnan(empty["hd95"]) and math.isnan(empty["assd"])
+
+
+def test_ms_ssim_scales_keep_the_coarsest_scale_at_least_the_kernel():
+    assert ms_ssim_scales((40, 56, 40), 7) == 3  # demo: 40 -> 20 -> 10 >= 7 (a 4th would be 5)
+    assert ms_ssim_scales((160, 224, 160), 7) == 5  # BrainLDM: ... -> 10
+    assert ms_ssim_scales((160, 224, 160), 11) == 4  # 10 < 11 at the 5th scale
+    assert ms_ssim_scales((16, 16, 16), 7) == 2
+    with pytest.raises(StageError, match="'evaluation.ssim_kernel': a 9-voxel window does not fit"):
+        ms_ssim_scales((8, 8, 8), 9)
+    w = ms_ssim_weights(3)
+    assert sum(w) == pytest.approx(1.0) and w[1] / w[0] == pytest.approx(0.2856 / 0.0448)
+    assert ms_ssim_weights(5) == pytest.approx((0.0448, 0.2856, 0.3001, 0.2363, 0.1333), abs=1e-4)
+
+
+def test_ssim_and_ms_ssim_on_the_demo_grid():
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in (40, 56, 40)], indexing="ij")
+    head = np.clip(1.0 - np.sqrt(x**2 + y**2 + z**2), 0, 1).astype(np.float32)
+    noisy = np.clip(head + 0.2 * rng.standard_normal(head.shape), 0, 1).astype(np.float32)
+    same = image_metrics(head[None], head[None])  # default kernel 7 and the scales the grid allows
+    assert same["ssim"][0] == pytest.approx(1.0, abs=1e-5) and same["ms_ssim"][0] == pytest.approx(
+        1.0, abs=1e-5
+    )
+    worse = image_metrics(np.stack([noisy, 1 - head]), np.stack([head, head]))
+    assert worse["ssim"].shape == (2,) and (worse["ssim"] < 0.9).all() and (worse["ms_ssim"] < 1).all()
+    assert worse["ssim"][1] < worse["ssim"][0]  # the inverted image is the least similar
+
+
+def test_skull_dist_inside_the_skull_support():
+    skull = np.zeros((8, 8, 8), np.float32)
+    skull[0] = 0.5  # the skull image: one slab
+    synth = np.full((8, 8, 8), 0.9, np.float32)  # elsewhere the synthetic image does not count
+    synth[0] = 0.7
+    assert skull_dist(synth, skull) == pytest.approx(0.04)
+    assert skull_dist(skull, skull) == 0.0
+    assert math.isnan(skull_dist(synth, np.zeros_like(skull)))
+
+
+# --- FID 3D ------------------------------------------------------------------------------------------------
+
+
+def medicalnet_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random ResNet-10 in MedicalNet's release format: ``{"state_dict": {"module.<key>": ...}}`` plus its
+    segmentation head (which the feature extractor ignores)."""
+    from monai.networks.nets import resnet10
+
+    torch.manual_seed(seed)
+    net = resnet10(
+        spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="B", bias_downsample=False
+    )
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    state["module.conv_seg.0.weight"] = torch.zeros(32, 512, 2, 2, 2)
+    torch.save({"epoch": 1, "state_dict": state}, path)
+    return path
+
+
+def test_fid_matches_the_closed_form_and_monai():
+    from monai.metrics import FIDMetric
+
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.standard_normal((50, 3)))
+    b = torch.from_numpy(rng.standard_normal((40, 3)) * [1.0, 2.0, 0.5] + 0.3)
+    assert fid_3d(a, a) == pytest.approx(0.0, abs=1e-9)
+    shift = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
+    assert fid_3d(a + shift, a) == pytest.approx(9.0, rel=1e-9)  # same covariance: |shift|^2
+    assert fid_3d(b, a) == pytest.approx(float(FIDMetric()(b, a)), rel=1e-6)
+    few = torch.from_numpy(rng.standard_normal((4, 512)))  # few subjects, many features: still finite
+    assert np.isfinite(fid_3d(few, few + 0.1)) and fid_3d(few, few + 0.1) == pytest.approx(512 * 0.01)
+    assert math.isnan(fid_3d(a[:1], a))
+
+
+def test_medicalnet_checkpoint_loads_and_gives_features(tmp_path):
+    net = load_medicalnet(medicalnet_checkpoint(tmp_path / "resnet_10_23dataset.pth"))
+    assert net.depth == 10
+    images = np.random.default_rng(0).random((3, 16, 16, 16)).astype(np.float32)
+    feats = medicalnet_features(net, images)
+    assert feats.shape == (3, 512) and torch.isfinite(feats).all()
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(StageError, match=r"bad.pth is not a MedicalNet ResNet checkpoint \(") as err:
+        load_medicalnet(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_absent_medicalnet_weights_are_one_line_not_a_crash(tmp_path, capsys):
+    missing = tmp_path / "resnet_10_23dataset.pth"
+    args = [
+        "evaluate",
+        "--config",
+        str(REPO / "config" / "config.yaml"),
+        "--dataset",
+        "d.h5",
+        "--model",
+        "m.pt",
+    ]
+    args += ["--bundle", "b", "--out", str(tmp_path / "e.csv"), "--medicalnet-weights", str(missing)]
+    assert main(args) == 1  # checked before anything is sampled
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(
+        f"vcm evaluate: error: config key 'evaluation.medicalnet_weights': file not found: {missing}"
+    )
+    assert "cannot be downloaded" in err[0]
+    cfg = load_config(REPO / "config" / "config.yaml")
+    assert EvalSettings.from_config(cfg).medicalnet_weights is None  # not configured: FID 3D is skipped
+
+
+# --- the stage on a tiny backbone ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    dataset, bundle = make_dataset(root / "dataset.h5"), make_bundle(root / "bundle")
+    backbone = load_bundle(bundle)
+    models = {}
+    for condset, groups in (("lv", [[("lv", 1)]]), ("two", [[("lv", 1), ("brain", 1)], [("skull", 1)]])):
+        torch.manual_seed(0)
+        model = build_model("vcm", groups, backbone, TINY_VCM)
+        with torch.no_grad():  # leave the identity: a visible control, the same for every run
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        path = root / condset / "vcm.pt"
+        path.parent.mkdir()
+        torch.save(
+            {
+                "format": 1,
+                "method": "vcm",
+                "model": model.state_dict(),
+                "model_config": model.config,
+                "condition_set": condset,
+                "condition_groups": [[[n, c] for n, c in g] for g in groups],
+                "training_size": 2,
+                "backbone_sha256": bundle_sha256(bundle),
+                "scale_factor": 1.0,
+            },
+            path,
+        )
+        models[condset] = path
+    return {"dataset": dataset, "bundle": bundle, **models}
+
+
+def fake_segment(image: np.ndarray) -> np.ndarray:
+    """A stand-in segmenter: LV (4) on the 3 % brightest voxels (ties broken by position), white matter (2)
+    elsewhere: never empty, whatever a random backbone decodes."""
+    order = np.argsort(image, axis=None, kind="stable")
+    labels = np.full(image.size, 2, np.uint16)
+    labels[order[-max(1, image.size * 3 // 100) :]] = 4
+    return labels.reshape(image.shape)
+
+
+def test_stage_tables_controlled_vs_uncontrolled(tmp_path, files):
+    cfg = load_config(REPO / "config" / "config.yaml")
+    settings = EvalSettings.from_config(cfg, ddim_steps=3, batch_size=1)
+    out = tmp_path / "eval" / "two_n2.csv"
+    table = evaluate_model(
+        cfg,
+        files["dataset"],
+        files["two"],
+        files["bundle"],
+        out,
+        settings=settings,
+        segment=fake_segment,
+        progress=False,
+    )
+    assert list(table["method"]) == ["vcm", "uncontrolled"] and list(table["control"]) == [
+        "controlled",
+        "uncontrolled",
+    ]
+    assert (
+        list(table["n"]) == [2, 2]
+        and (table["condition_set"] == "two").all()
+        and (table["training_size"] == 2).all()
+    )
+    for metric in ("dice", "hd95", "assd", "skull_dist", "ssim", "ms_ssim"):
+        assert table[f"{metric}_mean"].notna().all(), metric
+    assert table["dice_mean"].between(0, 1).all() and table["ssim_mean"].between(-1, 1).all()
+    assert table["fid3d"].isna().all()  # no MedicalNet weights configured
+    subjects = pd.read_csv(tmp_path / "eval" / "two_n2_subjects.csv")
+    assert len(subjects) == 4 and list(subjects["subject"]) == ["sub-04", "sub-05"] * 2
+    # the table is the mean and sd of the per-subject rows
+    vcm_rows = subjects[subjects["method"] == "vcm"]
+    assert table.loc[0, "dice_mean"] == pytest.approx(vcm_rows["dice"].mean(), rel=1e-5)
+    assert table.loc[0, "ssim_sd"] == pytest.approx(vcm_rows["ssim"].std(ddof=1), rel=1e-4)
+    # same noise and covariates: the uncontrolled rows do not depend on the model
+    lv = evaluate_model(
+        cfg,
+        files["dataset"],
+        files["lv"],
+        files["bundle"],
+        tmp_path / "lv_n2.csv",
+        settings=settings,
+        segment=fake_segment,
+        progress=False,
+    )
+    assert lv.loc[1, "ssim_mean"] == pytest.approx(table.loc[1, "ssim_mean"], rel=1e-6)
+    assert lv.loc[0, "ssim_mean"] != pytest.approx(table.loc[0, "ssim_mean"], rel=1e-6)
+    assert lv["skull_dist_mean"].isna().all()  # no skull condition in the set
+    info = json.loads((tmp_path / "lv_n2.json").read_text())
+    assert info["ms_ssim_scales"] == 2 and info["ssim_kernel"] == 7  # 16³ grid: 16 -> 8 >= 7
+    assert any("FID 3D skipped" in n for n in info["notes"]) and any("skull-dist" in n for n in info["notes"])
+
+
+def test_stage_with_fid_3d(tmp_path, files):
+    cfg = load_config(REPO / "config" / "config.yaml")
+    weights = medicalnet_checkpoint(tmp_path / "resnet_10_23dataset.pth")
+    settings = EvalSettings.from_config(cfg, ddim_steps=2, medicalnet_weights=str(weights))
+    table = evaluate_model(
+        cfg,
+        files["dataset"],
+        files["lv"],
+        files["bundle"],
+        tmp_path / "lv.csv",
+        settings=settings,
+        segment=fake_segment,
+        progress=False,
+    )
+    assert (table["fid3d"] >= -1e-6).all()  # two subjects: a rank-1 covariance, still a finite distance
+    assert json.loads((tmp_path / "lv.json").read_text())["medicalnet_depth"] == 10
+
+
+def test_cli_with_atlas_segmentation_and_tables(tmp_path, files, template_dir, capsys):
+    out = tmp_path / "eval" / "lv_n2.csv"
+    args = ["evaluate", "--config", str(REPO / "config" / "config.yaml"), "--dataset", str(files["dataset"])]
+    args += [
+        "--model",
+        str(files["lv"]),
+        "--bundle",
+        str(files["bundle"]),
+        "--template-dir",
+        str(template_dir),
+    ]
+    assert main([*args, "--out", str(out), "--subjects", "1", "--ddim-steps", "2", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "FID 3D: skipped (evaluation.medicalnet_weights not set" in text
+    assert "| lv | 2 | VCM | 1 |" in text and "| lv | 2 | backbone (uncontrolled) | 1 |" in text
+    table = pd.read_csv(out)
+    assert list(table["n"]) == [1, 1] and table["dice_mean"].between(0, 1).all()
+    # gather: two model tables and two TSTR tables whose real rows are the same network
+    other = table.assign(condition_set="two", training_size=10)
+    other.to_csv(tmp_path / "eval" / "two_n10.csv", index=False)
+    tstr = pd.DataFrame(
+        {
+            "train_data": ["synthetic", "real"],
+            "source": ["lv", "train_20"],
+            "n_train": [30, 20],
+            "labels": ["lv", "lv"],
+            "steps": [300, 300],
+            "seconds": [90.0, 88.0],
+            "final_loss": [0.2, 0.1],
+            "n_val": [4, 4],
+            "dice_mean": [0.71, 0.8],
+            "dice_sd": [0.05, 0.02],
+        }
+    )
+    tstr.to_csv(tmp_path / "t_lv.csv", index=False)
+    tstr.assign(source=["two", "train_20"], seconds=[91.0, 87.0]).to_csv(tmp_path / "t_two.csv", index=False)
+    md, html, tstr_out = tmp_path / "table.md", tmp_path / "table.html", tmp_path / "tstr.csv"
+    assert (
+        main(
+            [
+                "eval-tables",
+                "--eval",
+                str(out),
+                str(tmp_path / "eval" / "two_n10.csv"),
+                "--tstr",
+                str(tmp_path / "t_lv.csv"),
+                str(tmp_path / "t_two.csv"),
+                "--md",
+                str(md),
+                "--html",
+                str(html),
+                "--tstr-out",
+                str(tstr_out),
+            ]
+        )
+        == 0
+    )
+    text = md.read_text()
+    assert "| condition set | # train | method | n | DSC ↑ |" in text
+    assert "| lv | 2 | VCM | 1 |" in text and "| two | 10 | backbone (uncontrolled) | 1 |" in text
+    assert "skull-dist" not in text and "FID 3D" not in text  # empty everywhere: dropped
+    assert "| synthetic | lv | 30 | lv | 300 | 0.710 ± 0.050 |" in text
+    assert "<table" in html.read_text() and "Train on synthetic" in html.read_text()
+    gathered = pd.read_csv(tstr_out)
+    assert list(gathered["source"]) == ["lv", "train_20", "two"]  # the real row once
+    capsys.readouterr()
+    assert main(["eval-tables", "--eval", str(tmp_path / "none.csv"), "--md", str(md)]) == 1
+    assert (
+        capsys.readouterr().err.strip() == f"vcm eval-tables: error: file not found: {tmp_path / 'none.csv'}"
+    )
