@@ -1,0 +1,170 @@
+"""Cohort figures and summary.md (vcm.report) on a tiny cohort, fake models and evaluation tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+import torch
+
+from tests.test_data import make_cohort, make_real
+from vcm.cli import main
+from vcm.evaluate import summarise
+from vcm.report import cohort_montage, cohort_stats, qc_histograms, write_summary
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    """A results folder with the files the summary reads."""
+    root = tmp_path_factory.mktemp("results")
+    cohort = make_cohort(root / "cohorts" / "lv")
+    dataset = make_real(root / "dataset.h5")
+    model = root / "models" / "lv" / "n2" / "vcm.pt"
+    model.parent.mkdir(parents=True)
+    meta = {"method": "vcm", "condition_set": "lv", "training_size": 2, "steps": 40, "final_loss": 0.0123}
+    torch.save({**meta, "train_seconds": 90.0, "model": {}}, model)
+    (model.parent / "loss.png").write_bytes(b"png")
+    per_subject = pd.DataFrame(
+        {
+            "method": ["vcm", "vcm", "uncontrolled", "uncontrolled"],
+            "dice": [0.8, 0.9, 0.5, 0.6],
+            "hd95": [4.0, 6.0, 10.0, 12.0],
+            "assd": [1.0, 1.0, 3.0, 3.0],
+            "skull_dist": [float("nan")] * 4,
+            "ssim": [0.7, 0.8, 0.6, 0.6],
+            "ms_ssim": [0.8, 0.8, 0.7, 0.7],
+            "seg_lv_voxels": [10, 12, 0, 9],
+        }
+    )
+    table = summarise(per_subject)
+    table.insert(0, "condition_set", "lv")
+    table.insert(1, "training_size", 2)
+    evaluation = root / "eval" / "lv_n2.csv"
+    evaluation.parent.mkdir()
+    table.to_csv(evaluation, index=False)
+    tstr = root / "eval" / "tstr.csv"
+    pd.DataFrame(
+        {
+            "train_data": ["synthetic", "real"],
+            "source": ["lv", "train_4"],
+            "n_train": [4, 4],
+            "labels": ["lv", "lv"],
+            "steps": [40, 40],
+            "dice_mean": [0.712, 0.845],
+            "dice_sd": [0.02, 0.01],
+        }
+    ).to_csv(tstr, index=False)
+    return {
+        "root": root,
+        "cohort": cohort,
+        "dataset": dataset,
+        "model": model,
+        "eval": evaluation,
+        "tstr": tstr,
+    }
+
+
+def test_summarise_means_sds_and_empty_segmentations():
+    per_subject = pd.DataFrame(
+        {"method": ["vcm", "vcm", "uncontrolled"], "dice": [0.8, 0.6, 0.5], "hd95": [2.0, float("nan"), 3.0]}
+    )
+    per_subject["seg_lv_voxels"] = [5, 0, 4]
+    table = summarise(per_subject, {"vcm": 12.5})
+    assert list(table["method"]) == ["vcm", "uncontrolled"] and list(table["n"]) == [2, 1]
+    assert table.loc[0, "dice_mean"] == pytest.approx(0.7) and table.loc[0, "dice_sd"] == pytest.approx(
+        0.141421, rel=1e-5
+    )
+    assert table.loc[0, "hd95_mean"] == 2.0 and table.loc[0, "n_empty"] == 1  # NaN left out, counted
+    assert table.loc[1, "dice_sd"] == 0.0 and table.loc[0, "fid3d"] == 12.5 and pd.isna(table.loc[1, "fid3d"])
+
+
+def test_cohort_figures(tmp_path, run):
+    shown = cohort_montage(run["cohort"], tmp_path / "montage.png", n_subjects=3)
+    assert shown == ["syn-00000", "syn-00002", "syn-00003"]  # QC-passed subjects first
+    assert (
+        cohort_montage(run["cohort"], tmp_path / "all.png", n_subjects=6)[1] == "syn-00001"
+    )  # failed fill in
+    height, width, _ = mpimg.imread(tmp_path / "montage.png").shape
+    assert height > width > 400  # three rows of three planes
+    stats = qc_histograms(run["cohort"], tmp_path / "qc.png", {"dice": 0.7})
+    assert (tmp_path / "qc.png").stat().st_size > 10_000
+    assert stats["n"] == 6 and stats["passed"] == 4 and stats["pass_rate"] == pytest.approx(4 / 6)
+    assert stats["attempts_max"] == 3 and stats["new_anatomy"] == 3
+
+
+def test_figures_cli(tmp_path, run, capsys):
+    montage, hist = tmp_path / "cohort_montage.png", tmp_path / "qc_hist.png"
+    args = [
+        "cohort-figures",
+        "--config",
+        str(REPO / "config" / "config.yaml"),
+        "--cohort",
+        str(run["cohort"]),
+    ]
+    assert main([*args, "--montage", str(montage), "--qc-hist", str(hist), "--subjects", "2"]) == 0
+    assert montage.is_file() and hist.is_file()
+    assert "4 / 6 passed QC (67 %)" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "cohort-figures",
+                "--config",
+                str(REPO / "config" / "config.yaml"),
+                "--cohort",
+                "no.h5",
+                "--montage",
+                str(montage),
+                "--qc-hist",
+                str(hist),
+            ]
+        )
+        == 1
+    )
+    assert capsys.readouterr().err.strip() == "vcm cohort-figures: error: cohort file not found: no.h5"
+
+
+def test_summary_has_every_table_and_links(run):
+    root = run["root"]
+    cohort_montage(run["cohort"], run["cohort"].parent / "cohort_montage.png", 2)
+    qc_histograms(run["cohort"], run["cohort"].parent / "qc_hist.png")
+    out = root / "summary.md"
+    args = [
+        "summary",
+        "--dataset",
+        str(run["dataset"]),
+        "--models",
+        str(run["model"]),
+        "--eval",
+        str(run["eval"]),
+    ]
+    args += ["--tstr", str(run["tstr"]), "--cohorts", str(run["cohort"]), "--out", str(out)]
+    assert main(args) == 0
+    text = out.read_text()
+    assert "**8 subjects** on the 16×16×16 grid; splits: train_2 (2), train_4 (4), val (2)" in text
+    assert "| lv | 2 | vcm | 40 | 0.0123 | 1.5 min | [loss](models/lv/n2/loss.png) |" in text
+    assert "| condition set | # train | method | n | DSC ↑ | HD95 (mm) ↓ |" in text
+    assert "| lv | 2 | VCM | 2 | 0.850 ± 0.071 |" in text
+    assert "| lv | 2 | backbone (uncontrolled) | 2 | 0.550 ± 0.071 |" in text
+    assert (
+        "| synthetic | lv | 4 | lv | 40 | 0.712 ± 0.020 |" in text
+        and "| real | train_4 | 4 | lv | 40 | 0.845 ± 0.010 |" in text
+    )
+    assert "| lv | 6 | 4 / 6 (67 %) | 1.67 | 3 |" in text
+    assert "[cohort_montage](cohorts/lv/cohort_montage.png) [qc_hist](cohorts/lv/qc_hist.png)" in text
+    assert cohort_stats(run["cohort"])["dice_mean"] == pytest.approx(
+        float(pd.read_csv(run["cohort"].parent / "qc.csv")["dice"].mean())
+    )
+
+
+def test_summary_without_results_yet(tmp_path):
+    text = write_summary(tmp_path / "summary.md")
+    assert (
+        "_no dataset_" in text
+        and "_no models_" in text
+        and "_not evaluated_" in text
+        and "_no cohorts_" in text
+    )
