@@ -36,6 +36,7 @@ from vcm.train import (
     draw_batch,
     load_model,
     lr_factor,
+    lr_factor_time,
     preview,
     preview_cli,
     train,
@@ -147,15 +148,17 @@ def test_ranks_draw_slices_of_the_same_global_batch(files):
     assert whole.flip.any() and not whole.flip.all()  # seed 7 flips some samples: both paths are exercised
 
 
-def test_minutes_budget_fixes_the_step_count_and_completes_the_schedule(tmp_path, files, tcfg):
-    tcfg["training"].update(steps=10_000, minutes=0.03, checkpoint_every=10_000)
+def test_minutes_budget_stops_training_with_the_schedule_annealed(tmp_path, files, tcfg):
+    tcfg["training"].update(steps=10_000, minutes=0.05, checkpoint_every=10_000)
     result = run(tcfg, files, tmp_path / "budget")
-    assert 6 <= result.step < 10_000 and result.step == result.total_steps
+    assert result.extra["stopped"] == "time budget" and 2 <= result.step < 10_000
+    assert result.history["elapsed_s"][-1] >= 3.0 > result.history["elapsed_s"][-2]
     ckpt = torch.load(tmp_path / "budget" / "checkpoints" / FINAL, weights_only=True)
-    assert ckpt["scheduler"]["total_steps"] == result.step
-    # the fixed count lets the cosine schedule finish (at lr/10) unless the budget ran out first
-    if result.extra["stopped"] == "completed":
-        assert result.history["lr"][-1] == pytest.approx(0.1 * tcfg["training"]["lr"])
+    assert ckpt["scheduler"]["total_steps"] == result.step == result.total_steps
+    # warm-up, then the cosine follows the elapsed time and ends near lr / 10 when the budget is spent
+    lrs, peak = result.history["lr"], tcfg["training"]["lr"]
+    assert lrs[0] < 0.5 * peak and max(lrs) > 0.5 * peak and lrs[-1] < 0.2 * peak
+    assert lr_factor_time(1.0) == pytest.approx(0.1) and lr_factor_time(0.05) == pytest.approx(1.0)
     assert (tmp_path / "budget" / "vcm.pt").is_file()
 
 

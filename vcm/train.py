@@ -112,9 +112,10 @@ class Settings:
         lr: peak AdamW learning rate; annealed to ``lr * min_lr_ratio``.
         checkpoint_every: steps between ``checkpoint_latest.pt`` writes.
         seed: seeds the networks' init and every random draw of training.
-        minutes: wall-clock budget of the training loop; the step count is then fixed from the measured speed
-            after a few steps (capped by ``steps``), so the cosine schedule still completes.
-        warmup_steps: linear warm-up; default 5 % of ``steps``, at most 100.
+        minutes: wall-clock budget of the training loop (summed over resumes): training stops when it is
+            spent (or after ``steps``), and the warm-up (5 % of it) and the cosine annealing follow the elapsed
+            fraction of it, so the schedule completes whatever the speed.
+        warmup_steps: linear warm-up when training by steps; default 5 % of ``steps``, at most 100.
         min_lr_ratio: final lr / peak lr (paper: 5e-6 / 5e-5).
         weight_decay: AdamW weight decay.
         flip: left-right flip augmentation with the pre-encoded flipped latent.
@@ -177,13 +178,26 @@ class Settings:
         return max(1, min(100, math.ceil(0.05 * self.steps)))
 
 
+def _cosine(progress: float, min_ratio: float) -> float:
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine annealing to ``min_ratio``."""
+    """Learning-rate multiplier at ``step`` (0-based) of ``total``: linear warm-up over ``warmup`` steps,
+    then cosine annealing to ``min_ratio`` at the last step."""
     warmup = max(0, min(warmup, total - 1))
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return _cosine((step - warmup) / max(1, total - 1 - warmup), min_ratio)
+
+
+def lr_factor_time(fraction: float, warmup: float = 0.05, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier at ``fraction`` of a wall-clock budget: linear warm-up over the first
+    ``warmup`` of it, then cosine annealing that reaches ``min_ratio`` when the budget is spent, however
+    the speed varies on the way (shared CPUs)."""
+    if fraction < warmup:
+        return max(fraction / warmup, 0.01)
+    return _cosine((fraction - warmup) / (1.0 - warmup), min_ratio)
 
 
 # --- conditions --------------------------------------------------------------------------------------------
@@ -802,8 +816,7 @@ def train(
             "scale_factor": backbone.scale_factor,
             "split": data.index.tolist(),
             "model": getattr(model, "config", None),
-            "world": world,
-        }
+        }  # not the process count: every rank draws the global batch, so a run may resume on more or fewer
     )
     history: dict[str, list[float]] = {"step": [], "loss": [], "lr": [], "elapsed_s": []}
     step, total, elapsed0, resumed_from = 0, settings.steps if settings.minutes is None else None, 0.0, 0
@@ -853,6 +866,7 @@ def train(
             "scheduler": {
                 "total_steps": tot,
                 "warmup_steps": warmup,
+                "minutes": settings.minutes,
                 "min_lr_ratio": settings.min_lr_ratio,
                 "base_lr": settings.lr,
             },
@@ -865,9 +879,8 @@ def train(
         }
 
     start = time.perf_counter()
-    deadline = start + 60.0 * settings.minutes if settings.minutes else None
-    probe_from, probe_len = step + 1, 5  # the first step pays one-off costs; time the next few
-    probe_t0 = None
+    budget = 60.0 * settings.minutes if settings.minutes else None
+    fraction = elapsed0 / budget if budget else 0.0  # of the time budget, as rank 0 measured it
     done_here = 0
     # NCCL reduces CUDA tensors only; gloo CPU ones
     comm = device if world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
@@ -880,7 +893,7 @@ def train(
     )
     stopped = "completed"
     with _Interrupt() as interrupt:
-        while total is None or step < total:
+        while step < (total or settings.steps):
             batch = draw_batch(
                 data,
                 settings.batch_size,
@@ -893,7 +906,11 @@ def train(
                 slice(rank * local, (rank + 1) * local),
                 device,
             )
-            lr = settings.lr * lr_factor(step, total or settings.steps, warmup, settings.min_lr_ratio)
+            if budget is None:
+                factor = lr_factor(step, total, warmup, settings.min_lr_ratio)
+            else:
+                factor = lr_factor_time(max(fraction, step / settings.steps), 0.05, settings.min_lr_ratio)
+            lr = settings.lr * factor
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -915,14 +932,14 @@ def train(
             step += 1
             done_here += 1
 
-            # one collective per step: the mean loss and the stop flags, so every rank stops together
+            # one collective per step: the mean loss, the stop request and rank 0's clock, so that every rank
+            # uses the same learning rate and stops at the same step
+            elapsed = elapsed0 + time.perf_counter() - start
             flags = torch.stack(
                 [
                     loss.detach().float().reshape(()),
                     torch.tensor(float(interrupt.flag), device=loss.device),
-                    torch.tensor(
-                        float(deadline is not None and time.perf_counter() > deadline), device=loss.device
-                    ),
+                    torch.tensor(elapsed if rank == 0 else 0.0, device=loss.device),
                 ]
             ).to(comm)
             if world > 1:
@@ -932,45 +949,26 @@ def train(
             history["step"].append(step)
             history["loss"].append(float(flags[0]))
             history["lr"].append(lr)
-            history["elapsed_s"].append(elapsed0 + time.perf_counter() - start)
+            history["elapsed_s"].append(float(flags[2]))
             bar.update(1)
             bar.set_postfix(loss=f"{flags[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
-
-            if total is None and step == probe_from:
-                probe_t0 = time.perf_counter()
-            elif total is None and probe_t0 is not None and step == probe_from + probe_len:
-                per_step = (time.perf_counter() - probe_t0) / probe_len
-                budget_steps = step + int((deadline - time.perf_counter()) / per_step)
-                est = torch.tensor([min(settings.steps, max(step, budget_steps))], device=comm)
-                if world > 1:
-                    dist.broadcast(est, 0)  # every rank uses rank 0's estimate
-                total = int(est.item())
-                bar.total = total
-                if settings.warmup_steps is None:  # the default 5 % of the steps that now fit
-                    warmup = min(warmup, max(step, math.ceil(0.05 * total)))
-                if rank == 0:
-                    logger.info("%.2f s/step: %d steps fit in %.1f min", per_step, total, settings.minutes)
-            if flags[2] > 0 and (total is None or step < total):
-                stopped = "time budget"
-                total = step  # the budget ran out early: this is the final step
-            if rank == 0 and total is not None and step < total and step % settings.checkpoint_every == 0:
+            if budget is not None:
+                fraction = float(flags[2]) / budget
+                if fraction >= 1.0 and step < settings.steps:
+                    stopped, total = "time budget", step  # this is the final step
+            limit = total or settings.steps
+            if rank == 0 and step < limit and step % settings.checkpoint_every == 0:
                 _save(checkpoint_obj(step, total), ckpt_dir / LATEST)
                 if write_model:
                     _write_loss(out_dir, history, f"{settings.method} {condset} n{size}")
-            if flags[1] > 0 or (stop_after is not None and done_here >= stop_after and step != total):
+            if flags[1] > 0 or (stop_after is not None and done_here >= stop_after and step < limit):
                 if rank == 0:
                     _save(checkpoint_obj(step, total), ckpt_dir / LATEST)
                 bar.close()
                 if flags[1] > 0:
                     raise StageError(f"interrupted at step {step}; checkpoint written, rerun to resume")
-                return TrainResult(
-                    model,
-                    step,
-                    total or settings.steps,
-                    history,
-                    elapsed0 + time.perf_counter() - start,
-                    resumed_from,
-                )
+                return TrainResult(model, step, limit, history, float(flags[2]), resumed_from)
+    total = total or step
     bar.close()
     seconds = elapsed0 + time.perf_counter() - start
     if world > 1:

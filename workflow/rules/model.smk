@@ -74,7 +74,9 @@ rule train_vcm:
         f"{LOGS}/train_vcm/{{condset}}_n{{size}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_vcm/{{condset}}_n{{size}}.tsv"
-    threads: 8  # capped by --cores locally; the SLURM profile sets the CPUs per GPU job
+    # One thread: on a few shared cores parallel one-thread jobs beat one multi-threaded job (measured: 2 threads
+    # ran 4x slower than 1 on 2 busy cores); raise it in a profile with set-threads for a lone CPU run.
+    threads: 1
     shell:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm train-vcm --config {CONFIG_FILE}"
         " --dataset {input.dataset} --latents {input.latents} --bundle {params.bundle}"
