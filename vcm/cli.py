@@ -25,6 +25,8 @@ STAGES: dict[str, str] = {
     "preview": "vcm.train:preview_cli",
     "encode-latents": "vcm.latents:cli",
     "train-vcm": "vcm.train:cli",
+    "generate-shard": "vcm.generate:cli",
+    "merge-cohort": "vcm.generate:merge_cli",
     "evaluate": "vcm.evaluate:cli",
     "eval-tables": "vcm.evaluate:tables_cli",
     "tstr": "vcm.tstr:cli",

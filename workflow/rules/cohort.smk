@@ -1,0 +1,93 @@
+# Synthetic cohorts: one generate_shard job per shard (DDIM sampling + decode + QC + resampling of failures),
+# then one merge per condition set into cohort.h5 + manifest.csv + qc.csv.
+#
+# Include after model.smk (uses CFG, RESULTS, LOGS, CONFIG_FILE, section(), MODEL_BUNDLE, MODEL_BUNDLE_FILES).
+# Defines for downstream rules:
+#   COHORTS        every configured cohort's cohort.h5 (for rule all)
+#   COHORT_SHARDS  the shard ids, 00000, 00001, ... (cohort.size / cohort.shard_size, rounded up)
+import hashlib as _hashlib
+import json as _json
+import math as _math
+
+# The cohort is sampled from the model trained on the largest configured training set.
+COHORT_TRAIN_SIZE = max(CFG["training"]["sizes"])
+COHORT_SHARDS = [f"{k:05d}" for k in range(_math.ceil(CFG["cohort"]["size"] / CFG["cohort"]["shard_size"]))]
+COHORT_DIR = f"{RESULTS}/cohorts/{{condset}}"
+COHORTS = expand(f"{RESULTS}/cohorts/{{condset}}/cohort.h5", condset=CFG["cohort"]["sets"])
+
+
+def _shard_settings(wildcards):
+    """Rerun trigger of one shard: what its subjects depend on and which subjects it holds. Subjects depend on
+    (seed, index) only, so growing cohort.size reruns no complete shard but the last, partial one."""
+    c = CFG["cohort"]
+    k = int(wildcards.shard)
+    subjects = [k * c["shard_size"], min((k + 1) * c["shard_size"], c["size"])]
+    parts = [
+        {key: value for key, value in c.items() if key not in ("sets", "size", "shard_size")},
+        subjects,
+        CFG["qc"],
+        CFG["segmentation"],
+        CFG["conditions"],
+    ]
+    return _hashlib.sha256(_json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+rule generate_shard:
+    input:
+        dataset=f"{RESULTS}/dataset.h5",
+        model=f"{RESULTS}/models/{{condset}}/n{COHORT_TRAIN_SIZE}/vcm.pt",
+        bundle=MODEL_BUNDLE_FILES,
+        template_head=f"{RESULTS}/template/t1_head.nii.gz",
+        template_labels=f"{RESULTS}/template/labels.nii.gz",
+    output:
+        # the subject folders next to it are deliberately not outputs: Snakemake deletes a failed job's outputs,
+        # and a rerun keeps the subjects that were complete (subject.json) and makes the rest
+        f"{COHORT_DIR}/shards/{{shard}}/shard.h5",
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+        shard=r"\d{5}",
+    params:
+        settings=_shard_settings,
+        bundle=MODEL_BUNDLE,
+        out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}/shards/{w.shard}",
+        template_dir=f"{RESULTS}/template",
+    log:
+        f"{LOGS}/generate_shard/{{condset}}_{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/generate_shard/{{condset}}_{{shard}}.tsv"
+    # one thread, as train_vcm: parallel one-thread jobs suit a few shared cores; a profile can raise it
+    threads: 1
+    shell:
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm generate-shard --config {CONFIG_FILE}"
+        " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
+        " --condition-set {wildcards.condset} --shard {wildcards.shard} --template-dir {params.template_dir}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+
+
+rule merge_cohort:
+    input:
+        shards=expand(f"{COHORT_DIR}/shards/{{shard}}/shard.h5", shard=COHORT_SHARDS, allow_missing=True),
+    output:
+        cohort=f"{COHORT_DIR}/cohort.h5",
+        manifest=f"{COHORT_DIR}/manifest.csv",
+        qc=f"{COHORT_DIR}/qc.csv",
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+    params:
+        settings=_hashlib.sha256(
+            _json.dumps([{k: v for k, v in CFG["cohort"].items() if k != "sets"}, CFG["qc"]], sort_keys=True).encode()
+        ).hexdigest()[:16],
+        out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}",
+    log:
+        f"{LOGS}/merge_cohort/{{condset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/merge_cohort/{{condset}}.tsv"
+    threads: 1
+    shell:
+        "python -m vcm merge-cohort --config {CONFIG_FILE} --condition-set {wildcards.condset}"
+        " --shards {input.shards} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule cohorts:
+    input:
+        COHORTS,
