@@ -14,7 +14,7 @@ MODELS = expand(f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt", condset=CFG["c
 def _model_settings(wildcards):
     """Rerun trigger: what one model depends on (not the other condition sets, not the cohort's size)."""
     parts = [
-        CFG["training"],
+        {k: v for k, v in CFG["training"].items() if k != "sizes"},
         CFG["backbone"],
         CFG["condition_sets"].get(wildcards.condset),
         CFG["cohort"]["ddim_steps"],  # previews
