@@ -11,6 +11,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prep.smk"
 include: "workflow/rules/dataset.smk"
+include: "workflow/rules/model.smk"
 
 
 rule all:
