@@ -3,6 +3,10 @@
 * ``dag``: how long ``snakemake -n`` takes to build the DAG for a large manifest (default 1 000 subjects),
   with the input-check checkpoint already done, so the whole per-subject DAG is listed.
 * ``register``: seconds per subject of the register stage on the demo grid and at 1 mm.
+* ``sample``: seconds per synthetic volume of three samplers on the same inputs, in one process: the naive
+  loop (batch 1, VCM's condition encoder at every step, fp32), the production sampler of ``generate-shard``
+  (batched, encoder features once per sample, bf16 on CUDA) and the backbone alone (the floor: same steps,
+  same batching, no VCM); their ratios, peak memory and how far the naive and production images differ.
 """
 
 from __future__ import annotations
@@ -76,9 +80,360 @@ def bench_register(t1: Path, template_dir: Path) -> dict:
             ("brainldm grid, 1 mm working", "brainldm", 1.0),
         ):
             start, cpu = time.perf_counter(), time.process_time()
-            register(t1, template_dir / "t1_head.nii.gz", Grid.from_config(grid), Path(tmp) / grid, "Affine", spacing)
+            register(
+                t1,
+                template_dir / "t1_head.nii.gz",
+                Grid.from_config(grid),
+                Path(tmp) / grid,
+                "Affine",
+                spacing,
+            )
             out[label] = (round(time.perf_counter() - start, 1), round(time.process_time() - cpu, 1))
     return out
+
+
+# the shipped demo backbone's recipe (workflow/rules/backbone.smk), for a random stand-in when no bundle exists
+DEMO_BACKBONE = {
+    "channels": (8, 16, 32),
+    "diffusion_channels": (32, 64, 64),
+    "diffusion_num_res_blocks": (1, 1, 2),
+    "diffusion_attention_levels": (False, False, True),
+    "diffusion_num_head_channels": (0, 0, 32),
+}
+# VCM widths: the paper's (the model's defaults) and smaller ones for the demo's 4.3 M-parameter backbone
+VCM_WIDTHS = {
+    "paper": {},
+    "small": {
+        "encoder_channels": [8, 16],
+        "encoder_norm_num_groups": 8,
+        "unet_channels": [32, 64, 128],
+        "unet_out_channels": 32,
+        "head_channels": 32,
+        "unet_num_res_blocks": 1,
+    },
+    "tiny": {
+        "encoder_channels": [8, 16],
+        "encoder_norm_num_groups": 8,
+        "unet_channels": [8, 16, 32],
+        "unet_num_head_channels": 8,
+        "unet_norm_num_groups": 8,
+        "unet_out_channels": 8,
+        "head_channels": 16,
+        "unet_num_res_blocks": 1,
+    },
+}
+
+
+class _PeakMemory:
+    """Peak memory of a block: CUDA's allocator peak, or on CPU the process's resident set size, polled."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+        self.extra_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> _PeakMemory:
+        import threading
+
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        self._base = self._peak = self._rss_mb()
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            while not self._stop.wait(0.002):
+                self._peak = max(self._peak, self._rss_mb())
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, self._rss_mb())
+        self.extra_mb = self.peak_mb - self._base
+
+
+def _sample_inputs(dataset: Path | None, names: list[str], n: int, grid: tuple[int, ...]):
+    """Conditions and covariates of ``n`` volumes: validation subjects of ``dataset`` (cycled), else blobs."""
+    import h5py
+    import numpy as np
+
+    if dataset is not None and Path(dataset).is_file():
+        with h5py.File(dataset, "r") as h5:
+            val = np.sort(np.asarray(h5["splits/val"][:], dtype=np.int64))
+            rows = [int(val[i % len(val)]) for i in range(n)]
+            conds = [{k: np.asarray(h5[f"cond/{k}"][r, 0]) for k in names} for r in rows]
+            cov = np.asarray(h5["covariates"][sorted(set(rows))], np.float32)
+            cov = np.stack([cov[sorted(set(rows)).index(r)] for r in rows])
+            return (
+                conds,
+                cov,
+                tuple(int(s) for s in h5["image"].shape[2:]),
+                f"{dataset} (validation subjects)",
+            )
+    rng = np.random.default_rng(0)
+    axes = np.meshgrid(*[np.linspace(-1, 1, s) for s in grid], indexing="ij")
+    r = np.sqrt(sum(a**2 for a in axes))
+    blob = {
+        "lv": (r < 0.25).astype(np.uint8),
+        "brain": (r < 0.7).astype(np.uint8),
+        "semantics": np.clip(r * 9, 0, 8).astype(np.uint8),
+    }
+    conds = [
+        {k: blob.get(k, (rng.random(grid) * (r > 0.75)).astype(np.float16)) for k in names} for _ in range(n)
+    ]
+    return conds, rng.random((n, 4)).astype(np.float32), grid, f"synthetic blobs on {grid}"
+
+
+def bench_sample(
+    dataset: Path | None,
+    bundle: Path | None,
+    model: Path | None,
+    condset: str,
+    volumes: int,
+    steps: int,
+    extrapolate_to: int,
+    widths: str,
+    threads: int,
+    device: str | None,
+    chunk: int = 1,
+) -> dict:
+    """Time the naive, production and backbone-only samplers on the same inputs (see the module docstring).
+
+    Returns:
+        per sampler: wall and CPU seconds per volume (measured at ``steps`` and extrapolated to
+        ``extrapolate_to`` DDIM steps from the measured per-step and one-off costs), peak memory; the ratios,
+        the images' max abs difference naive vs production and its tolerance; what the weights were.
+    """
+    import math
+
+    import numpy as np
+    import torch
+
+    from vcm.config import load_config
+    from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
+    from vcm.generate import CohortSampler, noise_seed
+    from vcm.models.backbone import Backbone, build_networks, load_bundle, tiny_definitions
+    from vcm.models.vcm import VCM
+    from vcm.train import condition_groups, condition_tensor, load_model
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(REPO / "config" / "config.yaml")
+    notes = []
+    if bundle is not None and (Path(bundle) / "models" / "model.pt").is_file():
+        backbone = load_bundle(bundle, device=dev)
+        backbone_desc = str(bundle)
+    else:
+        defs = tiny_definitions(**DEMO_BACKBONE)
+        torch.manual_seed(0)
+        ae, dm = build_networks(defs)
+        backbone = Backbone(ae, dm, definitions=defs).to(dev)
+        backbone_desc = "random weights (the demo backbone's architecture)"
+        notes.append("random backbone weights")
+    if model is not None:
+        vcm, meta = load_model(model, dev)
+        if meta["method"] != "vcm":
+            raise SystemExit(f"{model}: a {meta['method']} model; the sample benchmark times VCM")
+        groups = [[(n, int(c)) for n, c in g] for g in meta["condition_groups"]]
+        model_desc = str(model)
+    else:
+        groups = condition_groups(cfg, condset)
+        torch.manual_seed(1)
+        vcm = VCM(
+            latent_channels=backbone.latent_channels,
+            condition_groups=groups,
+            levels=int(round(math.log2(backbone.downsample_factor))),
+            **VCM_WIDTHS[widths],
+        )
+        with torch.no_grad():  # zero heads would make VCM the identity: give the modulation something to do
+            for head in (vcm.head_gamma, vcm.head_beta):
+                head.conv.weight.normal_(std=0.02)
+        vcm = vcm.to(dev).eval()
+        model_desc = f"random weights, {widths} widths"
+        notes.append("random VCM weights")
+    names = [n for g in groups for n, _ in g]
+    conds, cov, grid, inputs_desc = _sample_inputs(dataset, names, volumes, (40, 56, 40))
+    seeds = [noise_seed(0, i) for i in range(volumes)]
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    n_sem = 8
+
+    def clock(fn):
+        sync()
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        sync()
+        return out, time.perf_counter() - w, time.process_time() - c
+
+    production = CohortSampler(vcm, "vcm", backbone, grid, steps, volumes, chunk, n_sem, dev)
+    floor = CohortSampler(None, "vcm", backbone, grid, steps, volumes, chunk, n_sem, dev)
+    latent = production.latent_shape
+
+    def naive_one(i: int, n_steps: int):
+        c = {
+            k: condition_tensor(k, torch.from_numpy(np.asarray(conds[i][k])[None, None]), n_sem).to(dev)
+            for k in names
+        }
+        cv = torch.from_numpy(cov[i : i + 1]).reshape(1, 1, -1).to(dev)
+        z = ddim_sample(
+            lambda z, t: backbone.eps(z, t, cv),
+            noise_from_seeds(seeds[i : i + 1], latent, device=dev),
+            ddim_scheduler(n_steps),
+            vcm,
+            c,
+            cache_features=False,
+        )
+        return z
+
+    def naive_decode(z):
+        with torch.no_grad():
+            return backbone.decode(z).float().clamp(0, 1)[:, 0].cpu().numpy()
+
+    # warm-up: one-off costs (allocator, oneDNN primitives) are not what is being compared
+    naive_decode(naive_one(0, 1))
+    for s in (production, floor):
+        s.ddim_steps = 1
+        s.sample(conds, cov, seeds)
+        s.ddim_steps = steps
+
+    results = {}
+    with _PeakMemory(dev) as mem:
+        zs, w_lat, c_lat = [], 0.0, 0.0
+        for i in range(volumes):
+            z, w, c = clock(lambda i=i: naive_one(i, steps))
+            zs.append(z)
+            w_lat, c_lat = w_lat + w, c_lat + c
+        naive_img, w_dec, c_dec = clock(lambda: np.concatenate([naive_decode(z) for z in zs]))
+    results["naive"] = {
+        "total": (w_lat + w_dec, c_lat + c_dec),
+        "fixed": (w_dec, c_dec),
+        "per_step": (w_lat, c_lat),
+        "memory": mem,
+        "images": naive_img,
+    }
+    for name, sampler in (("production", production), ("floor", floor)):
+        with _PeakMemory(dev) as mem:
+            z, w_lat, c_lat = clock(lambda sampler=sampler: sampler.latents(conds, cov, seeds))
+            img, w_dec, c_dec = clock(lambda sampler=sampler, z=z: sampler.decode(z))
+        w_enc = c_enc = 0.0
+        if sampler.model is not None:  # the encoder runs once per sample: a one-off cost, not a per-step one
+            cond = sampler.condition_batch(conds)
+            with torch.no_grad(), sampler.autocast:
+                _, w_enc, c_enc = clock(lambda cond=cond, sampler=sampler: sampler.features(cond))
+        results[name] = {
+            "total": (w_lat + w_dec, c_lat + c_dec),
+            "fixed": (w_dec + w_enc, c_dec + c_enc),
+            "per_step": (w_lat - w_enc, c_lat - c_enc),
+            "memory": mem,
+            "images": img,
+        }
+
+    out: dict = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({threads} threads)",
+        "grid": list(grid),
+        "latent": list(latent),
+        "volumes": volumes,
+        "steps": steps,
+        "extrapolated_to_steps": extrapolate_to,
+        "batch_size": volumes,
+        "decode_chunk": chunk,
+        "backbone": backbone_desc,
+        "backbone_diffusion_parameters_M": round(
+            sum(p.numel() for p in backbone.diffusion.parameters()) / 1e6, 2
+        ),
+        "vcm": model_desc,
+        "vcm_parameters_M": round(sum(p.numel() for p in vcm.parameters()) / 1e6, 2),
+        "inputs": inputs_desc,
+        "notes": notes,
+        "samplers": {},
+    }
+    for name, r in results.items():
+        (w_fixed, c_fixed), (w_step, c_step) = r["fixed"], (x / steps for x in r["per_step"])
+        out["samplers"][name] = {
+            "wall_s_per_volume": round(r["total"][0] / volumes, 4),
+            "cpu_s_per_volume": round(r["total"][1] / volumes, 4),
+            "wall_s_per_volume_extrapolated": round((w_fixed + w_step * extrapolate_to) / volumes, 3),
+            "cpu_s_per_volume_extrapolated": round((c_fixed + c_step * extrapolate_to) / volumes, 3),
+            "wall_ms_per_step_per_volume": round(1000 * w_step / volumes, 2),
+            "peak_memory_mb": round(r["memory"].peak_mb, 1),
+            "peak_memory_extra_mb": round(r["memory"].extra_mb, 1),
+        }
+    s = out["samplers"]
+    for key in (
+        "wall_s_per_volume",
+        "cpu_s_per_volume",
+        "wall_s_per_volume_extrapolated",
+        "cpu_s_per_volume_extrapolated",
+    ):
+        out.setdefault("ratios", {})[key] = {
+            "naive/production": round(s["naive"][key] / s["production"][key], 2),
+            "production/floor": round(s["production"][key] / s["floor"][key], 2),
+        }
+    diff = float(np.abs(results["naive"]["images"] - results["production"]["images"]).max())
+    tol = 5e-2 if dev.type == "cuda" else 1e-3  # bf16 production vs fp32 naive on CUDA; fp32 both on CPU
+    out["max_abs_diff_naive_vs_production"] = diff
+    out["tolerance"] = tol
+    out["within_tolerance"] = diff <= tol
+    out["vcm_effect_max_abs"] = float(
+        np.abs(results["production"]["images"] - results["floor"]["images"]).max()
+    )
+    return out
+
+
+def _print_sample(r: dict) -> None:
+    weights = f" [{', '.join(r['notes'])}]" if r["notes"] else ""
+    print(
+        f"sampling on {r['device']}: grid {r['grid']}, latent {r['latent']}, {r['volumes']} volumes, DDIM-{r['steps']} "
+        f"timed (extrapolated to DDIM-{r['extrapolated_to_steps']}){weights}"
+    )
+    print(f"  backbone: {r['backbone']} ({r['backbone_diffusion_parameters_M']} M diffusion parameters)")
+    print(f"  VCM: {r['vcm']} ({r['vcm_parameters_M']} M parameters); inputs: {r['inputs']}")
+    for name, label in (
+        ("naive", "naive (batch 1, encoder every step, fp32)"),
+        ("production", f"production (batch {r['batch_size']}, features once, chunk {r['decode_chunk']})"),
+        ("floor", "floor (backbone alone, same batching)"),
+    ):
+        s = r["samplers"][name]
+        print(
+            f"  {label}: {s['wall_s_per_volume']:.2f} s/volume wall, {s['cpu_s_per_volume']:.2f} s CPU; "
+            f"DDIM-{r['extrapolated_to_steps']}: {s['wall_s_per_volume_extrapolated']:.1f} s wall, "
+            f"{s['cpu_s_per_volume_extrapolated']:.1f} s CPU; {s['wall_ms_per_step_per_volume']:.1f} ms/step/volume; "
+            f"peak memory {s['peak_memory_mb']:.0f} MB (+{s['peak_memory_extra_mb']:.0f})"
+        )
+    for key, label in (
+        ("wall_s_per_volume", f"DDIM-{r['steps']} wall"),
+        ("cpu_s_per_volume", f"DDIM-{r['steps']} CPU"),
+        ("wall_s_per_volume_extrapolated", f"DDIM-{r['extrapolated_to_steps']} wall"),
+        ("cpu_s_per_volume_extrapolated", f"DDIM-{r['extrapolated_to_steps']} CPU"),
+    ):
+        q = r["ratios"][key]
+        print(
+            f"  {label}: naive/production {q['naive/production']:.2f}x (goal >= 2), "
+            f"production/floor {q['production/floor']:.2f}x (goal <= 1.25)"
+        )
+    ok = "within" if r["within_tolerance"] else "OUTSIDE"
+    print(
+        f"  max |naive - production| = {r['max_abs_diff_naive_vs_production']:.2e} on images in [0, 1], {ok} the "
+        f"tolerance {r['tolerance']:g}; VCM's effect |production - floor| = {r['vcm_effect_max_abs']:.2e}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +445,19 @@ def main(argv: list[str] | None = None) -> int:
     reg = sub.add_parser("register", help="registration seconds per subject")
     reg.add_argument("--t1", type=Path, default=REPO / "results" / "demo" / "sub-001" / "t1.nii.gz")
     reg.add_argument("--template-dir", type=Path, default=REPO / "results" / "template")
+    smp = sub.add_parser("sample", help="naive vs production vs backbone-only sampling, seconds per volume")
+    smp.add_argument("--dataset", type=Path, default=REPO / "results" / "dataset.h5", help="conditions (val)")
+    smp.add_argument("--bundle", type=Path, default=REPO / "resources" / "backbone" / "demo")
+    smp.add_argument("--model", type=Path, default=None, help="a trained vcm.pt (default: random weights)")
+    smp.add_argument("--condition-set", default="lv_brain_skull", help="for a random VCM")
+    smp.add_argument("--widths", choices=sorted(VCM_WIDTHS), default="paper", help="for a random VCM")
+    smp.add_argument("--volumes", type=int, default=4, help="volumes = the production batch")
+    smp.add_argument("--steps", type=int, default=20, help="DDIM steps timed")
+    smp.add_argument("--extrapolate-to", type=int, default=200, help="DDIM steps to extrapolate to")
+    smp.add_argument("--chunk", type=int, default=1, help="samples per decoder / encoder pass")
+    smp.add_argument("--threads", type=int, default=1)
+    smp.add_argument("--device", default=None)
+    smp.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_sample.json")
     args = parser.parse_args(argv)
     if args.name == "dag":
         r = bench_dag(args.subjects, args.t1)
@@ -97,9 +465,30 @@ def main(argv: list[str] | None = None) -> int:
             f"snakemake -n for {r['subjects']} subjects ({r['per_subject_jobs']} per-subject jobs): "
             f"{r['seconds']} s wall, {r['cpu_seconds']} s CPU (wall includes waiting for other processes' cores)"
         )
+    elif args.name == "sample":
+        r = bench_sample(
+            args.dataset,
+            args.bundle,
+            args.model,
+            args.condition_set,
+            args.volumes,
+            args.steps,
+            args.extrapolate_to,
+            args.widths,
+            args.threads,
+            args.device,
+            args.chunk,
+        )
+        _print_sample(r)
+        from vcm.io import write_json
+
+        write_json(args.out, r)
+        print(f"written: {args.out}")
     else:
         for label, (wall, cpu) in bench_register(args.t1, args.template_dir).items():
-            print(f"register ({label}): {wall} s wall, {cpu} s CPU (ANTs runs single-threaded for reproducibility)")
+            print(
+                f"register ({label}): {wall} s wall, {cpu} s CPU (ANTs runs single-threaded for reproducibility)"
+            )
     return 0
 
 

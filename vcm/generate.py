@@ -748,11 +748,13 @@ def generate_shard(
                 )
                 tries.setdefault(i, []).append(_Attempt(a, seed, result, image, seg))
                 logger.info(
-                    "%s attempt %d: dice %.3f %s",
+                    "%s attempt %d of %d: %s",
                     plan.subject,
                     a + 1,
-                    result.metrics["dice"],
-                    "passed" if result.passed else "; ".join(result.reasons),
+                    qc_settings.max_tries,
+                    f"passed (LV Dice {result.metrics['dice']:.3f})"
+                    if result.passed
+                    else "failed: " + "; ".join(result.reasons),
                 )
                 if result.passed or a + 1 >= qc_settings.max_tries:
                     _finish(folder, plan, tries.pop(i), signature, data, device)
