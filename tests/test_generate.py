@@ -315,8 +315,10 @@ def test_merged_cohort_layout(cohorts, files):
             "sub-02",
             "sub-03",
         }  # training split
-        for m in ("dice", "hd95", "assd", "skull_dist", "intensity_outliers", "median_csf"):
+        for m in ("dice", "hd95", "assd", "skull_dist", "intensity_outliers"):
             assert h5[f"qc/{m}"].shape == (n,), m
+        assert sorted(h5["intensity"]) == sorted(CLASSES[1:]) and h5["intensity/csf"].shape == (n,)
+        assert h5["qc_reference/low"].shape == (8,)
         assert h5["qc/passed"].dtype == bool and h5["qc/attempts"].dtype == np.int64
         assert h5["qc/passed"][:].all() and (h5["qc/attempts"][:] == 1).all()  # dice_min 0: first tries pass
         np.testing.assert_array_equal(h5["seed"][:], [noise_seed(0, i, 0) for i in range(n)])
@@ -556,3 +558,14 @@ def test_one_line_errors(files, gcfg, tmp_path):
         generate_shard(bad, *args, "two", 0, tmp_path, segmenter=fake_segmenter)
     with pytest.raises(StageError, match="model file not found"):
         generate_shard(gcfg, files["dataset"], tmp_path / "none.pt", files["bundle"], "two", 0, tmp_path)
+
+
+def test_the_consumer_dataset_reads_the_merged_cohort(cohorts):
+    from vcm.data import CohortDataset
+
+    ds = CohortDataset(cohorts["s2"] / "cohort.h5", label_map="lv", conditions=("lv", "skull"))
+    assert len(ds) == 5 and ds.n_passed == 5
+    item = ds[3]
+    assert item["image"].shape == (1, *GRID) and item["label"].shape == GRID
+    assert item["subject"] == "syn-00003" and item["seed"] == noise_seed(0, 3, 0)
+    assert torch.equal(item["label"].bool(), item["cond_lv"][0].bool())

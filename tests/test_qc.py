@@ -106,16 +106,21 @@ def test_reference_ranges_and_intensity_check(tmp_path):
     sem = np.asarray(h5py.File(ds)["cond/semantics"][0, 0])
     lv, seg = np.zeros(sem.shape, bool), np.zeros(sem.shape, np.uint16)  # no LV anywhere: Dice 1
     good = np.where(sem == 1, 0.22, np.where(sem == 2, 0.75, 0.0)).astype(np.float32)
-    settings = QCSettings()
+    settings = QCSettings(intensity_margin=0.0, intensity_outliers_max=0)  # MAISI's exact rule
     r = evaluate(good, seg, lv, sem, settings, 1.0, ranges)
     assert r.passed and r.metrics["intensity_outliers"] == 0
     assert r.metrics["median_csf"] == pytest.approx(0.22)
     bad = np.where(sem == 1, 0.5, good)  # CSF too bright
     r = evaluate(bad, seg, lv, sem, settings, 1.0, ranges)
     assert not r.passed and r.metrics["intensity_outliers"] == 1 and "csf" in r.reasons[0]
-    wide = QCSettings(intensity_margin=10.0)  # 10 range widths either side: 0.5 is inside
+    wide = QCSettings(intensity_margin=10.0, intensity_outliers_max=0)  # 10 widths either side: 0.5 is in
     assert evaluate(bad, seg, lv, sem, wide, 1.0, ranges).passed
     assert evaluate(bad, seg, lv, sem, QCSettings(intensity_outliers_max=None), 1.0, ranges).passed
+    # the defaults let one structure miss, not two
+    assert evaluate(bad, seg, lv, sem, QCSettings(), 1.0, ranges).passed
+    worse = np.where(sem == 2, 0.2, bad)
+    r = evaluate(worse, seg, lv, sem, QCSettings(), 1.0, ranges)
+    assert not r.passed and r.metrics["intensity_outliers"] == 2
 
 
 def test_evaluate_thresholds_and_reasons():
@@ -142,7 +147,7 @@ def test_evaluate_thresholds_and_reasons():
 def test_settings_from_config(cfg, tmp_path):
     s = QCSettings.from_config(cfg)
     assert s.dice_min == cfg["qc"]["dice_min"] and s.max_tries == cfg["qc"]["max_tries"]
-    assert s.backend == "atlas" and s.intensity_outliers_max == 0
+    assert s.backend == "atlas" and s.intensity_outliers_max == 1 and s.intensity_margin == 0.25
     cfg["segmentation"]["backend"] = "precomputed"  # nothing precomputed for a synthetic image
     assert QCSettings.from_config(cfg).backend == "atlas"
     cfg["segmentation"]["backend"] = "synthseg"

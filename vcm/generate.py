@@ -37,7 +37,9 @@ signature matches and makes the rest.
 ``merge-cohort`` concatenates the shards into ``cohort.h5`` (DESIGN.md contract: ``/subjects``, ``/image``
 N×1×D×H×W, ``/label`` N×D×H×W, ``/cond/<name>`` N×1×D×H×W, ``/covariates`` N×4, ``/seed``,
 ``/source_subject``, ``/new_anatomy``, ``/qc/<metric>``, ``/qc/passed``, ``/qc/attempts``; also ``/index``,
-``/seg``, ``/source_index``, ``/covariates_raw`` and ``/attempts/<field>``, one row per QC attempt), with
+``/seg``, ``/source_index``, ``/covariates_raw``, ``/intensity/<structure>`` (the image's median intensity per
+semantic class, next to ``/qc_reference/{low,high}``, the real range) and ``/attempts/<field>``, one row per QC
+attempt), with
 provenance attributes, plus ``manifest.csv`` (one row per subject: NIfTI paths relative to the manifest,
 source, seed, covariates, QC) and ``qc.csv`` (one row per attempt).
 """
@@ -897,8 +899,9 @@ def _write_shard(
         put("source_subject", np.array([r["source_subject"] for r in records], dtype=object))
         put("source_index", [r["source_index"] for r in records], np.int64)
         put("new_anatomy", [r["new_anatomy"] for r in records], bool)
-        for m in metrics:
-            put(f"qc/{m}", [_nan(r["qc"].get(m)) for r in records], np.float64)
+        for m in metrics:  # per-structure medians apart: /qc holds the checks' metrics
+            key = f"intensity/{m.removeprefix('median_')}" if m.startswith("median_") else f"qc/{m}"
+            put(key, [_nan(r["qc"].get(m)) for r in records], np.float64)
         put("qc/passed", [r["passed"] for r in records], bool)
         put("qc/attempts", [r["attempts"] for r in records], np.int64)
         put("attempts/index", [r["index"] for r in records for _ in r["tries"]], np.int64)
@@ -1059,6 +1062,7 @@ def _tables(opened: Sequence[tuple[Path, h5py.File]], out_dir: Path) -> tuple[li
         folder = p.parent
         subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][:]]
         metrics = sorted(k for k in h5["qc"] if k not in ("passed", "attempts"))
+        intensity = list(h5["intensity"]) if "intensity" in h5 else []
         names = sorted(h5["cond"])
         for k, sid in enumerate(subjects):
             sdir = folder / sid
@@ -1089,6 +1093,7 @@ def _tables(opened: Sequence[tuple[Path, h5py.File]], out_dir: Path) -> tuple[li
                 "lv_volume_mm3": float(raw[2]),
                 "brain_volume_mm3": float(raw[3]),
                 **{m: float(h5[f"qc/{m}"][k]) for m in metrics},
+                **{f"median_{c}": float(h5[f"intensity/{c}"][k]) for c in intensity},
                 "shard": str(h5.attrs.get("shard", folder.name)),
             }
             manifest.append(row)

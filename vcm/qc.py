@@ -10,9 +10,10 @@ Every synthetic image is checked against the conditions it was generated from:
   condition skull image and the synthetic image inside the condition's skull support (where the skull
   image is non-zero), in image intensity units ([0, 1]);
 * **intensity statistics per structure** (MONAI MAISI's practice): the median intensity inside each of the
-  8 semantic classes of the subject's label map must lie within ``[p0.5, p99.5]`` of the same medians over
-  the real training subjects (:func:`reference_ranges`), optionally widened by ``qc.intensity_margin`` times
-  the range's width on each side (with a few dozen real subjects p0.5-p99.5 is nearly min-max).
+  8 semantic classes of the subject's label map should lie within ``[p0.5, p99.5]`` of the same medians over
+  the real training subjects (:func:`reference_ranges`). With a few dozen real subjects p0.5-p99.5 is nearly
+  their min-max, which real subjects themselves often miss, so each range is widened by
+  ``qc.intensity_margin`` of its width on both sides and ``qc.intensity_outliers_max`` structures may miss.
 
 A sample passes when every configured check passes (:class:`QCSettings`). Metrics that cannot be computed
 are NaN: HD95/ASSD when exactly one of the two masks is empty (Dice is then 0), skull-dist without a skull
@@ -71,7 +72,10 @@ class QCSettings:
         skull_dist_max: maximum skull-dist where a skull condition is used (``None``: not checked).
         intensity_outliers_max: structures whose median may lie outside the real range (``None``: the
             intensity statistics are recorded, not checked).
-        intensity_margin: widen each real range by this fraction of its width on both sides.
+        intensity_margin: widen each real range by this fraction of its width on both sides. MAISI's exact
+            rule (margin 0, no outlier) fails 42 % of the demo's *real* subjects against the other 19 training
+            subjects (leave-one-out; 58 % with 10); these defaults fail none of them, and still catch an image
+            with two structures off.
         intensity_percentiles: the real range's percentiles (MAISI: 0.5, 99.5).
         backend: re-segmentation backend; ``None`` uses ``segmentation.backend`` (``precomputed``, which has
             nothing to run on a synthetic image, falls back to ``atlas``).
@@ -82,8 +86,8 @@ class QCSettings:
     hd95_max_mm: float | None = None
     assd_max_mm: float | None = None
     skull_dist_max: float | None = None
-    intensity_outliers_max: int | None = 0
-    intensity_margin: float = 0.0
+    intensity_outliers_max: int | None = 1
+    intensity_margin: float = 0.25
     intensity_percentiles: tuple[float, float] = (0.5, 99.5)
     backend: str | None = None
 
