@@ -12,6 +12,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/prep.smk"
 include: "workflow/rules/dataset.smk"
 include: "workflow/rules/model.smk"
+include: "workflow/rules/cohort.smk"
 
 
 rule all:

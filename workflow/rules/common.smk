@@ -41,9 +41,16 @@ if not _cfg_path.is_file() or _cfg_path.read_text() != _text:
     _tmp.replace(_cfg_path)
 
 
+def _get(dotted):
+    value = CFG
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
 def section(*keys):
-    """A short digest of config sections, for rule params (rerun triggers)."""
-    return hashlib.sha256(json.dumps([CFG[k] for k in keys], sort_keys=True).encode()).hexdigest()[:16]
+    """A short digest of config sections (dotted keys allowed), for rule params (rerun triggers)."""
+    return hashlib.sha256(json.dumps([_get(k) for k in keys], sort_keys=True).encode()).hexdigest()[:16]
 
 
 # A user manifest is checked before any job runs (missing columns, duplicate ids stop here).

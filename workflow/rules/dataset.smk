@@ -9,7 +9,7 @@ rule dataset:
     output:
         f"{RESULTS}/dataset.h5",
     params:
-        settings=section("dataset", "training", "conditions", "grid"),
+        settings=section("dataset", "training.sizes", "conditions", "grid"),
     conda:
         PREP_ENV
     log:
