@@ -171,6 +171,26 @@ def test_absent_medicalnet_weights_are_one_line_not_a_crash(tmp_path, capsys):
     assert EvalSettings.from_config(cfg).medicalnet_weights is None  # not configured: FID 3D is skipped
 
 
+def test_settings_follow_the_qc_segmentation_backend():
+    cfg = load_config(REPO / "config" / "config.yaml")
+    assert EvalSettings.from_config(cfg).segmentation == "atlas"
+    cfg["segmentation"]["backend"] = "precomputed"  # nothing to run on a synthetic image
+    assert EvalSettings.from_config(cfg).segmentation == "atlas"
+    cfg["segmentation"]["backend"] = "synthseg"
+    assert EvalSettings.from_config(cfg).segmentation == "synthseg"
+    cfg["qc"]["backend"] = "atlas"
+    assert EvalSettings.from_config(cfg).segmentation == "atlas"
+    assert (
+        EvalSettings.from_config({**cfg, "evaluation": {"segmentation": "synthseg"}}).segmentation
+        == "synthseg"
+    )
+    assert EvalSettings.from_config(cfg).ddim_steps == cfg["cohort"]["ddim_steps"]
+    with pytest.raises(StageError, match="'evaluation.ssim_kernel': expected an odd size"):
+        EvalSettings.from_config(cfg, ssim_kernel=8)
+    with pytest.raises(StageError, match="unknown key 'kernel' under 'evaluation'"):
+        EvalSettings.from_config({**cfg, "evaluation": {"kernel": 7}})
+
+
 # --- the stage on a tiny backbone ------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import torch
 from tests.test_data import make_cohort, make_real
 from vcm.cli import main
 from vcm.evaluate import summarise
-from vcm.report import cohort_montage, cohort_stats, qc_histograms, write_summary
+from vcm.report import cohort_montage, cohort_stats, qc_histograms, qc_thresholds, write_summary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,6 +94,11 @@ def test_cohort_figures(tmp_path, run):
     assert (tmp_path / "qc.png").stat().st_size > 10_000
     assert stats["n"] == 6 and stats["passed"] == 4 and stats["pass_rate"] == pytest.approx(4 / 6)
     assert stats["attempts_max"] == 3 and stats["new_anatomy"] == 3
+
+
+def test_qc_thresholds_from_the_config():
+    qc = {"dice_min": 0.7, "max_tries": 3, "hd95_max_mm": 8, "assd_max_mm": None, "skull_dist_max": 0.02}
+    assert qc_thresholds(qc) == {"dice": 0.7, "hd95": 8.0, "skull_dist": 0.02}
 
 
 def test_figures_cli(tmp_path, run, capsys):

@@ -6,7 +6,8 @@ noise and the same covariates without any control (*uncontrolled*, the paper's "
 scored against the subject:
 
 * **alignment** (paper: DSC, HD95, ASSD): the condition's LV mask against the LV of the synthetic image's
-  segmentation (``evaluation.segmentation``: ``atlas``, the offline default, or ``synthseg``), with MONAI's
+  segmentation (the cohort QC's backend unless ``evaluation.segmentation`` says otherwise: ``atlas``, the
+  offline default, or ``synthseg``), with MONAI's
   :class:`~monai.metrics.DiceMetric`, :class:`~monai.metrics.HausdorffDistanceMetric` (95th percentile) and
   :class:`~monai.metrics.SurfaceDistanceMetric` (symmetric, i.e. ASSD), distances in mm. A segmentation
   without any LV has no surface: its HD95/ASSD are left out of the mean and counted in ``n_empty``;
@@ -108,7 +109,8 @@ class EvalSettings:
         seed: validation subject ``i`` of ``dataset.h5`` starts from the noise of seed ``seed * 1_000_003 + i``
             (the previews' scheme: the same subject gets the same noise in previews and evaluation).
         batch_size: subjects sampled together.
-        segmentation: segmenter of the synthetic images, ``atlas`` (offline) or ``synthseg``.
+        segmentation: segmenter of the synthetic images, ``atlas`` (offline) or ``synthseg``; ``None`` uses
+            the cohort QC's (``qc.backend``, else ``segmentation.backend``; ``precomputed`` means ``atlas``).
         ssim_kernel: SSIM window, voxels (Gaussian).
         ssim_sigma: SSIM Gaussian sigma, voxels.
         ms_ssim_scales: MS-SSIM scales; ``None`` picks the most (up to 5) that the grid allows.
@@ -119,7 +121,7 @@ class EvalSettings:
     ddim_steps: int | None = None
     seed: int = 0
     batch_size: int = 4
-    segmentation: str = "atlas"
+    segmentation: str | None = None
     ssim_kernel: int = 7
     ssim_sigma: float = 1.5
     ms_ssim_scales: int | None = None
@@ -139,6 +141,9 @@ class EvalSettings:
         if values.get("ddim_steps") is None:
             values["ddim_steps"] = int(cfg.get("cohort", {}).get("ddim_steps", 200))
         out = cls(**values)
+        if out.segmentation is None:
+            backend = cfg.get("qc", {}).get("backend") or cfg.get("segmentation", {}).get("backend", "atlas")
+            out.segmentation = "atlas" if backend == "precomputed" else backend
         if out.segmentation not in ("atlas", "synthseg"):
             raise StageError(
                 f"config key 'evaluation.segmentation': expected atlas or synthseg, got {out.segmentation!r}"
@@ -428,55 +433,24 @@ def make_segmenter(
     affine: np.ndarray,
     shape: Sequence[int],
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """``segment(image) -> FreeSurfer labels`` for synthetic images on the grid.
+    """``segment(image) -> FreeSurfer labels`` for synthetic images on the grid: the cohort QC's backends
+    (:func:`vcm.qc.make_segmenter`: ``atlas`` warps the template's labels onto the image, ``synthseg`` runs
+    the configured command and resamples its labels onto the grid), on an image written as NIfTI."""
+    import dataclasses
 
-    ``atlas`` warps the template's labels onto the image (:func:`vcm.prep.segmentation.segment_atlas`);
-    ``synthseg`` runs the configured SynthSeg command on the image and resamples its labels onto the grid.
-    """
     from vcm.io import save_nifti
+    from vcm.qc import QCSettings
+    from vcm.qc import make_segmenter as qc_segmenter
     from vcm.train import _grid_from_affine
 
-    grid = _grid_from_affine(shape, affine)
-    seg_cfg = cfg.get("segmentation", {})
-    if backend == "atlas" and template_dir is None:
-        raise StageError("evaluation.segmentation atlas needs --template-dir")
+    settings = dataclasses.replace(QCSettings.from_config(cfg), backend=backend)
+    segmenter = qc_segmenter(cfg, settings, template_dir, _grid_from_affine(shape, affine))
 
     def segment(image: np.ndarray) -> np.ndarray:
         with tempfile.TemporaryDirectory(prefix="vcm_eval_") as tmp:
             path = Path(tmp) / "synthetic.nii.gz"
             save_nifti(path, image, affine, np.float32)
-            if backend == "atlas":
-                from vcm.prep.segmentation import segment_atlas
-
-                return segment_atlas(
-                    path,
-                    template_dir,
-                    grid,
-                    seg_cfg.get("atlas", {}).get("transform", "SyN"),
-                    cfg.get("registration", {}).get("seed", 0),
-                )
-            import ants
-
-            from vcm.prep.registration import read_ants
-            from vcm.prep.segmentation import run_synthseg
-
-            s = seg_cfg.get("synthseg", {})
-            seg, _ = run_synthseg(
-                path,
-                Path(tmp) / "synthseg",
-                s.get("command", "mri_synthseg"),
-                s.get("robust", False),
-                s.get("threads", 1),
-                s.get("cpu", True),
-                list(s.get("extra_args", [])),
-            )
-            on_grid = ants.apply_transforms(
-                fixed=grid.reference_image(),
-                moving=read_ants(seg),
-                transformlist=[],
-                interpolator="genericLabel",
-            )
-            return np.rint(on_grid.numpy()).astype(np.uint16)
+            return segmenter(image, path)
 
     return segment
 

@@ -26,7 +26,15 @@ import pandas as pd
 
 from vcm.cli import StageError
 
-__all__ = ["cli", "cohort_montage", "cohort_stats", "figures_cli", "qc_histograms", "write_summary"]
+__all__ = [
+    "cli",
+    "cohort_montage",
+    "cohort_stats",
+    "figures_cli",
+    "qc_histograms",
+    "qc_thresholds",
+    "write_summary",
+]
 
 SEMANTIC_COLOURS = [  # background transparent, then the 8 classes of vcm.labels.SEMANTIC_CLASSES
     (0, 0, 0, 0),
@@ -297,10 +305,12 @@ def write_summary(
             spacing = h5.attrs.get("grid_spacing_mm")
             splits = {k: len(v) for k, v in h5["splits"].items()} if "splits" in h5 else {}
             conds = sorted(h5["cond"]) if "cond" in h5 else []
-        grid = f"{'×'.join(map(str, shape))}" + (f" at {float(spacing):g} mm" if spacing is not None else "")
+        grid = f"{'×'.join(map(str, shape))} grid" + (
+            f" at {float(spacing):g} mm" if spacing is not None else ""
+        )
         split_text = ", ".join(f"{k} ({v})" for k, v in sorted(splits.items())) or "none"
         parts.append(
-            f"`{_link(dataset, base)}`: **{n} subjects** on the {grid} grid; splits: {split_text}; "
+            f"`{_link(dataset, base)}`: **{n} subjects** on the {grid}; splits: {split_text}; "
             f"conditions: {', '.join(conds) or 'none'}.\n"
         )
     else:
@@ -361,6 +371,17 @@ def write_summary(
     return text
 
 
+def qc_thresholds(qc: Mapping[str, Any]) -> dict[str, float]:
+    """The QC thresholds that are set, by metric: ``dice_min`` -> ``dice``, ``hd95_max_mm`` -> ``hd95``, ..."""
+    out = {}
+    for key, value in qc.items():
+        for suffix in ("_min_mm", "_max_mm", "_min", "_max"):
+            if key.endswith(suffix) and isinstance(value, int | float) and not isinstance(value, bool):
+                out[key.removesuffix(suffix)] = float(value)
+                break
+    return out
+
+
 # --- command line ------------------------------------------------------------------------------------------
 
 
@@ -377,10 +398,7 @@ def figures_cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     lv_labels = cfg.get("conditions", {}).get("lv_labels", (4, 43))
-    qc = cfg.get("qc", {})
-    thresholds = {
-        k.removesuffix("_min").removesuffix("_max"): v for k, v in qc.items() if k.endswith(("_min", "_max"))
-    }
+    thresholds = qc_thresholds(cfg.get("qc", {}))
     shown = cohort_montage(args.cohort, args.montage, args.subjects, lv_labels)
     stats = qc_histograms(args.cohort, args.qc_hist, thresholds)
     print(

@@ -1,0 +1,177 @@
+# Evaluation of the trained models, train-on-synthetic/test-on-real, cohort figures and the run summary.
+# Include after model.smk (MODEL_BUNDLE, MODEL_BUNDLE_FILES, MODELS) and the cohort rules (cohort.h5 per set).
+#
+# Defines for the lead's `rule all`:
+#   EVAL_TARGETS  every final file of these rules (per-model tables, table.md/html, tstr.csv, figures, summary.md)
+import hashlib as _eval_hashlib
+import json as _eval_json
+
+EVAL_DIR = f"{RESULTS}/eval"
+COHORT_SETS = list(CFG["cohort"]["sets"])
+EVAL_CONDSETS = list(CFG["condition_sets"])
+EVAL_SIZES = list(CFG["training"]["sizes"])
+
+EVAL_MODEL_TABLES = expand(f"{EVAL_DIR}/{{condset}}_n{{size}}.csv", condset=EVAL_CONDSETS, size=EVAL_SIZES)
+EVAL_MODELS = expand(f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt", condset=EVAL_CONDSETS, size=EVAL_SIZES)
+TSTR_TABLES = expand(f"{EVAL_DIR}/tstr/{{condset}}.csv", condset=COHORT_SETS)
+COHORT_FILES = expand(f"{RESULTS}/cohorts/{{condset}}/cohort.h5", condset=COHORT_SETS)
+COHORT_FIGURES = expand(
+    f"{RESULTS}/cohorts/{{condset}}/{{figure}}.png", condset=COHORT_SETS, figure=["cohort_montage", "qc_hist"]
+)
+EVAL_TABLES = [f"{EVAL_DIR}/table.md", f"{EVAL_DIR}/table.html", f"{EVAL_DIR}/tstr.csv"]
+SUMMARY = f"{RESULTS}/summary.md"
+EVAL_TARGETS = [*EVAL_MODEL_TABLES, *EVAL_TABLES, *COHORT_FIGURES, SUMMARY]
+
+# MedicalNet weights for FID 3D are a local file (never downloaded): an input when configured, so that a
+# missing file stops the DAG before any job and a new file reruns the evaluation.
+_MEDICALNET = (CFG.get("evaluation") or {}).get("medicalnet_weights")
+
+
+def _eval_digest(*parts):
+    """Rerun trigger: a short digest of the config values a rule reads."""
+    return _eval_hashlib.sha256(_eval_json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+rule evaluate:
+    input:
+        model=f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt",
+        dataset=f"{RESULTS}/dataset.h5",
+        bundle=MODEL_BUNDLE_FILES,
+        template_head=f"{RESULTS}/template/t1_head.nii.gz",
+        template_labels=f"{RESULTS}/template/labels.nii.gz",
+        medicalnet=[_MEDICALNET] if _MEDICALNET else [],
+    output:
+        table=report(
+            f"{EVAL_DIR}/{{condset}}_n{{size}}.csv",
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+            subcategory="per model",
+            labels={"model": "{condset} n{size}", "table": "controlled vs uncontrolled"},
+        ),
+        subjects=f"{EVAL_DIR}/{{condset}}_n{{size}}_subjects.csv",
+        info=f"{EVAL_DIR}/{{condset}}_n{{size}}.json",
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+        size=r"\d+",
+    params:
+        settings=lambda w: _eval_digest(
+            CFG.get("evaluation"),
+            CFG["cohort"]["ddim_steps"],
+            CFG["conditions"],
+            CFG["segmentation"],
+            CFG["qc"].get("backend"),
+            CFG["registration"]["seed"],
+        ),
+        bundle=MODEL_BUNDLE,
+        template_dir=f"{RESULTS}/template",
+    log:
+        f"{LOGS}/evaluate/{{condset}}_n{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{condset}}_n{{size}}.tsv"
+    # One thread (as train_vcm): parallel one-thread jobs use a few shared cores best; a profile may raise it.
+    threads: 1
+    shell:
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm evaluate --config {CONFIG_FILE}"
+        " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
+        " --template-dir {params.template_dir} --out {output.table} --threads {threads} > {log} 2>&1"
+
+
+rule tstr:
+    input:
+        cohort=f"{RESULTS}/cohorts/{{condset}}/cohort.h5",
+        dataset=f"{RESULTS}/dataset.h5",
+    output:
+        table=f"{EVAL_DIR}/tstr/{{condset}}.csv",
+        info=f"{EVAL_DIR}/tstr/{{condset}}.json",
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+    params:
+        settings=lambda w: _eval_digest(CFG.get("tstr"), CFG["training"]["sizes"], CFG["conditions"]["lv_labels"]),
+    log:
+        f"{LOGS}/tstr/{{condset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tstr/{{condset}}.tsv"
+    threads: 1
+    shell:
+        "python -m vcm tstr --config {CONFIG_FILE} --dataset {input.dataset} --cohort {input.cohort}"
+        " --out {output.table} --threads {threads} > {log} 2>&1"
+
+
+rule cohort_figures:
+    input:
+        cohort=f"{RESULTS}/cohorts/{{condset}}/cohort.h5",
+    output:
+        montage=report(
+            f"{RESULTS}/cohorts/{{condset}}/cohort_montage.png",
+            caption="../report/cohort_montage.rst",
+            category="Cohorts",
+            subcategory="{condset}",
+            labels={"cohort": "{condset}", "figure": "montage"},
+        ),
+        qc_hist=report(
+            f"{RESULTS}/cohorts/{{condset}}/qc_hist.png",
+            caption="../report/qc_hist.rst",
+            category="Cohorts",
+            subcategory="{condset}",
+            labels={"cohort": "{condset}", "figure": "QC histograms"},
+        ),
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+    params:
+        settings=lambda w: _eval_digest(CFG["qc"], CFG["conditions"]["lv_labels"]),
+    log:
+        f"{LOGS}/cohort_figures/{{condset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/cohort_figures/{{condset}}.tsv"
+    shell:
+        "python -m vcm cohort-figures --config {CONFIG_FILE} --cohort {input.cohort}"
+        " --montage {output.montage} --qc-hist {output.qc_hist} > {log} 2>&1"
+
+
+rule eval_tables:
+    input:
+        evals=EVAL_MODEL_TABLES,
+        tstr=TSTR_TABLES,
+    output:
+        md=f"{EVAL_DIR}/table.md",
+        html=report(
+            f"{EVAL_DIR}/table.html",
+            caption="../report/eval_table.rst",
+            category="Evaluation",
+            subcategory="all models",
+            labels={"table": "evaluation and TSTR"},
+        ),
+        tstr=report(
+            f"{EVAL_DIR}/tstr.csv",
+            caption="../report/tstr.rst",
+            category="Evaluation",
+            subcategory="all models",
+            labels={"table": "TSTR Dice"},
+        ),
+    log:
+        f"{LOGS}/eval_tables.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval_tables.tsv"
+    shell:
+        "python -m vcm eval-tables --eval {input.evals} --tstr {input.tstr}"
+        " --md {output.md} --html {output.html} --tstr-out {output.tstr} > {log} 2>&1"
+
+
+rule summary:
+    input:
+        dataset=f"{RESULTS}/dataset.h5",
+        models=EVAL_MODELS,
+        evals=EVAL_MODEL_TABLES,
+        tstr=rules.eval_tables.output.tstr,
+        cohorts=COHORT_FILES,
+        figures=COHORT_FIGURES,  # linked from the cohorts table once they exist
+    output:
+        report(SUMMARY, caption="../report/summary.rst", category="Summary", labels={"file": "summary.md"}),
+    log:
+        f"{LOGS}/summary.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/summary.tsv"
+    shell:
+        "python -m vcm summary --config {CONFIG_FILE} --dataset {input.dataset} --models {input.models}"
+        " --eval {input.evals} --tstr {input.tstr} --cohorts {input.cohorts}"
+        " --out {output} > {log} 2>&1"
