@@ -128,7 +128,7 @@ def test_resume_reproduces_an_uninterrupted_run(corpus_file, tmp_path, monkeypat
     """Interrupted after the step-6 checkpoint and rerun, training continues the step counter and ends with
     bitwise the same weights as a run that was never interrupted (CPU, one thread, deterministic kernels:
     tolerance 0)."""
-    steps = ["--ae-steps", "9", "--dm-steps", "9", "--no-samples"]
+    steps = ["--ae-steps", "9", "--dm-steps", "9", "--ae-crop", "8,12,8", "--no-samples"]
     assert tb.cli(argv(corpus_file, tmp_path / "straight", *steps)) == 0
 
     save = tb._Stage.checkpoint
@@ -177,5 +177,7 @@ def test_bad_inputs_are_one_line_errors(corpus_file, tmp_path):
         tb.cli(argv(tmp_path / "missing.h5", tmp_path, "--ae-steps", "1", "--dm-steps", "1"))
     with pytest.raises(StageError, match="budget"):
         tb.cli(argv(corpus_file, tmp_path, "--dm-steps", "1"))
+    with pytest.raises(StageError, match="not divisible"):
+        tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--ae-crop", "8,7,8"))
     with pytest.raises(StageError, match="one value per level"):
         tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--dm-attention", "true"))

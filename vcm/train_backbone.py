@@ -286,7 +286,11 @@ def _load_checkpoint(
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 class _Stage:
@@ -403,8 +407,20 @@ class _Stage:
         return self.log.read()
 
 
-def _batch(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return images[idx].float()
+def _batch(images: torch.Tensor, idx: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    return images[idx].to(device).float()
+
+
+def _crops(x: torch.Tensor, size: Sequence[int], multiple: int, generator: torch.Generator) -> torch.Tensor:
+    """A random crop of ``size`` from every image of ``x`` (B, C, *grid), starting at multiples of ``multiple``."""
+    out = []
+    for img in x:
+        starts = [
+            int(torch.randint((g - s) // multiple + 1, (1,), generator=generator)) * multiple
+            for g, s in zip(img.shape[1:], size, strict=True)
+        ]
+        out.append(img[(slice(None), *(slice(a, a + s) for a, s in zip(starts, size, strict=True)))])
+    return torch.stack(out)
 
 
 # --- stage 1: autoencoder -------------------------------------------------------------------------------------
@@ -422,9 +438,12 @@ class AEOptions:
     adv_weight: float = 0.0
     adv_start: int = 0
     disc_channels: int = 16
+    init_sigma: float = 0.05
+    crop: tuple[int, ...] | None = None
     val_every: int = 100
     checkpoint_every: int = 100
     seed: int = 0
+    device: str = "cpu"
 
 
 def _ae_val(ae: nn.Module, images: torch.Tensor, batch_size: int) -> float:
@@ -433,7 +452,7 @@ def _ae_val(ae: nn.Module, images: torch.Tensor, batch_size: int) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size].float()
+            x = images[i : i + batch_size].to(_device(ae)).float()
             mu, _ = ae.encode(x)
             total += F.l1_loss(ae.decode(mu), x, reduction="sum").item()
             n += x.numel()
@@ -449,7 +468,13 @@ def train_autoencoder(
     work = Path(work)
     final = _load_checkpoint(work / CHECKPOINT_FINAL, definitions)
     torch.manual_seed(opts.seed)
-    ae = AutoencoderKL(**definitions["autoencoder"])
+    ae = AutoencoderKL(**definitions["autoencoder"]).to(opts.device)
+    if opts.init_sigma > 0:
+        # Start with little posterior noise: with the library's init (sigma ~ 1) the decoder first sees
+        # mostly noise, and on a CPU budget the autoencoder is still worse than the mean image after
+        # hundreds of steps. The KL term moves sigma from here.
+        with torch.no_grad():
+            ae.quant_conv_log_sigma.conv.bias.fill_(2 * math.log(opts.init_sigma))
     if final is not None:
         ae.load_state_dict(final["modules"]["autoencoder"])
         logger.info("ae: already trained (%s); delete it to retrain", work / CHECKPOINT_FINAL)
@@ -457,6 +482,9 @@ def train_autoencoder(
     factor = 2 ** (len(definitions["autoencoder"]["channels"]) - 1)
     if any(s % factor for s in corpus.grid):
         raise StageError(f"image grid {corpus.grid} is not divisible by the autoencoder's factor {factor}")
+    crop = tuple(min(c, g) for c, g in zip(opts.crop, corpus.grid, strict=True)) if opts.crop else None
+    if crop is not None and any(c % factor for c in crop):
+        raise StageError(f"--ae-crop {crop} is not divisible by the autoencoder's factor {factor}")
     modules: dict[str, nn.Module] = {"autoencoder": ae}
     optimisers: dict[str, torch.optim.Optimizer] = {
         "autoencoder": torch.optim.AdamW(ae.parameters(), lr=opts.lr)
@@ -472,7 +500,7 @@ def train_autoencoder(
             in_channels=1,
             out_channels=1,
             norm="INSTANCE",
-        )
+        ).to(opts.device)
         adv_loss = PatchAdversarialLoss(criterion="least_squares")
         modules["discriminator"] = disc
         optimisers["discriminator"] = torch.optim.AdamW(disc.parameters(), lr=opts.lr)
@@ -493,8 +521,10 @@ def train_autoencoder(
 
     def step_fn(g: torch.Generator) -> dict[str, float]:
         idx = torch.randint(train_images.shape[0], (opts.batch_size,), generator=g)
-        x = _batch(train_images, idx)
-        flip = torch.rand(opts.batch_size, generator=g) < 0.5
+        x = _batch(train_images, idx, opts.device)
+        if crop is not None:
+            x = _crops(x, crop, factor, g)
+        flip = (torch.rand(opts.batch_size, generator=g) < 0.5).to(opts.device)
         x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(FLIP_DIM), x)
         recon, mu, sigma = ae(x)
         l1 = F.l1_loss(recon, x)
@@ -559,9 +589,9 @@ def encode_latents(ae: nn.Module, images: torch.Tensor, batch_size: int = 8) -> 
     out = []
     for flip in (False, True):
         for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size].float()
+            x = images[i : i + batch_size].to(_device(ae)).float()
             mu, _ = ae.encode(x.flip(FLIP_DIM) if flip else x)
-            out.append(mu)
+            out.append(mu.cpu())
     return torch.cat(out)
 
 
@@ -612,6 +642,7 @@ class LDMOptions:
     sample_every: int = 0
     sample_ddim_steps: int = 50
     seed: int = 0
+    device: str = "cpu"
 
 
 @torch.no_grad()
@@ -640,7 +671,7 @@ def train_diffusion(
     scale = float(definitions["scale_factor"])
     final = _load_checkpoint(work / CHECKPOINT_FINAL, definitions)
     torch.manual_seed(opts.seed + 1)
-    model = DiffusionModelUNet(**definitions["diffusion"])
+    model = DiffusionModelUNet(**definitions["diffusion"]).to(opts.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     if final is not None:
         ema.load_state_dict(final["modules"]["ema"])
@@ -662,15 +693,16 @@ def train_diffusion(
         opts.checkpoint_every,
     )
     scheduler = ddpm_scheduler()
-    z_train, c_train = latents["train"] * scale, latents["train_cov"]
+    dev = opts.device
+    z_train, c_train = (latents["train"] * scale).to(dev), latents["train_cov"].to(dev)
 
     def step_fn(g: torch.Generator) -> dict[str, float]:
         ae.eval()
         ema.eval()
-        idx = torch.randint(z_train.shape[0], (opts.batch_size,), generator=g)
+        idx = torch.randint(z_train.shape[0], (opts.batch_size,), generator=g).to(dev)
         z0, cov = z_train[idx], c_train[idx].unsqueeze(1)
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (opts.batch_size,), generator=g)
+        noise = torch.randn(z0.shape, generator=g).to(dev)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (opts.batch_size,), generator=g).to(dev)
         pred = net.eps(scheduler.add_noise(z0, noise, t), t, cov)
         loss = F.mse_loss(pred, noise)
         optimiser.zero_grad(set_to_none=True)
@@ -682,12 +714,12 @@ def train_diffusion(
     val_fn = None
     if "val" in latents:
         # fixed noise and evenly spread time steps: comparable from one evaluation to the next
-        z_val = latents["val"] * scale
-        c_val = latents["val_cov"].unsqueeze(1)
+        z_val = (latents["val"] * scale).to(dev)
+        c_val = latents["val_cov"].unsqueeze(1).to(dev)
         g_val = torch.Generator().manual_seed(12345)
         k = opts.val_timesteps
-        t_val = ((torch.arange(k) + 0.5) * NUM_TRAIN_TIMESTEPS / k).long()
-        val_noise = torch.randn((k, *z_val.shape), generator=g_val)
+        t_val = ((torch.arange(k) + 0.5) * NUM_TRAIN_TIMESTEPS / k).long().to(dev)
+        val_noise = torch.randn((k, *z_val.shape), generator=g_val).to(dev)
 
         def val_fn() -> dict[str, float]:
             total = 0.0
@@ -749,11 +781,11 @@ def sample_images(
     if grid is None:
         raise ValueError("the backbone definitions carry no image grid")
     shape = (backbone.latent_channels, *(s // factor for s in grid))
-    cov = covariates.reshape(-1, 1, 4).expand(len(seeds), 1, 4)
-    z = ddim_sample(
-        lambda z, t: backbone.eps(z, t, cov), noise_from_seeds(seeds, shape), ddim_scheduler(ddim_steps)
-    )
-    return backbone.decode(z).clamp(0, 1)
+    device = _device(backbone)
+    cov = covariates.reshape(-1, 1, 4).expand(len(seeds), 1, 4).to(device)
+    noise = noise_from_seeds(seeds, shape, device=device)
+    z = ddim_sample(lambda z, t: backbone.eps(z, t, cov), noise, ddim_scheduler(ddim_steps))
+    return backbone.decode(z).clamp(0, 1).cpu()
 
 
 def _planes(vol: np.ndarray) -> list[np.ndarray]:
@@ -809,8 +841,8 @@ def samples_figure(
     real_idx = torch.from_numpy(pool[:2])
     real = corpus.images[real_idx].float()
     with torch.no_grad():
-        mu, _ = backbone.encode(real)
-        recon = backbone.autoencoder.decode(mu).clamp(0, 1)
+        mu, _ = backbone.encode(real.to(_device(backbone)))
+        recon = backbone.autoencoder.decode(mu).clamp(0, 1).cpu()
     panels: list[tuple[str, np.ndarray]] = []
     for i in range(real.shape[0]):
         panels.append((f"real #{int(real_idx[i])}", real[i, 0].numpy()))
@@ -843,6 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", required=True, help="checkpoints, loss logs, latents (resumable)")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoint_latest.pt")
     a = p.add_argument_group("autoencoder")
@@ -853,8 +886,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ae-steps", type=int, default=None)
     a.add_argument("--ae-minutes", type=float, default=None)
     a.add_argument("--ae-batch", type=int, default=4)
+    a.add_argument(
+        "--ae-crop",
+        type=_ints,
+        default=None,
+        help="train on random crops of this size, e.g. 32,32,32 (default: whole images)",
+    )
     a.add_argument("--ae-lr", type=float, default=5e-4)
     a.add_argument("--kl-weight", type=float, default=1e-6)
+    a.add_argument(
+        "--ae-init-sigma",
+        type=float,
+        default=0.05,
+        help="initial posterior sigma (0: library initialisation)",
+    )
     a.add_argument("--adv-weight", type=float, default=0.0, help="patch-adversarial weight (0: off)")
     a.add_argument("--adv-start", type=int, default=0, help="step at which the adversarial term starts")
     a.add_argument("--ae-val-every", type=int, default=100)
@@ -915,6 +960,8 @@ def cli(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     _set_threads(args.threads)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
     wall0 = time.monotonic()
     corpus = load_corpus(args.data)
     work, out = Path(args.work_dir), Path(args.out)
@@ -933,11 +980,14 @@ def cli(argv: list[str]) -> int:
         batch_size=args.ae_batch,
         lr=args.ae_lr,
         kl_weight=args.kl_weight,
+        init_sigma=args.ae_init_sigma,
+        crop=tuple(args.ae_crop) if args.ae_crop else None,
         adv_weight=args.adv_weight,
         adv_start=args.adv_start,
         val_every=args.ae_val_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        device=device,
     )
     ae_defs = {k: v for k, v in defs.items() if k != "diffusion"}
     ae_defs.pop("scale_factor")
@@ -960,6 +1010,7 @@ def cli(argv: list[str]) -> int:
         sample_every=args.sample_every,
         sample_ddim_steps=args.ddim_steps,
         seed=args.seed,
+        device=device,
     )
 
     def sample_hook(ema: nn.Module, step: int) -> None:
@@ -981,7 +1032,7 @@ def cli(argv: list[str]) -> int:
 
     prov = provenance(None)
     record = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m vcm train-backbone " + shlex.join(argv),
         "data": {
             "file": str(corpus.path),
@@ -1003,6 +1054,7 @@ def cli(argv: list[str]) -> int:
         "autoencoder": {**ae_summary.__dict__, "options": ae_opts.__dict__},
         "diffusion": {**dm_summary.__dict__, "options": ldm_opts.__dict__},
         "threads": args.threads,
+        "device": str(device),
         "seed": args.seed,
         "wall_s_this_run": round(time.monotonic() - wall0, 1),
         "bundle_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
