@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny volumes, the template (built once), a config for small grids."""
+"""Shared fixtures: tiny volumes, the template (built once), a config for small grids, one torch thread.
+
+The builders of tiny files and models are plain functions in tests/fixtures.py."""
 
 from __future__ import annotations
 
@@ -31,3 +33,15 @@ def cfg() -> dict:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than several and leaves the shared CPUs to others. A module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Datasets over cohort.h5 and dataset.h5 (vcm.data): laziness, filters, label maps, MONAI transforms.
 
-The helpers here write a tiny ``cohort.h5`` (the contract's layout) and a tiny ``dataset.h5`` whose images
-show their labels plainly (an easy segmentation task); tests/test_tstr.py and tests/test_report.py reuse them.
+On a tiny ``cohort.h5`` (the contract's layout) and a tiny ``dataset.h5`` whose images show their labels
+plainly (an easy segmentation task), both from tests/fixtures.py.
 """
 
 from __future__ import annotations
@@ -11,119 +11,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
+from tests.fixtures import GRID, make_cohort, make_real
 from vcm.cli import StageError
 from vcm.data import CohortDataset, RealDataset, label_lookup, n_classes
-from vcm.grid import Grid
 
-GRID = (16, 16, 16)
-SEMANTIC_NAMES = [
-    "background",
-    "csf",
-    "white_matter",
-    "grey_matter",
-    "ventricles",
-    "deep_grey_matter",
-    "amygdala",
-    "hippocampus",
-    "brain_stem",
-]
-
-
-def phantom(rng: np.random.Generator, grid=GRID) -> tuple[np.ndarray, np.ndarray]:
-    """An image whose structures are visible: a brain (WM 2/41, cortex rim 3/42), two dark LVs (4, 43) at a
-    random offset and size, CSF 24 between brain and a bright skull, background 0."""
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in grid], indexing="ij")
-    r = np.sqrt(x**2 + y**2 + z**2)
-    labels = np.zeros(grid, np.uint16)
-    labels[r < 0.85] = 24
-    labels[r < 0.75] = 3
-    labels[(r < 0.75) & (x < 0)] = 42
-    labels[r < 0.6] = 2
-    labels[(r < 0.6) & (x < 0)] = 41
-    c = rng.uniform(-0.1, 0.1, 3)
-    size = rng.uniform(0.18, 0.26)
-    for side, fs in ((1, 4), (-1, 43)):
-        blob = (
-            (x - side * 0.28 - c[0]) ** 2 / size**2
-            + (y - c[1]) ** 2 / (1.6 * size) ** 2
-            + (z - c[2]) ** 2 / size**2
-        ) < 1
-        labels[blob] = fs
-    intensity = {0: 0.0, 24: 0.15, 3: 0.55, 42: 0.55, 2: 0.8, 41: 0.8, 4: 0.1, 43: 0.1}
-    image = np.vectorize(intensity.get, otypes=[np.float32])(labels)
-    image[(r >= 0.85) & (r < 0.95)] = 0.9  # skull
-    image = np.clip(image + 0.03 * rng.standard_normal(grid), 0, 1).astype(np.float32)
-    return image, labels
-
-
-def make_real(path: Path, n: int = 8, seed: int = 0) -> Path:
-    """A ``dataset.h5`` (contract layout) of :func:`phantom` subjects; splits train_2, train_4 (nested) and val
-    (subjects 6, 7 of 8)."""
-    from vcm.labels import mask_of, semantic_map
-
-    rng = np.random.default_rng(seed)
-    images, labels = zip(*[phantom(rng) for _ in range(n)], strict=True)
-    labels = np.stack(labels)
-    grid = Grid(GRID, 10.0)
-    with h5py.File(path, "w") as h5:
-        h5["subjects"] = np.array([f"sub-{i:02d}" for i in range(n)], dtype=object)
-        h5["image"] = np.stack(images)[:, None].astype(np.float16)
-        h5["label"] = labels
-        h5["cond/lv"] = mask_of(labels, (4, 43))[:, None].astype(np.uint8)
-        h5["cond/semantics"] = semantic_map(labels)[:, None]
-        h5["cond/semantics"].attrs["classes"] = SEMANTIC_NAMES
-        h5["covariates"] = rng.random((n, 4)).astype(np.float32)
-        h5["splits/train_2"] = np.array([0, 1])
-        h5["splits/train_4"] = np.array([0, 1, 2, 3])
-        h5["splits/val"] = np.array([n - 2, n - 1])
-        h5.attrs["grid_affine"] = grid.affine
-    return path
-
-
-def make_cohort(folder: Path, n: int = 6, seed: int = 1, failed: tuple[int, ...] = (1, 4)) -> Path:
-    """A ``cohort.h5`` with the contract's layout (plus ``manifest.csv`` and ``qc.csv`` beside it); the
-    subjects in ``failed`` did not pass QC."""
-    from vcm.labels import mask_of
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    images, labels = zip(*[phantom(rng) for _ in range(n)], strict=True)
-    labels = np.stack(labels)
-    passed = np.array([i not in failed for i in range(n)])
-    dice = np.where(passed, rng.uniform(0.75, 0.95, n), rng.uniform(0.3, 0.6, n))
-    subjects = [f"syn-{i:05d}" for i in range(n)]
-    path = folder / "cohort.h5"
-    with h5py.File(path, "w") as h5:
-        h5["subjects"] = np.array(subjects, dtype=object)
-        h5["image"] = np.stack(images)[:, None].astype(np.float16)
-        h5["label"] = labels
-        h5["cond/lv"] = mask_of(labels, (4, 43))[:, None].astype(np.float16)
-        h5["covariates"] = rng.random((n, 4)).astype(np.float32)
-        h5["seed"] = np.arange(n, dtype=np.int64) + 1000
-        h5["source_subject"] = np.array([f"sub-{i % 3:02d}" for i in range(n)], dtype=object)
-        h5["new_anatomy"] = np.arange(n) % 2 == 1
-        h5["qc/dice"] = dice
-        h5["qc/hd95"] = rng.uniform(2, 12, n)
-        h5["qc/assd"] = rng.uniform(0.5, 3, n)
-        h5["qc/passed"] = passed
-        h5["qc/attempts"] = np.where(passed, 1, 3)
-        h5.attrs["grid_affine"] = Grid(GRID, 10.0).affine
-    table = pd.DataFrame({"subject": subjects, "source_subject": [f"sub-{i % 3:02d}" for i in range(n)]})
-    table.to_csv(folder / "manifest.csv", index=False)
-    pd.DataFrame({"subject": subjects, "dice": dice, "passed": passed}).to_csv(folder / "qc.csv", index=False)
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

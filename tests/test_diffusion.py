@@ -22,13 +22,7 @@ LATENT = (3, 4, 4, 4)
 GRID = (16, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than several and leaves the shared CPUs to others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vcm(seed: int = 0, identity: bool = False) -> VCM:

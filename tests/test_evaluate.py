@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.test_latents import make_bundle, make_dataset
-from tests.test_train import TINY_VCM
+from tests.fixtures import TINY_VCM, make_bundle, make_dataset
 from vcm.cli import StageError, main
 from vcm.config import load_config
 from vcm.evaluate import (
@@ -36,12 +35,7 @@ from vcm.train import build_model
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cube(shape=(20, 20, 20), lo=(5, 5, 5), size=5) -> np.ndarray:

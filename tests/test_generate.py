@@ -23,7 +23,8 @@ import pytest
 import torch
 import yaml
 
-from tests.test_latents import encode, make_bundle
+from tests.fixtures import GRID, TINY_VCM, encode, make_bundle, make_labelled_dataset
+from tests.fixtures import SEMANTIC_NAMES as CLASSES
 from vcm.cli import StageError
 from vcm.config import load_config, load_schema
 from vcm.generate import (
@@ -42,92 +43,12 @@ from vcm.generate import (
     smooth_displacement,
     subject_id,
 )
-from vcm.grid import Grid
 from vcm.io import load_nifti
 from vcm.labels import brain_mask, mask_of, semantic_map
 from vcm.train import train
 
 REPO = Path(__file__).resolve().parent.parent
-GRID = (16, 16, 16)
-SPACING = 10.0
-TINY_VCM = {
-    "encoder_channels": [4, 8],
-    "encoder_norm_num_groups": 4,
-    "unet_channels": [8, 16],
-    "unet_num_res_blocks": 1,
-    "unet_num_head_channels": 8,
-    "unet_norm_num_groups": 8,
-    "unet_out_channels": 8,
-    "head_channels": 8,
-}
-CLASSES = [
-    "background",
-    "csf",
-    "white_matter",
-    "grey_matter",
-    "ventricles",
-    "deep_grey_matter",
-    "amygdala",
-    "hippocampus",
-    "brain_stem",
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_labelled_dataset(path: Path, n: int = 6) -> Path:
-    """dataset.h5 on a 16³ grid of 10 mm voxels with FreeSurfer label maps: CSF shell, cortex, white matter,
-    lateral ventricles of growing size, a skull image; conditions derived as vcm.prep.conditions does."""
-    rng = np.random.default_rng(0)
-    grid = Grid(GRID, SPACING)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in GRID], indexing="ij")
-    r = np.sqrt(x**2 + y**2 + z**2)
-    labels, images = [], []
-    for i in range(n):
-        lab = np.zeros(GRID, np.uint16)
-        lab[r < 0.8] = 24
-        lab[r < 0.72] = np.where(x[r < 0.72] < 0, 3, 42)
-        lab[r < 0.55] = np.where(x[r < 0.55] < 0, 2, 41)
-        lv = (np.abs(x) - 0.22) ** 2 / 0.03 + y**2 / 0.12 + z**2 / 0.05 < 1 + 0.15 * i
-        lab[lv] = np.where(x[lv] < 0, 4, 43)
-        lab[(r < 0.2) & (z < -0.05)] = 16
-        tone = {0: 0.0, 24: 0.15, 3: 0.45, 42: 0.45, 2: 0.75, 41: 0.75, 4: 0.1, 43: 0.1, 16: 0.6}
-        img = np.vectorize(tone.get)(lab).astype(np.float32)
-        img[(r >= 0.8) & (r < 0.95)] = 0.55
-        img = np.clip(img + 0.02 * rng.standard_normal(GRID), 0, 1)
-        labels.append(lab)
-        images.append(img)
-    labels, images = np.stack(labels), np.stack(images)
-    skull = images * ((r >= 0.8) & (r < 0.95))
-    with h5py.File(path, "w") as h5:
-        h5["subjects"] = np.array([f"sub-{i:02d}" for i in range(n)], dtype=object)
-        h5["image"] = images[:, None].astype(np.float16)
-        h5["label"] = labels
-        h5["cond/lv"] = np.stack([mask_of(lab, (4, 43)) for lab in labels])[:, None].astype(np.uint8)
-        h5["cond/brain"] = np.stack([brain_mask(lab) for lab in labels])[:, None].astype(np.uint8)
-        h5["cond/semantics"] = np.stack([semantic_map(lab) for lab in labels])[:, None]
-        h5["cond/semantics"].attrs["classes"] = CLASSES
-        h5["cond/skull"] = skull[:, None].astype(np.float16)
-        h5["covariates"] = rng.random((n, 4)).astype(np.float32)
-        lv_mm3 = [mask_of(lab, (4, 43)).sum() * SPACING**3 * 1.1 for lab in labels]
-        brain_mm3 = [brain_mask(lab).sum() * SPACING**3 * 1.1 for lab in labels]
-        h5["covariates_raw"] = np.stack(
-            [np.arange(n) % 2, 50 + np.arange(n), lv_mm3, brain_mm3], axis=1
-        ).astype(np.float64)
-        h5["splits/train_2"] = np.array([0, 1])
-        h5["splits/train_4"] = np.array([0, 1, 2, 3])
-        h5["splits/val"] = np.array([4, 5])
-        h5.attrs["grid_affine"] = grid.affine
-        h5.attrs["grid_shape"] = list(GRID)
-        h5.attrs["grid_spacing_mm"] = grid.spacing_mm
-        h5.attrs["config_sha256"] = "test"
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_segmenter(image: np.ndarray, path: Path) -> np.ndarray:

@@ -7,7 +7,6 @@ import math
 import h5py
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage as ndi
 
 from vcm.cli import StageError
@@ -24,12 +23,7 @@ from vcm.qc import (
 CLASSES = ["background", "csf", "white_matter", "grey_matter", "ventricles"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cube(shift: int = 0, shape=(16, 16, 16)) -> np.ndarray:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.test_data import make_cohort, make_real
+from tests.fixtures import make_cohort, make_real
 from vcm.cli import main
 from vcm.evaluate import summarise
 from vcm.report import cohort_montage, cohort_stats, qc_histograms, qc_thresholds, write_summary

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from tests.test_latents import encode, make_bundle, make_dataset
+from tests.fixtures import TINY_CONTROLNET, TINY_VCM, make_bundle, make_encoded
 from vcm.cli import StageError
 from vcm.config import load_config
 from vcm.diffusion import ddpm_scheduler
@@ -44,33 +44,12 @@ from vcm.train import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_VCM = {
-    "encoder_channels": [4, 8],
-    "encoder_norm_num_groups": 4,
-    "unet_channels": [8, 16],
-    "unet_num_res_blocks": 1,
-    "unet_num_head_channels": 8,
-    "unet_norm_num_groups": 8,
-    "unet_out_channels": 8,
-    "head_channels": 8,
-}
-TINY_CONTROLNET = {"conditioning_channels": [4, 8, 8]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than several and leaves the shared CPUs to others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("train")
-    dataset, bundle = make_dataset(root / "dataset.h5"), make_bundle(root / "bundle")
-    return {"dataset": dataset, "bundle": bundle, "latents": encode(dataset, bundle, root / "latents.h5")}
+    return make_encoded(tmp_path_factory.mktemp("train"))
 
 
 @pytest.fixture

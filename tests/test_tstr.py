@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
-from tests.test_data import make_cohort, make_real
+from tests.fixtures import make_cohort, make_real
 from vcm.cli import StageError, main
 from vcm.config import load_config
 from vcm.tstr import TstrSettings, run_tstr
@@ -19,12 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = {"steps": 40, "lr": 1e-2, "channels": [4, 8, 16], "batch_size": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

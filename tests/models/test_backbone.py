@@ -23,14 +23,7 @@ from vcm.models.backbone import (
     to_old_state_dict,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than several and leaves the shared CPUs to others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_definitions(ae_attention: bool = False) -> dict:
