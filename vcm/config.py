@@ -98,3 +98,21 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
 
 def dump_config(cfg: dict[str, Any]) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def section_values(
+    cfg: dict[str, Any], section: str, known: set[str], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The keys of ``cfg[section]`` for a stage's settings dataclass whose fields are ``known``, with the
+    ``overrides`` that are not ``None`` on top.
+
+    Raises:
+        StageError: one line naming a key of the section that is not a field.
+    """
+    section_cfg = dict(cfg.get(section) or {})
+    unknown = sorted(set(section_cfg) - known)
+    if unknown:
+        raise StageError(
+            f"config: unknown key '{unknown[0]}' under '{section}' (allowed: {', '.join(sorted(known))})"
+        )
+    return {**section_cfg, **{k: v for k, v in overrides.items() if v is not None}}

@@ -20,6 +20,7 @@ from vcm.cli import StageError
 from vcm.config import dump_config
 from vcm.grid import Grid
 from vcm.io import atomic_path, load_nifti, provenance, read_json
+from vcm.labels import SEMANTIC_CLASSES
 from vcm.prep.conditions import COVARIATE_ORDER
 
 IMAGE_CONDITIONS = ("skull",)  # stored as images; the rest of the masks are integer maps
@@ -102,17 +103,7 @@ def build_dataset(cfg: dict, subjects_csv: str | Path, prep_dir: str | Path, out
         h5["covariates_raw"].attrs["units"] = ["0=F,1=M", "years", "mm3", "mm3"]
         for name, idx in splits.items():
             h5.create_dataset(f"splits/{name}", data=idx.astype(np.int64))
-        h5["cond/semantics"].attrs["classes"] = [
-            "background",
-            "csf",
-            "white_matter",
-            "grey_matter",
-            "ventricles",
-            "deep_grey_matter",
-            "amygdala",
-            "hippocampus",
-            "brain_stem",
-        ]
+        h5["cond/semantics"].attrs["classes"] = ["background", *SEMANTIC_CLASSES]
         h5.attrs["grid_affine"] = grid.affine
         h5.attrs["grid_shape"] = list(shape)
         h5.attrs["grid_spacing_mm"] = grid.spacing_mm

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
@@ -172,3 +173,40 @@ def ddim_sample(
         if progress is not None:
             progress(i + 1, total)
     return z
+
+
+@torch.no_grad()
+def sample_images(
+    model: torch.nn.Module | None,
+    method: str,
+    backbone: torch.nn.Module,
+    conditions: Mapping[str, torch.Tensor],
+    cov: torch.Tensor,
+    noise: torch.Tensor,
+    ddim_steps: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Images (B, *grid) in [0, 1] from ``noise`` by :func:`ddim_sample`: controlled by ``model`` (``method``
+    ``vcm``: VCM's features computed once; otherwise a ControlNet-style module called as
+    ``model(backbone, z, t, cov, model.condition_input(conditions))``), or uncontrolled (``model=None``).
+    bfloat16 autocast on CUDA."""
+
+    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return backbone.eps(z, t, cov)
+
+    scheduler = ddim_scheduler(ddim_steps)
+    on_cuda = noise.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        if model is None:
+            z = ddim_sample(eps_fn, noise, scheduler, progress=progress)
+        elif method == "vcm":
+            z = ddim_sample(eps_fn, noise, scheduler, model, conditions, progress=progress)
+        else:
+            cond = model.condition_input(conditions)
+            z = ddim_sample(
+                lambda z, t: model(backbone, z, t, cov, cond), noise, scheduler, progress=progress
+            )
+        # decode one at a time: the decoder's activations dominate memory at full resolution
+        return np.stack(
+            [backbone.decode(z[i : i + 1]).float().clamp(0, 1)[0, 0].cpu().numpy() for i in range(len(z))]
+        )

@@ -63,6 +63,9 @@ from torch import nn
 from tqdm import tqdm
 
 from vcm.cli import StageError
+from vcm.config import section_values
+from vcm.diffusion import sample_images
+from vcm.qc import segmentation_metrics
 
 __all__ = [
     "MS_SSIM_WEIGHTS",
@@ -134,14 +137,7 @@ class EvalSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> EvalSettings:
         """Read ``cfg["evaluation"]`` (and ``cohort.ddim_steps``); ``overrides`` that are not ``None`` win."""
-        section = dict(cfg.get("evaluation") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise StageError(
-                f"config: unknown key '{unknown[0]}' under 'evaluation' (allowed: {', '.join(sorted(known))})"
-            )
-        values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
+        values = section_values(cfg, "evaluation", set(cls.__dataclass_fields__), overrides)
         if values.get("ddim_steps") is None:
             values["ddim_steps"] = int(cfg.get("cohort", {}).get("ddim_steps", 200))
         out = cls(**values)
@@ -162,15 +158,11 @@ class EvalSettings:
 # --- metrics -----------------------------------------------------------------------------------------------
 
 
-def _as_batch(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A (*grid) volume as a (1, 1, *grid) float tensor."""
-    return torch.as_tensor(np.asarray(x), dtype=torch.float32)[None, None]
-
-
 def alignment_metrics(
     pred: np.ndarray, ref: np.ndarray, spacing_mm: float | Sequence[float] = 1.0
 ) -> dict[str, float]:
-    """DSC, HD95 and ASSD (mm) between two binary masks, with MONAI's metrics.
+    """DSC, HD95 and ASSD (mm) between two binary masks: the cohort QC's
+    :func:`vcm.qc.segmentation_metrics` (MONAI's metrics), so that QC and evaluation values compare.
 
     Args:
         pred: the mask found in the synthetic image.
@@ -181,20 +173,10 @@ def alignment_metrics(
         ``dice`` (1 when both masks are empty), ``hd95`` and ``assd`` (NaN when either mask is empty: a mask
         without voxels has no surface to measure from).
     """
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
-
-    p, r = _as_batch(np.asarray(pred) > 0), _as_batch(np.asarray(ref) > 0)
-    dice = float(DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, r).item())
-    if not (p.any() and r.any()):  # MONAI would warn and return inf/nan
-        return {"dice": dice, "hd95": math.nan, "assd": math.nan}
-    spacing = float(spacing_mm) if np.isscalar(spacing_mm) else [float(s) for s in spacing_mm]
-    hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
-        p, r, spacing=spacing
-    )
-    assd = SurfaceDistanceMetric(include_background=True, symmetric=True, reduction="none")(
-        p, r, spacing=spacing
-    )
-    return {"dice": dice, "hd95": float(hd95.item()), "assd": float(assd.item())}
+    pred, ref = np.asarray(pred) > 0, np.asarray(ref) > 0
+    if not (pred.any() or ref.any()):
+        return {"dice": 1.0, "hd95": math.nan, "assd": math.nan}
+    return segmentation_metrics(pred, ref, spacing_mm)
 
 
 def ms_ssim_scales(shape: Sequence[int], kernel: int, max_scales: int = len(MS_SSIM_WEIGHTS)) -> int:
@@ -395,41 +377,6 @@ def fid_3d(features_synth: torch.Tensor, features_real: torch.Tensor) -> float:
 # --- sampling and segmentation -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _sample(
-    model: nn.Module | None,
-    meta: Mapping[str, Any],
-    backbone: nn.Module,
-    conditions: Mapping[str, torch.Tensor],
-    cov: torch.Tensor,
-    noise: torch.Tensor,
-    ddim_steps: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> np.ndarray:
-    """Images (B, *grid) in [0, 1] from the same noise: controlled by ``model``, or uncontrolled (``None``)."""
-    from vcm.diffusion import ddim_sample, ddim_scheduler
-
-    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return backbone.eps(z, t, cov)
-
-    scheduler = ddim_scheduler(ddim_steps)
-    on_cuda = noise.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-        if model is None:
-            z = ddim_sample(eps_fn, noise, scheduler, progress=progress)
-        elif meta["method"] == "vcm":
-            z = ddim_sample(eps_fn, noise, scheduler, model, conditions, progress=progress)
-        else:
-            cond = model.condition_input(conditions)
-            z = ddim_sample(
-                lambda z, t: model(backbone, z, t, cov, cond), noise, scheduler, progress=progress
-            )
-        # decode one at a time: the decoder's activations dominate memory at full resolution
-        return np.stack(
-            [backbone.decode(z[i : i + 1]).float().clamp(0, 1)[0, 0].cpu().numpy() for i in range(len(z))]
-        )
-
-
 def make_segmenter(
     cfg: Mapping[str, Any],
     backend: str,
@@ -593,8 +540,10 @@ def evaluate_model(
         conditions = {n: condition_tensor(n, x[sl], n_sem).to(device) for n, x in stored.items()}
         tick = lambda i, n: bar.update(1)  # noqa: E731
         batch = {
-            method: _sample(model, meta, backbone, conditions, cov, noise, settings.ddim_steps, tick),
-            "uncontrolled": _sample(None, meta, backbone, conditions, cov, noise, settings.ddim_steps, tick),
+            method: sample_images(model, method, backbone, conditions, cov, noise, settings.ddim_steps, tick),
+            "uncontrolled": sample_images(
+                None, method, backbone, conditions, cov, noise, settings.ddim_steps, tick
+            ),
         }
         for name, imgs in batch.items():
             sim = image_metrics(imgs, real[sl], settings.ssim_kernel, settings.ssim_sigma, scales)

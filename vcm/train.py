@@ -64,7 +64,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vcm.cli import StageError
-from vcm.diffusion import ddim_sample, ddim_scheduler, ddpm_scheduler, noise_from_seeds, vcm_loss
+from vcm.diffusion import ddpm_scheduler, noise_from_seeds, sample_images, vcm_loss
 from vcm.latents import FLIP_AXIS, bundle_sha256
 from vcm.models.vcm import (
     VCM,
@@ -1136,31 +1136,13 @@ def preview(
     latent = (backbone.latent_channels, *(s // factor for s in real.shape[1:]))
     noise = noise_from_seeds([seed * 1_000_003 + int(i) for i in val], latent, device=device)
 
-    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return backbone.eps(z, t, cov)
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
     total = 2 * ddim_steps
     bar = tqdm(total=total, desc="preview DDIM", unit="step", disable=not progress)
     tick = lambda i, n: bar.update(1)  # noqa: E731
-    with autocast:
-        if meta["method"] == "vcm":
-            z_ctrl = ddim_sample(eps_fn, noise, ddim_scheduler(ddim_steps), model, conditions, progress=tick)
-        else:
-            cond = model.condition_input(conditions)
-            z_ctrl = ddim_sample(
-                lambda z, t: model(backbone, z, t, cov, cond),
-                noise,
-                ddim_scheduler(ddim_steps),
-                progress=tick,
-            )
-        z_free = ddim_sample(eps_fn, noise, ddim_scheduler(ddim_steps), progress=tick)
-        images = {
-            name: np.stack(
-                [backbone.decode(z[i : i + 1]).float().clamp(0, 1)[0, 0].cpu().numpy() for i in range(len(z))]
-            )
-            for name, z in (("controlled", z_ctrl), ("uncontrolled", z_free))
-        }
+    images = {
+        name: sample_images(control, meta["method"], backbone, conditions, cov, noise, ddim_steps, tick)
+        for name, control in (("controlled", model), ("uncontrolled", None))
+    }
     bar.close()
     sample_s = time.perf_counter() - start
     grid = _grid_from_affine(real.shape[1:], affine) if template_dir is not None else None

@@ -40,7 +40,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vcm.cli import StageError
+from vcm.config import section_values
 from vcm.data import CohortDataset, RealDataset, n_classes
+from vcm.labels import SEMANTIC_CLASSES
 
 __all__ = ["TstrSettings", "build_network", "cli", "evaluate_dice", "run_tstr", "train_network"]
 
@@ -84,14 +86,7 @@ class TstrSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> TstrSettings:
         """Read ``cfg["tstr"]``; ``overrides`` that are not ``None`` win."""
-        section = dict(cfg.get("tstr") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise StageError(
-                f"config: unknown key '{unknown[0]}' under 'tstr' (allowed: {', '.join(sorted(known))})"
-            )
-        values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
+        values = section_values(cfg, "tstr", set(cls.__dataclass_fields__), overrides)
         if values.get("real_split") is None:
             sizes = cfg.get("training", {}).get("sizes") or [10]
             values["real_split"] = f"train_{max(sizes)}"
@@ -297,7 +292,7 @@ def run_tstr(
             "cohort": str(cohort),
             "dataset": str(dataset),
             "settings": asdict(settings),
-            "classes": ["lv"] if settings.labels == "lv" else list(_semantic_names()),
+            "classes": ["lv"] if settings.labels == "lv" else list(SEMANTIC_CLASSES),
             "results": details,
             "provenance": provenance(None, device=str(device)),
         },
@@ -305,12 +300,6 @@ def run_tstr(
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     return table
-
-
-def _semantic_names() -> list[str]:
-    from vcm.labels import SEMANTIC_CLASSES
-
-    return list(SEMANTIC_CLASSES)
 
 
 def cli(argv: list[str]) -> int:
