@@ -8,15 +8,22 @@ min_version("8.20")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prep.smk"
 include: "workflow/rules/dataset.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/cohort.smk"
+include: "workflow/rules/eval.smk"
 
 
 rule all:
     input:
         f"{RESULTS}/dataset.h5",
         f"{RESULTS}/excluded.csv",
+        MODELS,
+        COHORTS,
+        EVAL_TARGETS,
     default_target: True

@@ -18,9 +18,16 @@ def local_slurm() -> None:
     if os.environ.get("VCM_TEST_SLURM") == "0":
         pytest.skip("VCM_TEST_SLURM=0: SLURM tests disabled by the caller")
     if os.geteuid() != 0 and shutil.which("sbatch") is None:
-        pytest.fail("SLURM tests need root (to start a local SLURM) or a running SLURM; set VCM_TEST_SLURM=0 to skip")
+        pytest.fail(
+            "SLURM tests need root (to start a local SLURM) or a running SLURM; set VCM_TEST_SLURM=0 to skip"
+        )
     if os.geteuid() == 0:
         proc = subprocess.run(
-            ["bash", str(REPO / "scripts" / "slurm" / "start-local-slurm.sh")], capture_output=True, text=True, timeout=600
+            ["bash", str(REPO / "scripts" / "slurm" / "start-local-slurm.sh")],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
-        assert proc.returncode == 0, f"start-local-slurm.sh failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert proc.returncode == 0, (
+            f"start-local-slurm.sh failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )

@@ -1,59 +1,183 @@
-"""The demo DAG submitted through the SLURM profile on a real (local) SLURM: every job via sbatch, same outputs."""
+"""The demo DAG submitted through the SLURM profile on a real (local) SLURM: every job via sbatch, the same
+outputs as a local run, and a training job that is cancelled mid-run resumes from its checkpoint."""
 
+import os
 import re
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from ..workflow.conftest import run_snakemake
+from ..workflow.conftest import REPO, run_snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 # Faster polling than a production profile needs; everything else comes from profiles/slurm.
-FAST = ["--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5", "--jobs", "4"]
+# The test node has 2 CPUs and ~20 GB: GPU rules ask for less than the production profile does.
+SMALL_GPU_JOBS = [
+    f"{rule}:cpus_per_task=1"
+    for rule in ("encode_latents", "train_vcm", "generate_shard", "evaluate", "tstr")
+]
+FAST = [
+    "--slurm-init-seconds-before-status-checks",
+    "5",
+    "--latency-wait",
+    "5",
+    "--jobs",
+    "4",
+    "--set-resources",
+    *SMALL_GPU_JOBS,
+    *[f"{r.split(':')[0]}:mem_mb=4000" for r in SMALL_GPU_JOBS],
+]
 
 
-def _config(root, name):
+def _config(root: Path, name: str, **extra) -> tuple[Path, Path]:
     results = root / name
     cfg = {
         "results": str(results),
-        "data": {"manifest": f"{results}/demo/manifest.csv", "demo": {"n_subjects": 3, "seed": 0, "spacing_mm": 2.0}},
+        "data": {
+            "manifest": f"{results}/demo/manifest.csv",
+            "demo": {"n_subjects": 3, "seed": 0, "spacing_mm": 2.0},
+        },
         "dataset": {"val_size": 1},
         "training": {"sizes": [2]},
+        **extra,
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, results
 
 
-def test_demo_dag_runs_through_sbatch_and_matches_a_local_run(local_slurm, tmp_path):
-    local_cfg, local = _config(tmp_path, "local")
-    proc = run_snakemake(local_cfg)
+@pytest.fixture(scope="module")
+def runs(local_slurm, tmp_path_factory):
+    """The reduced demo to dataset.h5, once locally and once through SLURM."""
+    root = tmp_path_factory.mktemp("slurm")
+    local_cfg, local = _config(root, "local")
+    proc = run_snakemake(local_cfg, targets=(local / "dataset.h5",))
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-    slurm_cfg, remote = _config(tmp_path, "slurm")
-    proc = run_snakemake(slurm_cfg, "--profile", "profiles/slurm", *FAST, timeout=1500)
+    slurm_cfg, remote = _config(root, "slurm")
+    proc = run_snakemake(
+        slurm_cfg, "--profile", "profiles/slurm", *FAST, targets=(remote / "dataset.h5",), timeout=1500
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    return {"root": root, "local": local, "remote": remote, "output": out}
 
-    # Every executed job was submitted with sbatch and completed in SLURM's accounting.
+
+def test_every_job_went_through_sbatch(runs):
+    out = runs["output"]
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
     finished = re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", out)
     assert len(finished) >= 3 * 3 + 4  # register/segment/conditions x 3, demo, template, checks, dataset
     assert len(submitted) == len([r for r in finished if r != "all"])
     acct = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(submitted)], capture_output=True, text=True, check=True
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State,Partition", "-j", ",".join(submitted)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    states = dict(line.split("|") for line in acct.stdout.split())
-    assert set(states) == set(submitted) and set(states.values()) == {"COMPLETED"}
+    rows = [line.split("|") for line in acct.stdout.split()]
+    assert {r[0] for r in rows} == set(submitted)
+    assert {r[1] for r in rows} == {"COMPLETED"} and {r[2] for r in rows} == {"cpu"}
 
-    with h5py.File(local / "dataset.h5") as a, h5py.File(remote / "dataset.h5") as b:
+
+def test_slurm_outputs_equal_a_local_run(runs):
+    with h5py.File(runs["local"] / "dataset.h5") as a, h5py.File(runs["remote"] / "dataset.h5") as b:
         assert list(a["subjects"][:]) == list(b["subjects"][:])
         np.testing.assert_array_equal(a["label"][:], b["label"][:])
-        np.testing.assert_allclose(a["image"][:].astype(np.float32), b["image"][:].astype(np.float32), atol=2e-3)
-        np.testing.assert_allclose(a["covariates"][:], b["covariates"][:], atol=1e-6)
+        np.testing.assert_array_equal(a["image"][:], b["image"][:])
+        np.testing.assert_array_equal(a["covariates"][:], b["covariates"][:])
         for name in a["splits"]:
             np.testing.assert_array_equal(a["splits"][name][:], b["splits"][name][:])
+
+
+def _random_tiny_bundle(folder: Path) -> Path:
+    from vcm.models.backbone import Backbone, build_networks, save_bundle, tiny_definitions
+
+    torch.manual_seed(0)
+    defs = tiny_definitions()
+    save_bundle(folder, Backbone(*build_networks(defs), definitions=defs))
+    return folder
+
+
+def test_cancelled_training_job_resumes_from_its_checkpoint(runs):
+    """scancel the GPU training job mid-run: the profile's retry resubmits it and it resumes (step > 0)."""
+    root = runs["root"]
+    bundle = _random_tiny_bundle(root / "bundle")
+    steps = 400
+    training = {
+        "sizes": [2],
+        "steps": steps,
+        "minutes": None,
+        "batch_size": 2,
+        "checkpoint_every": 5,
+        "vcm": {
+            "encoder_channels": [4, 8],
+            "encoder_norm_num_groups": 4,
+            "unet_channels": [8, 16, 16],
+            "unet_out_channels": 8,
+            "head_channels": 8,
+            "unet_num_res_blocks": 1,
+            "unet_num_head_channels": 8,
+            "unet_norm_num_groups": 8,
+        },
+        "preview": {"subjects": 0},
+    }
+    cfg, results = _config(
+        root,
+        "slurm",
+        backbone={"kind": "tiny", "bundle": str(bundle)},
+        condition_sets={"lv": [["lv"]]},
+        training=training,
+    )
+    target = results / "models" / "lv" / "n2" / "vcm.pt"
+    latest = target.parent / "checkpoints" / "checkpoint_latest.pt"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        str(target),  # first: --configfile and --set-resources take every word that follows them
+        "--cores",
+        "2",
+        "--configfile",
+        str(cfg),
+        "--profile",
+        "profiles/slurm",
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 900
+        while not latest.exists():
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(1)
+        jobs = subprocess.run(
+            ["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(jobs) == 1, jobs  # the training job
+        subprocess.run(["scancel", jobs[0]], check=True)
+        out, _ = proc.communicate(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "Trying to restart job" in out
+    log = (results / "logs" / "train_vcm" / "lv_n2.log").read_text()
+    resumed = re.search(r"resuming from .* at step (\d+)", log)
+    assert resumed and 0 < int(resumed.group(1)) < steps, log[-3000:]
+    final = torch.load(target.parent / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert int(final["step"]) == steps
+    state = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", jobs[0]], capture_output=True, text=True
+    ).stdout
+    assert "CANCELLED" in state

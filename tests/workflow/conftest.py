@@ -13,10 +13,23 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_snakemake(configfile: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+def run_snakemake(
+    configfile: Path, *args: str, targets: tuple = (), timeout: int = 1200
+) -> subprocess.CompletedProcess:
     """Run snakemake in the repository with an extra config file; the venv's bin comes first on PATH."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(configfile), *args]
+    # Targets go first: --configfile and --set-resources take every word that follows them.
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *map(str, targets),
+        "--cores",
+        "2",
+        "--configfile",
+        str(configfile),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
