@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from vcm.config import ConfigError, dump_config, validate_config
 from vcm.prep.inputs import ManifestError, read_manifest
@@ -52,6 +53,13 @@ def section(*keys):
     """A short digest of config sections (dotted keys allowed), for rule params (rerun triggers)."""
     return hashlib.sha256(json.dumps([_get(k) for k in keys], sort_keys=True).encode()).hexdigest()[:16]
 
+
+_bundle = Path(CFG["backbone"]["bundle"])
+if not CFG["backbone"]["retrain"] and not (_bundle / "models" / "model.pt").is_file():
+    logger.warning(
+        f"vcm: backbone.bundle {_bundle} has no models/model.pt; rules after dataset.h5 need a bundle "
+        "(a BrainLDM model-zoo folder), or backbone.retrain: true to train the tiny backbone"
+    )
 
 # A user manifest is checked before any job runs (missing columns, duplicate ids stop here).
 if MANIFEST != DEMO_MANIFEST and Path(MANIFEST).exists():
