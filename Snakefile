@@ -23,7 +23,7 @@ rule all:
     input:
         f"{RESULTS}/dataset.h5",
         f"{RESULTS}/excluded.csv",
-        MODELS,
-        COHORTS,
-        EVAL_TARGETS,
+        MODELS if HAVE_BACKBONE else [],
+        COHORTS if HAVE_BACKBONE else [],
+        EVAL_TARGETS if HAVE_BACKBONE else [],
     default_target: True

@@ -54,11 +54,13 @@ def section(*keys):
     return hashlib.sha256(json.dumps([_get(k) for k in keys], sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Without a backbone, `rule all` stops at dataset.h5 (and says so) instead of failing on a missing input.
 _bundle = Path(CFG["backbone"]["bundle"])
-if not CFG["backbone"]["retrain"] and not (_bundle / "models" / "model.pt").is_file():
+HAVE_BACKBONE = CFG["backbone"]["retrain"] or (_bundle / "models" / "model.pt").is_file()
+if not HAVE_BACKBONE:
     logger.warning(
-        f"vcm: backbone.bundle {_bundle} has no models/model.pt; rules after dataset.h5 need a bundle "
-        "(a BrainLDM model-zoo folder), or backbone.retrain: true to train the tiny backbone"
+        f"vcm: backbone.bundle {_bundle} has no models/model.pt, so this run stops at dataset.h5; point "
+        "backbone.bundle at a BrainLDM model-zoo folder, or set backbone.retrain: true to train the tiny backbone"
     )
 
 # A user manifest is checked before any job runs (missing columns, duplicate ids stop here).
