@@ -41,7 +41,7 @@ def full_run(tmp_path_factory):
         },
         "cohort": {"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "ddim_steps": 3, "batch_size": 2},
         "qc": {"max_tries": 2},
-        "tstr": {"steps": 10},
+        "tstr": {"steps": 10, "passed_only": False},  # random weights: no subject passes QC
     }
     configfile = root / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
