@@ -19,10 +19,13 @@ from ..workflow.conftest import REPO, run_snakemake
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 # Faster polling than a production profile needs; everything else comes from profiles/slurm.
-# The test node has 2 CPUs and ~20 GB: GPU rules ask for less than the production profile does.
+# The test node has 2 CPUs and ~20 GB: GPU rules ask for less than the production profile does. A rule's
+# --set-resources replaces the profile's entry for it, so partition and GPU are repeated here.
+GPU_RULES = ("encode_latents", "train_vcm", "generate_shard", "evaluate", "tstr")
 SMALL_GPU_JOBS = [
-    f"{rule}:cpus_per_task=1"
-    for rule in ("encode_latents", "train_vcm", "generate_shard", "evaluate", "tstr")
+    f"{rule}:{key}={value}"
+    for rule in GPU_RULES
+    for key, value in (("slurm_partition", "gpu"), ("gpu", 1), ("cpus_per_task", 1), ("mem_mb", 4000))
 ]
 FAST = [
     "--slurm-init-seconds-before-status-checks",
@@ -33,7 +36,6 @@ FAST = [
     "4",
     "--set-resources",
     *SMALL_GPU_JOBS,
-    *[f"{r.split(':')[0]}:mem_mb=4000" for r in SMALL_GPU_JOBS],
 ]
 
 
