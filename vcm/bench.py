@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def bench_dag(n_subjects: int, t1: Path) -> dict:
     """Time a dry run over ``n_subjects`` (all pointing at one real T1 through symlinks)."""
+    from vcm.prep.inputs import write_subject_meta
+
     with tempfile.TemporaryDirectory(prefix="vcm_dag_") as tmp:
         root = Path(tmp)
         (root / "t1").mkdir()
@@ -42,6 +44,7 @@ def bench_dag(n_subjects: int, t1: Path) -> dict:
         (results / "inputs").mkdir(parents=True)
         time.sleep(0.05)  # the checkpoint's outputs must be newer than the manifest
         pd.DataFrame(rows).to_csv(results / "inputs" / "subjects.csv", index=False)
+        write_subject_meta(pd.DataFrame(rows), results / "inputs")
         pd.DataFrame(columns=["subject", "t1", "reason"]).to_csv(results / "excluded.csv", index=False)
         cfg = root / "config.yaml"
         cfg.write_text(yaml.safe_dump({"results": str(results), "data": {"manifest": str(manifest)}}))
