@@ -1291,7 +1291,29 @@ def cli(argv: list[str]) -> int:
             device=device,
         )
         _print_preview(Path(args.out_dir) / "preview", metrics)
+    else:
+        _write_no_preview(Path(args.out_dir) / "preview")
     return 0
+
+
+def _write_no_preview(folder: Path) -> None:
+    """Previews switched off: still write the files the workflow declares, saying so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vcm.io import atomic_path, write_json
+
+    write_json(
+        folder / "preview_metrics.json",
+        {"subjects": 0, "note": "previews disabled (training.preview.subjects: 0)"},
+    )
+    fig = plt.figure(figsize=(4, 1))
+    fig.text(0.5, 0.5, "previews disabled (training.preview.subjects: 0)", ha="center", va="center")
+    with atomic_path(folder / "preview.png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
 
 
 def _print_preview(folder: Path, metrics: Mapping[str, Any]) -> None:
