@@ -121,6 +121,10 @@ def test_bundle_loads_back_in_float32_and_has_the_right_shapes(corpus_file, tmp_
         assert backbone.decode(mu).shape == (2, 1, *GRID)
     images = tb.sample_images(backbone, torch.rand(4), seeds=(0, 1), ddim_steps=2)
     assert images.shape == (2, 1, *GRID) and 0 <= images.min() and images.max() <= 1
+    for name in ("samples.png", "loss_autoencoder.png", "loss_diffusion.png"):
+        assert (bundle / name).stat().st_size > 0
+    (bundle / "samples.png").unlink()
+    assert tb.cli(argv(corpus_file, tmp_path, "--samples-only")) == 0
     assert (bundle / "samples.png").stat().st_size > 0
 
 

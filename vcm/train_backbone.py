@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -820,7 +821,7 @@ def montage(path: Path, panels: Sequence[tuple[str, np.ndarray]], title: str, pe
         for p, plane in enumerate(_planes(vol)):
             ax = axes[r, 3 * c + p]
             ax.imshow(plane, origin="lower", cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[r, 3 * c + 1].set_title(label, fontsize=8)
+        axes[r, 3 * c].set_title(label, fontsize=8, loc="left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -918,6 +919,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sample-every", type=int, default=0, help="intermediate samples PNG every N steps")
     d.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the sample pictures")
     p.add_argument("--no-samples", action="store_true", help="skip samples.png (tests)")
+    p.add_argument(
+        "--samples-only", action="store_true", help="only redraw samples.png of the existing bundle --out"
+    )
     return p
 
 
@@ -955,7 +959,7 @@ def _set_threads(n: int) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    from vcm.io import provenance, sha256_file, write_json
+    from vcm.io import atomic_path, provenance, sha256_file, write_json
     from vcm.models.backbone import Backbone, count_parameters, save_bundle
 
     args = build_parser().parse_args(argv)
@@ -965,6 +969,12 @@ def cli(argv: list[str]) -> int:
     wall0 = time.monotonic()
     corpus = load_corpus(args.data)
     work, out = Path(args.work_dir), Path(args.out)
+    if args.samples_only:
+        from vcm.models.backbone import load_bundle
+
+        samples_figure(out / "samples.png", load_bundle(out, device=device), corpus, args.ddim_steps)
+        print(f"samples: {out / 'samples.png'}")
+        return 0
     logger.info(
         "corpus %s: %d images on %s, %d train, %d held out",
         corpus.path,
@@ -1029,6 +1039,10 @@ def cli(argv: list[str]) -> int:
     save_bundle(out, backbone, dtype=torch.float16)
     if not args.no_samples:
         samples_figure(out / "samples.png", backbone, corpus, args.ddim_steps)
+    for stage, name in (("ae", "loss_autoencoder.png"), ("ldm", "loss_diffusion.png")):
+        if (work / stage / "loss.png").is_file():
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(work / stage / "loss.png", tmp)
 
     prov = provenance(None)
     record = {
