@@ -1,0 +1,90 @@
+# The frozen backbone: a bundle folder (shipped tiny demo weights, or the real BrainLDM bundle), or, with
+# `backbone: {retrain: true}`, the tiny backbone retrained here from a demo-generator pretraining corpus.
+#
+# Defines for downstream rules:
+#   BACKBONE_BUNDLE  the bundle folder to load (models/autoencoder.pt, models/model.pt[, configs/network.json])
+#   BACKBONE_FILES   its model files, to use as rule inputs
+from pathlib import Path as _Path
+
+from snakemake.exceptions import WorkflowError
+
+BACKBONE_RETRAIN = bool(CFG["backbone"]["retrain"])
+BACKBONE_TINY = f"{RESULTS}/backbone/tiny"
+# Checkpoints, loss logs and cached latents: deliberately not a declared output (Snakemake deletes the outputs
+# of a failed job; a rerun resumes from work/{ae,ldm}/checkpoint_latest.pt).
+BACKBONE_WORK = f"{RESULTS}/backbone/work"
+BACKBONE_CORPUS = f"{RESULTS}/backbone/corpus.h5"
+
+# The recipe of the shipped resources/backbone/demo weights (docs/backbone.md): 400 demo-generator subjects,
+# factor-4 autoencoder, 4.3 M-parameter latent U-Net. Fixed step counts (those of the shipped run) make a
+# retrain reproducible on any machine; the shipped run itself used time budgets (--ae-minutes/--dm-minutes).
+BACKBONE_CORPUS_SUBJECTS = 400
+BACKBONE_TRAIN_ARGS = (
+    "--seed 0 --checkpoint-every 100"
+    " --ae-channels 8,16,32 --latent-channels 3 --ae-res-blocks 1 --ae-batch 4 --ae-lr 1e-3 --kl-weight 1e-6"
+    " --ae-steps 700"
+    " --dm-channels 32,64,64 --dm-res-blocks 1,1,2 --dm-attention false,false,true --dm-head-channels 0,0,32"
+    " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 1800 --sample-every 250 --ddim-steps 50"
+)
+
+if BACKBONE_RETRAIN:
+    if CFG["backbone"]["kind"] != "tiny":
+        raise WorkflowError("backbone.retrain: true retrains the tiny backbone; set backbone.kind: tiny")
+    if not isinstance(CFG["grid"], str):
+        raise WorkflowError("backbone.retrain: true needs a grid preset name (e.g. grid: demo)")
+    BACKBONE_BUNDLE = BACKBONE_TINY
+    BACKBONE_FILES = [
+        f"{BACKBONE_TINY}/models/autoencoder.pt",
+        f"{BACKBONE_TINY}/models/model.pt",
+        f"{BACKBONE_TINY}/configs/network.json",
+    ]
+else:
+    BACKBONE_BUNDLE = CFG["backbone"]["bundle"].rstrip("/")
+    BACKBONE_FILES = [f"{BACKBONE_BUNDLE}/models/autoencoder.pt", f"{BACKBONE_BUNDLE}/models/model.pt"]
+    # the model-zoo BrainLDM bundle has no configs/network.json (its networks are built from built-in definitions)
+    if _Path(f"{BACKBONE_BUNDLE}/configs/network.json").is_file():
+        BACKBONE_FILES.append(f"{BACKBONE_BUNDLE}/configs/network.json")
+
+
+rule backbone_corpus:
+    output:
+        BACKBONE_CORPUS,
+    params:
+        settings=section("grid"),
+        grid=CFG["grid"],
+        n=BACKBONE_CORPUS_SUBJECTS,
+    log:
+        f"{LOGS}/backbone_corpus.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/backbone_corpus.tsv"
+    threads: 1
+    shell:
+        "python -m vcm demo --corpus {output} --n-subjects {params.n} --grid {params.grid} > {log} 2>&1"
+
+
+rule train_backbone:
+    input:
+        corpus=BACKBONE_CORPUS,
+    output:
+        autoencoder=f"{BACKBONE_TINY}/models/autoencoder.pt",
+        diffusion=f"{BACKBONE_TINY}/models/model.pt",
+        network=f"{BACKBONE_TINY}/configs/network.json",
+        record=f"{BACKBONE_TINY}/training_record.json",
+        samples=report(
+            f"{BACKBONE_TINY}/samples.png",
+            category="Backbone",
+            labels={"figure": "tiny backbone samples"},
+        ),
+    params:
+        settings=section("grid"),
+        work=BACKBONE_WORK,
+        out=BACKBONE_TINY,
+        args=BACKBONE_TRAIN_ARGS,
+    log:
+        f"{LOGS}/train_backbone.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_backbone.tsv"
+    threads: 2
+    shell:
+        "python -m vcm train-backbone --data {input.corpus} --work-dir {params.work} --out {params.out}"
+        " --threads {threads} {params.args} > {log} 2>&1"
