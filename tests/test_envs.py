@@ -36,7 +36,9 @@ def test_every_pin_satisfies_the_project_range(env):
     for name, version in pins.items():
         assert "*" not in version and version, f"{env.name}: {name} is not pinned"
         if name in reqs:
-            assert reqs[name].specifier.contains(version), f"{env.name}: {name}={version} outside {reqs[name]}"
+            assert reqs[name].specifier.contains(version), (
+                f"{env.name}: {name}={version} outside {reqs[name]}"
+            )
 
 
 def test_torch_env_covers_every_dependency():
@@ -45,5 +47,18 @@ def test_torch_env_covers_every_dependency():
 
 
 def test_prep_env_covers_what_the_prep_stages_import():
-    needed = {"numpy", "scipy", "nibabel", "nilearn", "antspyx", "h5py", "pandas", "pyyaml", "jsonschema", "tqdm", "matplotlib", "scikit-image"}
+    needed = {
+        "numpy",
+        "scipy",
+        "nibabel",
+        "nilearn",
+        "antspyx",
+        "h5py",
+        "pandas",
+        "pyyaml",
+        "jsonschema",
+        "tqdm",
+        "matplotlib",
+        "scikit-image",
+    }
     assert needed <= set(_pins(REPO / "envs" / "prep.yaml"))

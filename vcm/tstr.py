@@ -162,7 +162,11 @@ def train_network(
     from monai.losses import DiceCELoss
 
     if len(ds) == 0:
-        hint = " (no cohort subject passed QC: see qc.csv, or set tstr.passed_only: false)" if "synthetic" in desc else ""
+        hint = (
+            " (no cohort subject passed QC: see qc.csv, or set tstr.passed_only: false)"
+            if "synthetic" in desc
+            else ""
+        )
         raise StageError(f"{desc}: no training subjects{hint}")
     torch.manual_seed(settings.seed)
     net = build_network(settings).to(device)

@@ -202,8 +202,3 @@ def test_old_keys_are_the_inverse_of_monai_conversion():
     converted = build_networks(small_definitions())[1]
     converted.load_old_state_dict(dict(old))
     assert_same_weights(converted, dm)
-
-
-def test_train_backbone_cli_is_not_implemented():
-    with pytest.raises(StageError):
-        bb.cli([])

@@ -20,7 +20,6 @@ are autoencoder latents times ``scale_factor`` (the bundle samples with 1.0; the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -48,7 +47,6 @@ __all__ = [
     "Backbone",
     "brainldm_definitions",
     "build_networks",
-    "cli",
     "count_parameters",
     "load_bundle",
     "load_weights",
@@ -435,14 +433,3 @@ def load_bundle(
         raise StageError(f"{folder}: scale_factor must be a positive number, got {scale!r}")
     backbone = Backbone(autoencoder, diffusion, scale_factor=scale, definitions=definitions, freeze=freeze)
     return backbone.to(device) if device is not None else backbone
-
-
-def cli(argv: list[str]) -> int:
-    """``python -m vcm train-backbone``: training the tiny backbone is not implemented in this module yet."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vcm train-backbone", description="Train the tiny demo backbone (not implemented yet)."
-    )
-    parser.parse_known_args(argv)
-    raise StageError(
-        "train-backbone is not implemented yet; use a bundle folder (backbone: {kind: brainldm})"
-    )

@@ -152,7 +152,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True, help="CSV of the subjects that passed (resolved paths)")
     parser.add_argument("--excluded", required=True, help="CSV of excluded subjects with their reason")
-    parser.add_argument("--meta-dir", help="also write <subject>.json (t1, seg, age, sex) here, only where changed")
+    parser.add_argument(
+        "--meta-dir", help="also write <subject>.json (t1, seg, age, sex) here, only where changed"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     ok, bad = check_inputs(args.manifest, cfg["segmentation"]["backend"])
