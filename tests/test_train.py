@@ -34,6 +34,7 @@ from vcm.train import (
     cli,
     condition_groups,
     draw_batch,
+    draw_indices,
     load_model,
     lr_factor,
     lr_factor_time,
@@ -125,6 +126,21 @@ def test_ranks_draw_slices_of_the_same_global_batch(files):
         torch.cat([first.conditions["lv"], second.conditions["lv"]]), whole.conditions["lv"]
     )
     assert whole.flip.any() and not whole.flip.all()  # seed 7 flips some samples: both paths are exercised
+
+
+def test_posterior_weight_zero_trains_on_posterior_means_with_the_same_random_stream(files):
+    data = TrainData(files["dataset"], files["latents"], "train_4", ["lv"])
+    alphas = ddpm_scheduler().alphas_cumprod
+    sampled = draw_batch(data, 4, torch.Generator().manual_seed(3), alphas, 0.9, True)
+    means = draw_batch(data, 4, torch.Generator().manual_seed(3), alphas, 0.9, True, posterior_weight=0.0)
+    for name in ("t", "noise", "flip"):
+        torch.testing.assert_close(getattr(means, name), getattr(sampled, name))
+    view = means.flip.long()
+    idx = draw_indices(len(data), 4, torch.Generator().manual_seed(3))  # the first draw of a batch
+    mu = data.mu[idx, view]
+    a = alphas[means.t].reshape(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(means.z_t, a.sqrt() * mu * 0.9 + (1 - a).sqrt() * means.noise)
+    assert not torch.allclose(means.z_t, sampled.z_t)  # the fixture's sigma is not zero
 
 
 def test_minutes_budget_stops_training_with_the_schedule_annealed(tmp_path, files, tcfg):

@@ -15,7 +15,9 @@ Layout::
     attrs          provenance, ``bundle_sha256`` (see :func:`bundle_sha256`), ``flip_axis`` (0),
                    ``downsample_factor``, ``dataset``
 
-A diffusion latent is then ``(mu + sigma * n) * scale_factor`` with ``n ~ N(0, I)`` drawn at every step.
+A diffusion latent is then ``(mu + sigma * n) * scale_factor`` with ``n ~ N(0, I)`` drawn at every step, or
+``mu * scale_factor`` for a backbone whose U-Net was trained on posterior means (the bundle's
+``latent_sampling``; the tiny backbone's).
 """
 
 from __future__ import annotations

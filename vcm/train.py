@@ -17,8 +17,9 @@ Every step (the data stays in memory; nothing that can be computed once is compu
    flips, posterior noise, time steps ``t ~ U{0..999}``, noise ``eps`` and the modality-dropout keep mask,
    all from one seeded generator, so that a 2-process DDP run sees the same samples as a 1-process run and a
    resumed run the same samples as an uninterrupted one; each rank takes its slice;
-2. ``z0 = (mu + sigma * n) * scale_factor`` from the pre-encoded posterior (``latents.h5``), picking the
-   flipped image's latent for flipped samples and flipping their conditions with it;
+2. ``z0 = (mu + sigma * n) * scale_factor`` from the pre-encoded posterior (``latents.h5``; ``mu`` alone for a
+   backbone whose U-Net was trained on posterior means, such as the tiny one), picking the flipped image's
+   latent for flipped samples and flipping their conditions with it;
 3. ``z_t = add_noise(z0, eps, t)`` (DDPM, BrainLDM's schedule); the frozen backbone's ``eps_t`` without grad;
 4. the control module, the loss, AdamW (linear warm-up, then cosine annealing to ``lr / 10``).
 
@@ -351,6 +352,7 @@ def draw_batch(
     n_groups: int = 1,
     part: slice = slice(None),
     device: torch.device | str = "cpu",
+    posterior_weight: float = 1.0,
 ) -> Batch:
     """Draw a global training batch from ``generator`` and return the samples ``part`` of it.
 
@@ -369,6 +371,9 @@ def draw_batch(
         n_groups: condition groups.
         part: this rank's slice of the global batch.
         device: training device.
+        posterior_weight: 1 samples the posterior, ``mu + sigma * n``; 0 takes its mean, for a backbone
+            whose U-Net was trained on means (:attr:`~vcm.models.backbone.Backbone.posterior_weight`). The
+            noise ``n`` is drawn either way, so the random stream does not depend on it.
     """
     b = batch_size
     idx = draw_indices(len(data), b, generator)
@@ -380,7 +385,7 @@ def draw_batch(
     keep = sample_keep_mask(b, n_groups, keep_probs, generator=generator) if keep_probs is not None else None
     conditions, mu, sigma, cov = data.batch(idx[part], flips[part], device)
     t, noise = t[part].to(device), noise[part].to(device)
-    z0 = (mu + sigma * posterior[part].to(device)) * scale_factor
+    z0 = (mu + posterior_weight * sigma * posterior[part].to(device)) * scale_factor
     a = alphas_cumprod[t].reshape(-1, *([1] * (z0.dim() - 1)))
     z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise
     keep = keep[part].to(device) if keep is not None else None
@@ -814,6 +819,7 @@ def train(
             "groups": groups,
             "bundle": bundle_sha,
             "scale_factor": backbone.scale_factor,
+            "latent_sampling": backbone.latent_sampling,
             "split": data.index.tolist(),
             "model": getattr(model, "config", None),
         }  # not the process count: every rank draws the global batch, so a run may resume on more or fewer
@@ -905,6 +911,7 @@ def train(
                 n_groups,
                 slice(rank * local, (rank + 1) * local),
                 device,
+                backbone.posterior_weight,
             )
             if budget is None:
                 factor = lr_factor(step, total, warmup, settings.min_lr_ratio)

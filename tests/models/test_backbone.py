@@ -202,3 +202,24 @@ def test_old_keys_are_the_inverse_of_monai_conversion():
     converted = build_networks(small_definitions())[1]
     converted.load_old_state_dict(dict(old))
     assert_same_weights(converted, dm)
+
+
+@pytest.mark.parametrize(("value", "weight"), [("sample", 1.0), ("mean", 0.0)])
+def test_bundle_latent_sampling_round_trips(tmp_path, value, weight):
+    save_bundle(tmp_path, random_backbone({**small_definitions(), "latent_sampling": value}))
+    loaded = load_bundle(tmp_path)
+    assert loaded.latent_sampling == value and loaded.posterior_weight == weight
+
+
+def test_bundle_with_unknown_latent_sampling_is_a_one_line_error(tmp_path):
+    save_bundle(tmp_path, random_backbone(small_definitions()))
+    net = tmp_path / NETWORK_FILE
+    net.write_text(net.read_text().replace('"latent_sampling": "mean"', '"latent_sampling": "mode"'))
+    with pytest.raises(StageError, match="latent_sampling must be one of") as info:
+        load_bundle(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_brainldm_bundles_sample_the_posterior():
+    assert bb.brainldm_definitions()["latent_sampling"] == "sample"
+    assert tiny_definitions()["latent_sampling"] == "mean"

@@ -43,6 +43,7 @@ __all__ = [
     "BRAINLDM_DIFFUSION",
     "COVARIATES",
     "DIFFUSION_FILE",
+    "LATENT_SAMPLING",
     "NETWORK_FILE",
     "Backbone",
     "brainldm_definitions",
@@ -98,6 +99,11 @@ BRAINLDM_DIFFUSION: dict[str, Any] = {
 """BrainLDM's diffusion U-Net (in = 3 latent + 4 broadcast covariates): 553.17 M parameters."""
 
 
+LATENT_SAMPLING = ("sample", "mean")
+"""How the diffusion U-Net's training latents came from the autoencoder posterior: ``sample`` (``mu + sigma * n``,
+BrainLDM and MONAI's recipe) or ``mean`` (``mu`` alone, the tiny backbone). VCM must train on the same kind."""
+
+
 def brainldm_definitions(scale_factor: float = 1.0) -> dict[str, Any]:
     """Network definitions of the BrainLDM bundle, in the form written to ``configs/network.json``."""
     return {
@@ -105,6 +111,7 @@ def brainldm_definitions(scale_factor: float = 1.0) -> dict[str, Any]:
         "autoencoder": dict(BRAINLDM_AUTOENCODER),
         "diffusion": dict(BRAINLDM_DIFFUSION),
         "scale_factor": float(scale_factor),
+        "latent_sampling": "sample",
     }
 
 
@@ -120,12 +127,13 @@ def tiny_definitions(
     diffusion_norm_num_groups: int = 16,
     spatial_dims: int = 3,
     scale_factor: float = 1.0,
+    latent_sampling: str = "mean",
 ) -> dict[str, Any]:
     """Definitions of the small CPU backbone of the demo (the BrainLDM architecture family, scaled down).
 
     The autoencoder downsamples by ``2 ** (len(channels) - 1)`` (4 by default: the demo's 40×56×40 grid maps to
     a 10×14×10 latent); the diffusion U-Net takes the latent plus the four broadcast covariates and
-    cross-attends to them, like BrainLDM's.
+    cross-attends to them, like BrainLDM's. Its U-Net trains on posterior means (``latent_sampling``).
     """
     n_cov = len(COVARIATES)
     return {
@@ -164,6 +172,7 @@ def tiny_definitions(
             "upcast_attention": True,
         },
         "scale_factor": float(scale_factor),
+        "latent_sampling": latent_sampling,
     }
 
 
@@ -188,6 +197,8 @@ class Backbone(nn.Module):
         scale_factor: diffusion latent = autoencoder latent × ``scale_factor``.
         definitions: the constructor arguments the networks were built from (kept for saving).
         freeze: put the networks in eval mode and switch off their gradients.
+        latent_sampling: ``sample`` or ``mean``: how training latents come from a stored posterior
+            (:data:`LATENT_SAMPLING`); default the definitions' value, else ``sample``.
     """
 
     def __init__(
@@ -197,12 +208,18 @@ class Backbone(nn.Module):
         scale_factor: float = 1.0,
         definitions: Mapping[str, Any] | None = None,
         freeze: bool = True,
+        latent_sampling: str | None = None,
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder
         self.diffusion = diffusion
         self.scale_factor = float(scale_factor)
         self.definitions = dict(definitions) if definitions is not None else None
+        if latent_sampling is None:
+            latent_sampling = (self.definitions or {}).get("latent_sampling", "sample")
+        if latent_sampling not in LATENT_SAMPLING:
+            raise ValueError(f"latent_sampling must be one of {LATENT_SAMPLING}, got {latent_sampling!r}")
+        self.latent_sampling = latent_sampling
         self.frozen = freeze
         if freeze:
             self.requires_grad_(False)
@@ -233,10 +250,16 @@ class Backbone(nn.Module):
     def sample_latent(
         self, mu: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Diffusion latent ``(mu + sigma * n) * scale_factor`` from a stored posterior."""
+        """Diffusion latent ``(mu + sigma * n) * scale_factor`` from a stored posterior (``mu * scale_factor``
+        when the U-Net was trained on posterior means; ``n`` is drawn either way, so random streams agree)."""
         device = mu.device if generator is None else generator.device
         n = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=device).to(mu.device)
-        return (mu + sigma * n) * self.scale_factor
+        return (mu + self.posterior_weight * sigma * n) * self.scale_factor
+
+    @property
+    def posterior_weight(self) -> float:
+        """1.0 when training latents sample the posterior, 0.0 when they are its mean."""
+        return 1.0 if self.latent_sampling == "sample" else 0.0
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images from diffusion latents (divided by ``scale_factor`` before the autoencoder's decoder)."""
@@ -384,7 +407,14 @@ def save_bundle(
         }
         with atomic_path(folder / rel) as tmp:
             torch.save(to_old_state_dict(state) if old_format else state, tmp)
-    write_json(folder / NETWORK_FILE, {**backbone.definitions, "scale_factor": backbone.scale_factor})
+    write_json(
+        folder / NETWORK_FILE,
+        {
+            **backbone.definitions,
+            "scale_factor": backbone.scale_factor,
+            "latent_sampling": backbone.latent_sampling,
+        },
+    )
     return folder
 
 
@@ -431,5 +461,8 @@ def load_bundle(
     scale = scale_factor if scale_factor is not None else definitions.get("scale_factor", 1.0)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise StageError(f"{folder}: scale_factor must be a positive number, got {scale!r}")
+    sampling = definitions.get("latent_sampling", "sample")
+    if sampling not in LATENT_SAMPLING:
+        raise StageError(f"{net_file}: latent_sampling must be one of {LATENT_SAMPLING}, got {sampling!r}")
     backbone = Backbone(autoencoder, diffusion, scale_factor=scale, definitions=definitions, freeze=freeze)
     return backbone.to(device) if device is not None else backbone
