@@ -18,25 +18,19 @@ from ..workflow.conftest import REPO, run_snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
-# Faster polling than a production profile needs; everything else comes from profiles/slurm.
-# The test node has 2 CPUs and ~20 GB: GPU rules ask for less than the production profile does. A rule's
-# --set-resources replaces the profile's entry for it, so partition and GPU are repeated here.
-GPU_RULES = ("encode_latents", "train_vcm", "generate_shard", "evaluate", "tstr")
-SMALL_GPU_JOBS = [
-    f"{rule}:{key}={value}"
-    for rule in GPU_RULES
-    for key, value in (("slurm_partition", "gpu"), ("gpu", 1), ("cpus_per_task", 1), ("mem_mb", 4000))
-]
-FAST = [
-    "--slurm-init-seconds-before-status-checks",
-    "5",
-    "--latency-wait",
-    "5",
-    "--jobs",
-    "4",
-    "--set-resources",
-    *SMALL_GPU_JOBS,
-]
+# Faster polling than a production profile needs; everything else, resources included, comes from
+# profiles/slurm and the rules as a user gets them (the test node has the machine's 2 CPUs and one fake GPU).
+FAST = ["--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5", "--jobs", "4"]
+TINY_VCM = {
+    "encoder_channels": [4, 8],
+    "encoder_norm_num_groups": 4,
+    "unet_channels": [8, 16, 16],
+    "unet_out_channels": 8,
+    "head_channels": 8,
+    "unet_num_res_blocks": 1,
+    "unet_num_head_channels": 8,
+    "unet_norm_num_groups": 8,
+}
 
 
 def _config(root: Path, name: str, **extra) -> tuple[Path, Path]:
@@ -102,6 +96,8 @@ def test_slurm_outputs_equal_a_local_run(runs):
 def _random_tiny_bundle(folder: Path) -> Path:
     from vcm.models.backbone import Backbone, build_networks, save_bundle, tiny_definitions
 
+    if (folder / "models" / "model.pt").is_file():
+        return folder
     torch.manual_seed(0)
     defs = tiny_definitions()
     save_bundle(folder, Backbone(*build_networks(defs), definitions=defs))
@@ -119,16 +115,7 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(runs):
         "minutes": None,
         "batch_size": 2,
         "checkpoint_every": 5,
-        "vcm": {
-            "encoder_channels": [4, 8],
-            "encoder_norm_num_groups": 4,
-            "unet_channels": [8, 16, 16],
-            "unet_out_channels": 8,
-            "head_channels": 8,
-            "unet_num_res_blocks": 1,
-            "unet_num_head_channels": 8,
-            "unet_norm_num_groups": 8,
-        },
+        "vcm": TINY_VCM,
         "preview": {"subjects": 0},
     }
     cfg, results = _config(
@@ -183,3 +170,50 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(runs):
         ["sacct", "-n", "-X", "-P", "-o", "State", "-j", jobs[0]], capture_output=True, text=True
     ).stdout
     assert "CANCELLED" in state
+
+
+def test_whole_demo_dag_to_the_cohort_through_slurm(runs):
+    """Models, the sharded cohort (an array job), evaluation, TSTR and the summary, all via sbatch."""
+    root = runs["root"]
+    bundle = _random_tiny_bundle(root / "bundle")
+    cfg, results = _config(
+        root,
+        "slurm",
+        backbone={"kind": "tiny", "bundle": str(bundle)},
+        training={
+            "sizes": [2],
+            "steps": 4,
+            "minutes": None,
+            "batch_size": 2,
+            "checkpoint_every": 2,
+            "vcm": TINY_VCM,
+            "preview": {"subjects": 1, "ddim_steps": 2},
+        },
+        cohort={"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "ddim_steps": 2, "batch_size": 2},
+        qc={"max_tries": 1},
+        evaluation={"ddim_steps": 2},
+        tstr={"steps": 4, "passed_only": False},  # random weights: no subject passes QC
+    )
+    proc = run_snakemake(cfg, "--profile", "profiles/slurm", *FAST, timeout=2400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    finished = re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", out)
+    assert {"train_vcm", "generate_shard", "merge_cohort", "evaluate", "tstr", "summary"} <= set(finished)
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
+    arrays = re.findall(r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)", out)
+    assert len(arrays) == 1 and len(arrays[0][0].split(",")) == 2, arrays  # both shards in one array job
+    local = {"all", "models", "cohorts"}
+    assert len(submitted) + 2 == len([r for r in finished if r not in local]), (submitted, finished)
+    shards = sorted((results / "cohorts" / "lv_brain_skull" / "shards").glob("*/shard.h5"))
+    assert len(shards) == 2
+    tasks = set()
+    for shard in shards:
+        with h5py.File(shard) as h5:
+            assert "slurm_job_id" in h5.attrs
+            tasks.add(h5.attrs["slurm_array_task_id"])
+    assert len(tasks) == 2, tasks  # the two shards ran as two tasks of one array job
+    with h5py.File(results / "cohorts" / "lv_brain_skull" / "cohort.h5") as h5:
+        assert h5["image"].shape[0] == 4
+    meta = torch.load(results / "models" / "lv_brain_skull" / "n2" / "vcm.pt", weights_only=True)
+    assert "slurm_job_id" in meta["provenance"]
+    assert (results / "summary.md").is_file() and (results / "eval" / "tstr.csv").is_file()

@@ -54,6 +54,8 @@ rule backbone_corpus:
         settings=section("grid"),
         grid=CFG["grid"],
         n=BACKBONE_CORPUS_SUBJECTS,
+    resources:
+        mem_mb=mem_mb("backbone_corpus"),
     log:
         f"{LOGS}/backbone_corpus.log",
     benchmark:
@@ -81,6 +83,8 @@ rule train_backbone:
         work=BACKBONE_WORK,
         out=BACKBONE_TINY,
         args=BACKBONE_TRAIN_ARGS,
+    resources:
+        mem_mb=mem_mb("train_backbone"),
     log:
         f"{LOGS}/train_backbone.log",
     benchmark:

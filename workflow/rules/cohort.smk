@@ -51,6 +51,8 @@ rule generate_shard:
         bundle=MODEL_BUNDLE,
         out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}/shards/{w.shard}",
         template_dir=f"{RESULTS}/template",
+    resources:
+        mem_mb=mem_mb("generate_shard"),
     log:
         f"{LOGS}/generate_shard/{{condset}}_{{shard}}.log",
     benchmark:
@@ -78,6 +80,8 @@ rule merge_cohort:
             _json.dumps([{k: v for k, v in CFG["cohort"].items() if k != "sets"}, CFG["qc"]], sort_keys=True).encode()
         ).hexdigest()[:16],
         out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}",
+    resources:
+        mem_mb=mem_mb("merge_cohort"),
     log:
         f"{LOGS}/merge_cohort/{{condset}}.log",
     benchmark:

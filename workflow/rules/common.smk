@@ -2,6 +2,7 @@
 import functools
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 from vcm.config import ConfigError, dump_config, validate_config
+from vcm.grid import Grid
 from vcm.prep.inputs import ManifestError, read_manifest
 
 try:
@@ -40,6 +42,35 @@ if not _cfg_path.is_file() or _cfg_path.read_text() != _text:
     _tmp = _cfg_path.with_suffix(".tmp")
     _tmp.write_text(_text)
     _tmp.replace(_cfg_path)
+
+
+# Memory per job in MB, (grids up to 1 M voxels, larger grids): rules declare what they need, profiles only map
+# rules to partitions, GPUs and runtimes, so the same profile fits a laptop-sized node for the demo and a GPU
+# node at 1 mm. Demo grid: every rule's measured max RSS is under 2.1 GB (results/benchmarks/). It grows with
+# each retry, so a job killed for memory is resubmitted with more.
+MEM_MB = {
+    "demo_cohort": (2000, 4000),
+    "template": (2000, 4000),
+    "register": (2000, 4000),
+    "segment": (2000, 8000),
+    "conditions": (1000, 3000),
+    "dataset": (2000, 8000),
+    "backbone_corpus": (2000, 4000),
+    "train_backbone": (4000, 32000),
+    "encode_latents": (2000, 16000),
+    "train_vcm": (4000, 32000),
+    "generate_shard": (4000, 16000),
+    "merge_cohort": (2000, 8000),
+    "evaluate": (4000, 16000),
+    "tstr": (2000, 16000),
+}
+_LARGE_GRID = math.prod(Grid.from_config(CFG["grid"]).shape) > 1_000_000
+
+
+def mem_mb(rule):
+    """The ``mem_mb`` resource of ``rule`` for this config's grid, times the attempt."""
+    small, large = MEM_MB[rule]
+    return lambda wildcards, attempt: (large if _LARGE_GRID else small) * attempt
 
 
 def _get(dotted):

@@ -12,6 +12,8 @@ rule dataset:
         settings=section("dataset", "training.sizes", "conditions", "grid"),
     conda:
         PREP_ENV
+    resources:
+        mem_mb=mem_mb("dataset"),
     log:
         f"{LOGS}/dataset.log",
     benchmark:

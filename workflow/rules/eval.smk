@@ -64,6 +64,8 @@ rule evaluate:
         ),
         bundle=MODEL_BUNDLE,
         template_dir=f"{RESULTS}/template",
+    resources:
+        mem_mb=mem_mb("evaluate"),
     log:
         f"{LOGS}/evaluate/{{condset}}_n{{size}}.log",
     benchmark:
@@ -87,6 +89,8 @@ rule tstr:
         condset=r"[A-Za-z0-9_.-]+",
     params:
         settings=lambda w: _eval_digest(CFG.get("tstr"), CFG["training"]["sizes"], CFG["conditions"]["lv_labels"]),
+    resources:
+        mem_mb=mem_mb("tstr"),
     log:
         f"{LOGS}/tstr/{{condset}}.log",
     benchmark:

@@ -32,6 +32,8 @@ rule encode_latents:
     params:
         settings=section("backbone"),
         bundle=MODEL_BUNDLE,
+    resources:
+        mem_mb=mem_mb("encode_latents"),
     log:
         f"{LOGS}/encode_latents.log",
     benchmark:
@@ -70,6 +72,8 @@ rule train_vcm:
         bundle=MODEL_BUNDLE,
         out_dir=lambda w: f"{RESULTS}/models/{w.condset}/n{w.size}",
         template_dir=f"{RESULTS}/template",
+    resources:
+        mem_mb=mem_mb("train_vcm"),
     log:
         f"{LOGS}/train_vcm/{{condset}}_n{{size}}.log",
     benchmark:

@@ -8,6 +8,8 @@ rule demo_cohort:
         demo=lambda w: CFG["data"]["demo"],
     conda:
         PREP_ENV
+    resources:
+        mem_mb=mem_mb("demo_cohort"),
     log:
         f"{LOGS}/demo_cohort.log",
     shell:
@@ -22,6 +24,8 @@ rule template:
         labels=f"{RESULTS}/template/labels.nii.gz",
     conda:
         PREP_ENV
+    resources:
+        mem_mb=mem_mb("template"),
     log:
         f"{LOGS}/template.log",
     shell:
@@ -57,6 +61,8 @@ rule register:
         settings=section("grid", "registration", "intensity"),
     conda:
         PREP_ENV
+    resources:
+        mem_mb=mem_mb("register"),
     log:
         f"{LOGS}/register/{{subject}}.log",
     benchmark:
@@ -86,6 +92,8 @@ rule segment:
         settings=section("grid", "segmentation", "conditions"),
     conda:
         PREP_ENV
+    resources:
+        mem_mb=mem_mb("segment"),
     log:
         f"{LOGS}/segment/{{subject}}.log",
     benchmark:
@@ -113,6 +121,8 @@ rule conditions:
         settings=section("grid", "conditions"),
     conda:
         PREP_ENV
+    resources:
+        mem_mb=mem_mb("conditions"),
     log:
         f"{LOGS}/conditions/{{subject}}.log",
     shell:
