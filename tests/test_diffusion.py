@@ -97,6 +97,11 @@ def test_lambda_is_the_inverse_latent_size():
     torch.testing.assert_close(vcm_loss(eps, eps_mod, gamma, beta), expected)
     zero = torch.zeros(2, *LATENT)
     assert vcm_loss(eps, eps, zero, zero).item() == 0.0
+    l1 = (gamma.abs().sum() + beta.abs().sum()) / (2 * 3 * 4 * 4 * 4)
+    torch.testing.assert_close(
+        vcm_loss(eps, eps_mod, gamma, beta, 0.01), F.mse_loss(eps_mod, eps) + 0.01 * l1
+    )
+    torch.testing.assert_close(vcm_loss(eps, eps_mod, gamma, beta, 0.0), F.mse_loss(eps_mod, eps))
 
 
 def test_loss_falls_when_overfitting_a_tiny_batch():

@@ -29,6 +29,7 @@ from vcm.train import (
     FINAL,
     LATEST,
     ControlNetControl,
+    Settings,
     TrainData,
     build_model,
     cli,
@@ -86,6 +87,12 @@ def test_lr_warms_up_then_anneals_to_a_tenth():
     assert lrs[10] == pytest.approx(1.0)
     assert all(b <= a for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lrs[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("override", "expected"), [(None, 6.0), (2.5, 2.5), (0, None)])
+def test_minutes_override_and_zero_removes_the_budget(tcfg, override, expected):
+    tcfg["training"]["minutes"] = 6.0
+    assert Settings.from_config(tcfg, minutes=override).minutes == expected
 
 
 def test_flip_picks_the_flipped_latent_and_flips_the_conditions(files):

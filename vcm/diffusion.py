@@ -86,20 +86,29 @@ def regularisation_weight(latent_shape: Sequence[int]) -> float:
 
 
 def vcm_loss(
-    eps: torch.Tensor, eps_mod: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+    eps: torch.Tensor,
+    eps_mod: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    l1_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Eq. 4: ``MSE(eps, eps') + λ(‖γ‖₁ + ‖β‖₁)`` with ``λ = 1 / (b·c·h·w·d)`` of the latent batch.
+    """Eq. 4: ``MSE(eps, eps') + λ(‖γ‖₁ + ‖β‖₁)`` with ``λ = l1_scale / (b·c·h·w·d)`` of the latent batch.
+
+    With ``l1_scale = 1`` (the paper as written) the L1 term is the mean of ``|γ| + |β|``, on the MSE's own
+    scale: its gradient per element (``1/N``) outweighs the MSE's (``2·residual/N``) wherever the expected
+    residual the conditions could explain is below 0.5, so γ and β stay exactly zero there.
 
     Args:
         eps: the noise that was added (B, C, *latent grid).
         eps_mod: the modulated prediction ``eps_t * (1 + gamma) + beta``.
         gamma: VCM's scale, same shape.
         beta: VCM's shift, same shape.
+        l1_scale: multiplies λ (``training.l1_scale``).
 
     Returns:
         a scalar, computed in float32.
     """
-    lam = regularisation_weight(eps.shape)
+    lam = l1_scale * regularisation_weight(eps.shape)
     mse = F.mse_loss(eps_mod.float(), eps.float())
     return mse + lam * (gamma.float().abs().sum() + beta.float().abs().sum())
 

@@ -122,6 +122,7 @@ class Settings:
         flip: left-right flip augmentation with the pre-encoded flipped latent.
         modality_dropout: ``latent`` (paper), ``input`` (ablation) or ``none``.
         p_all: probability of keeping every group (paper: 0.4 for two groups).
+        l1_scale: multiplies eq. 4's λ = 1 / (b·c·h·w·d) (1: the paper as written).
         vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
         controlnet: overrides of :class:`ControlNetControl` arguments.
         preview_subjects: validation subjects previewed at the end of training (0: no preview).
@@ -142,6 +143,7 @@ class Settings:
     flip: bool = True
     modality_dropout: str = "latent"
     p_all: float = 0.4
+    l1_scale: float = 1.0
     vcm: dict[str, Any] = field(default_factory=dict)
     controlnet: dict[str, Any] = field(default_factory=dict)
     preview_subjects: int = 2
@@ -163,6 +165,8 @@ class Settings:
         if values.get("preview_ddim_steps") is None:
             values["preview_ddim_steps"] = cfg.get("cohort", {}).get("ddim_steps", 200)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("minutes") == 0:  # an override of 0 removes the time budget
+            values["minutes"] = None
         out = cls(**values)
         if out.method not in ("vcm", "controlnet"):
             raise StageError(f"config key 'training.method': expected vcm or controlnet, got {out.method!r}")
@@ -666,6 +670,7 @@ def training_loss(
     conditions: Mapping[str, torch.Tensor],
     keep: torch.Tensor | None = None,
     drop: str = "latent",
+    l1_scale: float = 1.0,
 ) -> torch.Tensor:
     """The loss of one batch: eq. 4 for VCM, the noise MSE for ControlNet.
 
@@ -678,6 +683,7 @@ def training_loss(
         conditions: name -> float condition batch at image resolution.
         keep: (B, n_groups) modality keep mask or ``None``.
         drop: ``latent`` (zero a branch's features), ``input`` (zero its conditions) or ``none``.
+        l1_scale: multiplies eq. 4's λ.
     """
     keep = keep if drop != "none" else None
     if isinstance(model, VCM):
@@ -686,7 +692,7 @@ def training_loss(
         if drop == "input" and keep is not None:
             conditions, keep = model.drop_inputs(conditions, keep), None
         gamma, beta = net(z_t, eps_t, t, conditions, keep)
-        return vcm_loss(noise, modulate(eps_t, gamma, beta), gamma, beta)
+        return vcm_loss(noise, modulate(eps_t, gamma, beta), gamma, beta, l1_scale)
     cond = model.condition_input(conditions, keep)  # ControlNet: one input, so dropping is at the input
     eps = net(backbone, z_t, t, cov, cond)
     return F.mse_loss(eps.float(), noise.float())
@@ -932,6 +938,7 @@ def train(
                     batch.conditions,
                     batch.keep,
                     drop,
+                    settings.l1_scale,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -1226,7 +1233,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--steps", type=int, default=None, help="override training.steps")
     parser.add_argument("--batch-size", type=int, default=None, help="override training.batch_size")
-    parser.add_argument("--minutes", type=float, default=None, help="override training.minutes")
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="override training.minutes (0: no time budget)"
+    )
     parser.add_argument(
         "--method", choices=("vcm", "controlnet"), default=None, help="override training.method"
     )
