@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from ..fixtures import TINY_VCM
 from ..workflow.conftest import REPO, run_snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
@@ -21,16 +22,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 # Faster polling than a production profile needs; everything else, resources included, comes from
 # profiles/slurm and the rules as a user gets them (the test node has the machine's 2 CPUs and one fake GPU).
 FAST = ["--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5", "--jobs", "4"]
-TINY_VCM = {
-    "encoder_channels": [4, 8],
-    "encoder_norm_num_groups": 4,
-    "unet_channels": [8, 16, 16],
-    "unet_out_channels": 8,
-    "head_channels": 8,
-    "unet_num_res_blocks": 1,
-    "unet_num_head_channels": 8,
-    "unet_norm_num_groups": 8,
-}
 
 
 def _config(root: Path, name: str, **extra) -> tuple[Path, Path]:
