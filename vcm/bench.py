@@ -26,8 +26,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-def bench_dag(n_subjects: int, t1: Path) -> dict:
-    """Time a dry run over ``n_subjects`` (all pointing at one real T1 through symlinks)."""
+def bench_dag(
+    n_subjects: int, t1: Path, cohort_size: int = 10_000, profile: str | None = "profiles/slurm"
+) -> dict:
+    """Time a dry run over ``n_subjects`` (all pointing at one real T1 through symlinks) and a cohort of
+    ``cohort_size`` volumes (``cohort.shard_size`` 16 per shard), with ``profile`` (None: the local default)."""
     from vcm.prep.inputs import write_subject_meta
 
     with tempfile.TemporaryDirectory(prefix="vcm_dag_") as tmp:
@@ -47,9 +50,18 @@ def bench_dag(n_subjects: int, t1: Path) -> dict:
         write_subject_meta(pd.DataFrame(rows), results / "inputs")
         pd.DataFrame(columns=["subject", "t1", "reason"]).to_csv(results / "excluded.csv", index=False)
         cfg = root / "config.yaml"
-        cfg.write_text(yaml.safe_dump({"results": str(results), "data": {"manifest": str(manifest)}}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "results": str(results),
+                    "data": {"manifest": str(manifest)},
+                    "cohort": {"size": cohort_size, "shard_size": 16},
+                }
+            )
+        )
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         cmd = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--configfile", str(cfg)]
+        cmd += ["--profile", profile] if profile else []
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -61,11 +73,15 @@ def bench_dag(n_subjects: int, t1: Path) -> dict:
         counts = {
             line.split()[0]: int(line.split()[-1])
             for line in proc.stdout.splitlines()
-            if line.split()[:1] in (["register"], ["segment"], ["conditions"])
+            if line.split()[:1] in (["register"], ["segment"], ["conditions"], ["generate_shard"])
         }
+        shards = counts.pop("generate_shard", 0)
         jobs = sum(counts.values())
     return {
         "subjects": n_subjects,
+        "cohort_size": cohort_size,
+        "shard_jobs": shards,
+        "profile": profile or "default",
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu, 2),
         "per_subject_jobs": jobs,
@@ -445,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     dag = sub.add_parser("dag", help="dry-run time for a large manifest")
     dag.add_argument("--subjects", type=int, default=1000)
     dag.add_argument("--t1", type=Path, default=REPO / "results" / "demo" / "sub-001" / "t1.nii.gz")
+    dag.add_argument("--cohort-size", type=int, default=10_000, help="synthetic volumes (16 per shard)")
+    dag.add_argument("--profile", default="profiles/slurm", help="profile of the dry run ('' for none)")
     reg = sub.add_parser("register", help="registration seconds per subject")
     reg.add_argument("--t1", type=Path, default=REPO / "results" / "demo" / "sub-001" / "t1.nii.gz")
     reg.add_argument("--template-dir", type=Path, default=REPO / "results" / "template")
@@ -463,10 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     smp.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_sample.json")
     args = parser.parse_args(argv)
     if args.name == "dag":
-        r = bench_dag(args.subjects, args.t1)
+        r = bench_dag(args.subjects, args.t1, args.cohort_size, args.profile or None)
         print(
-            f"snakemake -n for {r['subjects']} subjects ({r['per_subject_jobs']} per-subject jobs): "
-            f"{r['seconds']} s wall, {r['cpu_seconds']} s CPU (wall includes waiting for other processes' cores)"
+            f"snakemake -n --profile {r['profile']} for {r['subjects']} subjects ({r['per_subject_jobs']} "
+            f"per-subject jobs) and {r['cohort_size']} volumes ({r['shard_jobs']} shard jobs): {r['seconds']} s wall, {r['cpu_seconds']} s CPU (wall includes waiting for other processes' cores)"
         )
     elif args.name == "sample":
         r = bench_sample(
