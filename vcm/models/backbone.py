@@ -461,8 +461,10 @@ def load_bundle(
     scale = scale_factor if scale_factor is not None else definitions.get("scale_factor", 1.0)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise StageError(f"{folder}: scale_factor must be a positive number, got {scale!r}")
-    sampling = definitions.get("latent_sampling", "sample")
-    if sampling not in LATENT_SAMPLING:
-        raise StageError(f"{net_file}: latent_sampling must be one of {LATENT_SAMPLING}, got {sampling!r}")
-    backbone = Backbone(autoencoder, diffusion, scale_factor=scale, definitions=definitions, freeze=freeze)
+    try:  # Backbone validates latent_sampling
+        backbone = Backbone(
+            autoencoder, diffusion, scale_factor=scale, definitions=definitions, freeze=freeze
+        )
+    except ValueError as err:
+        raise StageError(f"{net_file}: {err}") from None
     return backbone.to(device) if device is not None else backbone
