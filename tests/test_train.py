@@ -294,7 +294,7 @@ def test_preview_writes_images_montage_and_lv_dice(tmp_path, files, tcfg, templa
     metrics = preview(
         model, meta, backbone, files["dataset"], out, 1, 3, template_dir=template_dir, progress=False
     )
-    for name in ("controlled", "uncontrolled", "real", "lv"):
+    for name in ("controlled", "uncontrolled", "reconstruction", "real", "lv"):
         assert (out / f"sub-04_{name}.nii.gz").is_file()
     assert (out / "preview.png").stat().st_size > 0
     assert json.loads((out / "preview_metrics.json").read_text()) == metrics
@@ -308,6 +308,13 @@ def test_preview_writes_images_montage_and_lv_dice(tmp_path, files, tcfg, templa
     with h5py.File(files["dataset"]) as h5:
         np.testing.assert_allclose(img.affine, h5.attrs["grid_affine"])
     np.testing.assert_array_equal(img.get_fdata(), nib.load(out / "sub-04_uncontrolled.nii.gz").get_fdata())
+    # the ceiling: the decoded posterior mean of the real image
+    real = torch.from_numpy(nib.load(out / "sub-04_real.nii.gz").get_fdata().astype(np.float32))[None, None]
+    with torch.no_grad():
+        expected = backbone.decode(backbone.encode(real)[0] * backbone.scale_factor)[0, 0].numpy()
+    recon = nib.load(out / "sub-04_reconstruction.nii.gz").get_fdata()
+    np.testing.assert_allclose(recon, expected, atol=1e-4)
+    assert 0.0 <= metrics["lv_dice_reconstruction"] <= 1.0
 
 
 def test_cli_trains_controlnet_and_previews(tmp_path, files, capsys):

@@ -1047,7 +1047,8 @@ def _grid_from_affine(shape: Sequence[int], affine: np.ndarray):
 
 
 def _montage(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Real | controlled | uncontrolled, axial and coronal through the LV mask's centre, LV contour in red."""
+    """Real | AE reconstruction | controlled | uncontrolled, axial and coronal through the LV mask's centre, LV
+    contour in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1055,8 +1056,8 @@ def _montage(path: Path, rows: list[dict[str, Any]]) -> None:
 
     from vcm.io import atomic_path
 
-    cols = ("real", "controlled", "uncontrolled")
-    fig, axes = plt.subplots(2 * len(rows), 3, figsize=(7.5, 3.2 * 2 * len(rows) * 0.62), squeeze=False)
+    cols = ("real", "reconstruction", "controlled", "uncontrolled")
+    fig, axes = plt.subplots(2 * len(rows), 4, figsize=(10, 3.2 * 2 * len(rows) * 0.62), squeeze=False)
     for r, row in enumerate(rows):
         lv = row["lv"]
         centre = [
@@ -1107,7 +1108,8 @@ def preview(
     Writes ``<out_dir>/<subject>_{controlled,uncontrolled,real,lv}.nii.gz`` (grid affine),
     ``preview.png`` (LV-mask contour on the images) and ``preview_metrics.json``: the LV Dice of each
     generated image's atlas segmentation (:func:`~vcm.prep.segmentation.segment_atlas`) against the condition
-    mask, when ``template_dir`` is given. VCM's condition features are computed once per sample.
+    mask, when ``template_dir`` is given, and of the autoencoder's reconstruction of the real image: the ceiling
+    any control can reach through this autoencoder. VCM's condition features are computed once per sample.
 
     Args:
         model: the trained control module (VCM or :class:`ControlNetControl`).
@@ -1158,6 +1160,9 @@ def preview(
         for name, control in (("controlled", model), ("uncontrolled", None))
     }
     bar.close()
+    with torch.no_grad():  # the posterior mean, decoded: what the autoencoder keeps of the real anatomy
+        mu, _ = backbone.encode(torch.from_numpy(real[:, None]).to(device))
+        images["reconstruction"] = backbone.decode(mu * backbone.scale_factor)[:, 0].float().cpu().numpy()
     sample_s = time.perf_counter() - start
     grid = _grid_from_affine(real.shape[1:], affine) if template_dir is not None else None
     rows, per_subject = [], []
@@ -1175,7 +1180,7 @@ def preview(
         save_nifti(out_dir / f"{subject}_real.nii.gz", real[i], affine, np.float32)
         if lv is not None:
             save_nifti(out_dir / f"{subject}_lv.nii.gz", lv[i], affine, np.uint8)
-        for name in ("controlled", "uncontrolled"):
+        for name in ("controlled", "uncontrolled", "reconstruction"):
             path = out_dir / f"{subject}_{name}.nii.gz"
             save_nifti(path, images[name][i], affine, np.float32)
             row[name] = images[name][i]
@@ -1200,6 +1205,7 @@ def preview(
         "subjects": per_subject,
         "lv_dice_controlled": mean("dice_controlled"),
         "lv_dice_uncontrolled": mean("dice_uncontrolled"),
+        "lv_dice_reconstruction": mean("dice_reconstruction"),
         "dice_method": "atlas" if grid is not None else None,
         "sampling_seconds": round(sample_s, 2),
         "seconds": round(time.perf_counter() - start, 2),
@@ -1335,7 +1341,10 @@ def _write_no_preview(folder: Path) -> None:
 def _print_preview(folder: Path, metrics: Mapping[str, Any]) -> None:
     dc, du = metrics["lv_dice_controlled"], metrics["lv_dice_uncontrolled"]
     dice = (
-        f"LV Dice controlled {dc:.3f} vs uncontrolled {du:.3f}" if dc is not None else "no Dice (no template)"
+        f"LV Dice controlled {dc:.3f} vs uncontrolled {du:.3f} "
+        f"(autoencoder reconstruction of the real image: {metrics['lv_dice_reconstruction']:.3f})"
+        if dc is not None
+        else "no Dice (no template)"
     )
     print(f"{folder}: {len(metrics['subjects'])} subjects at DDIM-{metrics['ddim_steps']}, {dice}")
 
