@@ -15,3 +15,57 @@ def test_bench_dag_lists_three_jobs_per_subject(tmp_path):
     assert result["per_subject_jobs"] == 60
     assert result["shard_jobs"] == 7 and result["profile"] == "profiles/slurm"  # ceil(100 / 16) shards
     assert result["seconds"] > 0 and result["cpu_seconds"] > 0
+
+
+def test_bench_sample_random_demo_networks_naive_equals_production(tmp_path):
+    from vcm.bench import bench_sample
+
+    r = bench_sample(None, None, None, "lv_brain_skull", 2, 2, 200, "tiny", 1, "cpu")
+    assert r["scale"] == "demo" and r["grid"] == [40, 56, 40] and r["latent"] == [3, 10, 14, 10]
+    assert r["notes"] == ["random backbone weights", "random VCM weights"]
+    assert set(r["samplers"]) == {"naive", "production", "floor"}
+    assert all(s["wall_s_per_volume"] > 0 and s["peak_memory_mb"] > 0 for s in r["samplers"].values())
+    # the production path reorders work, not results; random VCM heads make it differ from the floor
+    assert r["within_tolerance"] and r["max_abs_diff_naive_vs_production"] < 1e-3
+    assert r["vcm_effect_max_abs"] > 1e-2
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bench_train_reports_each_batch_size(checkpointing):
+    from vcm.bench import bench_train
+
+    r = bench_train("demo", [1, 2], 1, "lv_brain_skull", "tiny", checkpointing, 1, "cpu")
+    assert [row["batch_size"] for row in r["batches"]] == [1, 2]
+    assert all(row["s_per_step"] > 0 and row["peak_memory_mb"] > 0 for row in r["batches"])
+    assert r["activation_checkpointing"] is checkpointing and r["precision"] == "fp32"
+    assert r["vcm_parameters_M"] == 0.57
+
+
+def test_gpu_script_smoke_on_cpu_writes_every_result(tmp_path):
+    """bench/gpu.sh runs blind on a lent GPU, once: its CPU smoke mode runs the same commands on a small grid."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SMOKE="1", PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", "bench/gpu.sh", str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {
+        "env.json",
+        "log.txt",
+        "sample_b1.json",
+        "sample_b2.json",
+        "train.json",
+        "train_checkpointing.json",
+    }
+    train = json.loads((tmp_path / "train_checkpointing.json").read_text())
+    assert train["scale"] == "brainldm" and train["backbone_diffusion_parameters_M"] == 553.17
+    assert train["activation_checkpointing"] and [b["batch_size"] for b in train["batches"]] == [2, 2]
+    sample = json.loads((tmp_path / "sample_b1.json").read_text())
+    assert sample["within_tolerance"] and sample["vcm_parameters_M"] > 40

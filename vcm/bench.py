@@ -7,6 +7,13 @@
   loop (batch 1, VCM's condition encoder at every step, fp32), the production sampler of ``generate-shard``
   (batched, encoder features once per sample, bf16 on CUDA) and the backbone alone (the floor: same steps,
   same batching, no VCM); their ratios, peak memory and how far the naive and production images differ.
+  ``--scale demo`` (default) uses the shipped tiny backbone on the demo grid; ``--scale brainldm`` builds
+  BrainLDM's networks (the model-zoo bundle's definitions) and the paper's VCM with random weights on the
+  160×224×160 grid, for a GPU.
+* ``train``: seconds and peak memory of one VCM training step (eq. 4, AdamW, bf16 autocast on CUDA) per batch
+  size, at either scale, with or without activation checkpointing of the full-resolution encoders.
+
+``bench/gpu.sh`` runs the BrainLDM-scale benchmarks in one go on a GPU machine.
 """
 
 from __future__ import annotations
@@ -222,6 +229,45 @@ def _sample_inputs(dataset: Path | None, names: list[str], n: int, grid: tuple[i
     return conds, rng.random((n, 4)).astype(np.float32), grid, f"synthetic blobs on {grid}"
 
 
+SCALES = {"demo": (40, 56, 40), "brainldm": (160, 224, 160)}
+"""Image grid of each benchmark scale."""
+
+
+def _random_backbone(scale: str, device):
+    """A random-weight backbone of ``scale``'s architecture: the demo recipe or BrainLDM's definitions."""
+    import torch
+
+    from vcm.models.backbone import Backbone, brainldm_definitions, build_networks, tiny_definitions
+
+    defs = brainldm_definitions() if scale == "brainldm" else tiny_definitions(**DEMO_BACKBONE)
+    torch.manual_seed(0)
+    ae, dm = build_networks(defs)
+    what = "BrainLDM's networks" if scale == "brainldm" else "the demo backbone's architecture"
+    return Backbone(ae, dm, definitions=defs).to(device), f"random weights ({what})"
+
+
+def _random_vcm(backbone, groups, widths: str, device, checkpointing: bool = False):
+    """A random VCM for ``backbone`` with non-zero heads (zero heads would make it the identity)."""
+    import math
+
+    import torch
+
+    from vcm.models.vcm import VCM
+
+    torch.manual_seed(1)
+    vcm = VCM(
+        latent_channels=backbone.latent_channels,
+        condition_groups=groups,
+        levels=int(round(math.log2(backbone.downsample_factor))),
+        use_checkpointing=checkpointing,
+        **VCM_WIDTHS[widths],
+    )
+    with torch.no_grad():
+        for head in (vcm.head_gamma, vcm.head_beta):
+            head.conv.weight.normal_(std=0.02)
+    return vcm.to(device)
+
+
 def bench_sample(
     dataset: Path | None,
     bundle: Path | None,
@@ -234,39 +280,37 @@ def bench_sample(
     threads: int,
     device: str | None,
     chunk: int = 1,
+    scale: str = "demo",
+    grid: tuple[int, ...] | None = None,
 ) -> dict:
     """Time the naive, production and backbone-only samplers on the same inputs (see the module docstring).
+
+    ``scale="brainldm"`` ignores ``dataset`` and ``bundle`` (random BrainLDM networks, blob conditions);
+    ``grid`` overrides the scale's image grid (a smoke run of the BrainLDM networks on a small grid).
 
     Returns:
         per sampler: wall and CPU seconds per volume (measured at ``steps`` and extrapolated to
         ``extrapolate_to`` DDIM steps from the measured per-step and one-off costs), peak memory; the ratios,
         the images' max abs difference naive vs production and its tolerance; what the weights were.
     """
-    import math
-
     import numpy as np
     import torch
 
     from vcm.config import load_config
     from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
     from vcm.generate import CohortSampler, noise_seed
-    from vcm.models.backbone import Backbone, build_networks, load_bundle, tiny_definitions
-    from vcm.models.vcm import VCM
+    from vcm.models.backbone import load_bundle
     from vcm.train import condition_groups, condition_tensor, load_model
 
     torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = load_config(REPO / "config" / "config.yaml")
     notes = []
-    if bundle is not None and (Path(bundle) / "models" / "model.pt").is_file():
+    if scale == "demo" and bundle is not None and (Path(bundle) / "models" / "model.pt").is_file():
         backbone = load_bundle(bundle, device=dev)
         backbone_desc = str(bundle)
     else:
-        defs = tiny_definitions(**DEMO_BACKBONE)
-        torch.manual_seed(0)
-        ae, dm = build_networks(defs)
-        backbone = Backbone(ae, dm, definitions=defs).to(dev)
-        backbone_desc = "random weights (the demo backbone's architecture)"
+        backbone, backbone_desc = _random_backbone(scale, dev)
         notes.append("random backbone weights")
     if model is not None:
         vcm, meta = load_model(model, dev)
@@ -276,21 +320,12 @@ def bench_sample(
         model_desc = str(model)
     else:
         groups = condition_groups(cfg, condset)
-        torch.manual_seed(1)
-        vcm = VCM(
-            latent_channels=backbone.latent_channels,
-            condition_groups=groups,
-            levels=int(round(math.log2(backbone.downsample_factor))),
-            **VCM_WIDTHS[widths],
-        )
-        with torch.no_grad():  # zero heads would make VCM the identity: give the modulation something to do
-            for head in (vcm.head_gamma, vcm.head_beta):
-                head.conv.weight.normal_(std=0.02)
-        vcm = vcm.to(dev).eval()
+        vcm = _random_vcm(backbone, groups, widths, dev).eval()
         model_desc = f"random weights, {widths} widths"
         notes.append("random VCM weights")
     names = [n for g in groups for n, _ in g]
-    conds, cov, grid, inputs_desc = _sample_inputs(dataset, names, volumes, (40, 56, 40))
+    grid = tuple(grid or SCALES[scale])
+    conds, cov, grid, inputs_desc = _sample_inputs(dataset if scale == "demo" else None, names, volumes, grid)
     seeds = [noise_seed(0, i) for i in range(volumes)]
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     n_sem = 8
@@ -367,6 +402,7 @@ def bench_sample(
 
     out: dict = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({threads} threads)",
+        "scale": scale,
         "grid": list(grid),
         "latent": list(latent),
         "volumes": volumes,
@@ -417,6 +453,112 @@ def bench_sample(
     return out
 
 
+def bench_train(
+    scale: str,
+    batch_sizes: list[int],
+    steps: int,
+    condset: str,
+    widths: str,
+    checkpointing: bool,
+    threads: int,
+    device: str | None,
+    grid: tuple[int, ...] | None = None,
+) -> dict:
+    """Seconds and peak memory of one VCM training step per batch size, on random-weight networks.
+
+    The step is the one ``train-vcm`` takes: the frozen backbone's noise prediction (no grad), VCM's
+    modulation, eq. 4 (:func:`vcm.train.training_loss`), backward and AdamW, under bf16 autocast on CUDA; the
+    latents and conditions are random tensors of the scale's shapes. One warm-up step per batch size, then
+    ``steps`` timed. A batch size that runs out of memory is reported as such, not as a failure.
+    """
+    import numpy as np
+    import torch
+
+    from vcm.config import load_config
+    from vcm.train import condition_groups, training_loss
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    grid = tuple(grid or SCALES[scale])
+    backbone, backbone_desc = _random_backbone(scale, dev)
+    groups = condition_groups(load_config(REPO / "config" / "config.yaml"), condset)
+    vcm = _random_vcm(backbone, groups, widths, dev, checkpointing).train()
+    optimizer = torch.optim.AdamW(vcm.parameters(), lr=5e-5)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    latent = (backbone.latent_channels, *(s // backbone.downsample_factor for s in grid))
+    gen = torch.Generator().manual_seed(0)
+
+    def step(b: int) -> float:
+        z_t = torch.randn(b, *latent, generator=gen).to(dev)
+        noise = torch.randn(b, *latent, generator=gen).to(dev)
+        t = torch.randint(0, 1000, (b,), generator=gen).to(dev)
+        cov = torch.rand(b, 1, 4, generator=gen).to(dev)
+        conds = {n: torch.rand(b, c, *grid, generator=gen).round().to(dev) for g in groups for n, c in g}
+        sync()
+        start = time.perf_counter()
+        with autocast:
+            loss = training_loss(vcm, vcm, backbone, z_t, t, noise, cov, conds)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync()
+        return time.perf_counter() - start
+
+    rows = []
+    for b in batch_sizes:
+        row: dict = {"batch_size": b}
+        try:
+            with _PeakMemory(dev) as mem:
+                step(b)  # warm-up: allocator, cuDNN / oneDNN algorithm choice
+                times = [step(b) for _ in range(steps)]
+            row.update(
+                s_per_step=round(float(np.median(times)), 4),
+                s_per_sample=round(float(np.median(times)) / b, 4),
+                peak_memory_mb=round(mem.peak_mb, 1),
+            )
+        except torch.OutOfMemoryError as err:
+            row["out_of_memory"] = str(err).splitlines()[0][:200]
+        optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return {
+        "scale": scale,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({threads} threads)",
+        "grid": list(grid),
+        "latent": list(latent),
+        "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
+        "activation_checkpointing": checkpointing,
+        "backbone": backbone_desc,
+        "backbone_diffusion_parameters_M": round(
+            sum(p.numel() for p in backbone.diffusion.parameters()) / 1e6, 2
+        ),
+        "vcm": f"random weights, {widths} widths, condition set {condset}",
+        "vcm_parameters_M": round(sum(p.numel() for p in vcm.parameters()) / 1e6, 2),
+        "timed_steps": steps,
+        "notes": ["random weights: timing and memory only"],
+        "batches": rows,
+    }
+
+
+def _print_train(r: dict) -> None:
+    print(
+        f"VCM training step on {r['device']}: grid {r['grid']}, latent {r['latent']}, {r['precision']}, "
+        f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'} [{', '.join(r['notes'])}]"
+    )
+    print(f"  backbone: {r['backbone']} ({r['backbone_diffusion_parameters_M']} M diffusion parameters)")
+    print(f"  VCM: {r['vcm']} ({r['vcm_parameters_M']} M parameters)")
+    for row in r["batches"]:
+        if "out_of_memory" in row:
+            print(f"  batch {row['batch_size']}: out of memory ({row['out_of_memory']})")
+        else:
+            print(
+                f"  batch {row['batch_size']}: {row['s_per_step']:.3f} s/step ({row['s_per_sample']:.3f} s/sample), "
+                f"peak memory {row['peak_memory_mb'] / 1024:.2f} GB (median of {r['timed_steps']} steps)"
+            )
+
+
 def _print_sample(r: dict) -> None:
     weights = f" [{', '.join(r['notes'])}]" if r["notes"] else ""
     print(
@@ -455,6 +597,17 @@ def _print_sample(r: dict) -> None:
     )
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _write(path: Path, result: dict) -> None:
+    from vcm.io import write_json
+
+    write_json(path, result)
+    print(f"written: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vcm.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
@@ -479,6 +632,18 @@ def main(argv: list[str] | None = None) -> int:
     smp.add_argument("--threads", type=int, default=1)
     smp.add_argument("--device", default=None)
     smp.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_sample.json")
+    trn = sub.add_parser("train", help="VCM training step: seconds and peak memory per batch size")
+    trn.add_argument("--batch-sizes", type=_ints, default=[2, 16], help="comma-separated, e.g. 2,16")
+    trn.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after one warm-up)")
+    trn.add_argument("--condition-set", default="lv_brain_skull")
+    trn.add_argument("--widths", choices=sorted(VCM_WIDTHS), default="paper")
+    trn.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the encoders")
+    trn.add_argument("--threads", type=int, default=1)
+    trn.add_argument("--device", default=None)
+    trn.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_train.json")
+    for p in (smp, trn):
+        p.add_argument("--scale", choices=sorted(SCALES), default="demo", help="demo grid or BrainLDM's")
+        p.add_argument("--grid", type=_ints, default=None, help="override the scale's grid, e.g. 32,48,32")
     args = parser.parse_args(argv)
     if args.name == "dag":
         r = bench_dag(args.subjects, args.t1, args.cohort_size, args.profile or None)
@@ -499,12 +664,25 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             args.device,
             args.chunk,
+            args.scale,
+            args.grid,
         )
         _print_sample(r)
-        from vcm.io import write_json
-
-        write_json(args.out, r)
-        print(f"written: {args.out}")
+        _write(args.out, r)
+    elif args.name == "train":
+        r = bench_train(
+            args.scale,
+            args.batch_sizes,
+            args.steps,
+            args.condition_set,
+            args.widths,
+            args.checkpointing,
+            args.threads,
+            args.device,
+            args.grid,
+        )
+        _print_train(r)
+        _write(args.out, r)
     else:
         for label, (wall, cpu) in bench_register(args.t1, args.template_dir).items():
             print(
