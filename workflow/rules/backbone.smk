@@ -16,16 +16,16 @@ BACKBONE_WORK = f"{RESULTS}/backbone/work"
 BACKBONE_CORPUS = f"{RESULTS}/backbone/corpus.h5"
 
 # The recipe of the shipped resources/backbone/demo weights (docs/backbone.md): 400 demo-generator subjects,
-# factor-4 autoencoder, 4.3 M-parameter latent U-Net. Fixed step counts (those of the shipped run: 2581 AE,
-# 2781 U-Net) make a retrain independent of the machine's speed; the shipped run itself used time budgets
-# (--ae-minutes/--dm-minutes), so its learning-rate schedule differed slightly. About 2 h on one CPU core.
+# factor-4 autoencoder with 8 latent channels, 4.3 M-parameter latent U-Net. Fixed step counts (those of the
+# shipped run: 2600 AE, 5000 U-Net) make a retrain independent of the machine's speed; the shipped U-Net used a
+# 70-minute budget, so its learning-rate schedule differed slightly. About 100 min on two CPU cores.
 BACKBONE_CORPUS_SUBJECTS = 400
 BACKBONE_TRAIN_ARGS = (
     "--seed 0 --checkpoint-every 100"
-    " --ae-channels 8,16,32 --latent-channels 3 --ae-res-blocks 1 --ae-batch 2 --ae-lr 1e-3 --kl-weight 1e-6"
-    " --ae-init-sigma 0.05 --ae-steps 2581"
+    " --ae-channels 8,16,32 --latent-channels 8 --ae-res-blocks 1 --ae-batch 2 --ae-lr 1e-3 --kl-weight 1e-8"
+    " --ae-init-sigma 0.05 --ae-steps 2600"
     " --dm-channels 32,64,64 --dm-res-blocks 1,1,2 --dm-attention false,false,true --dm-head-channels 0,0,32"
-    " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 2781 --sample-every 250 --ddim-steps 50"
+    " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 5000 --sample-every 500 --ddim-steps 50"
 )
 
 if BACKBONE_RETRAIN:
