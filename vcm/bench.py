@@ -246,6 +246,15 @@ def _random_backbone(scale: str, device):
     return Backbone(ae, dm, definitions=defs).to(device), f"random weights ({what})"
 
 
+def vcm_widths(name: str) -> dict:
+    """VCM constructor widths: ``paper``, ``small``, ``tiny`` or ``config`` (``training.vcm`` of the config)."""
+    if name == "config":
+        return dict(
+            yaml.safe_load((REPO / "config" / "config.yaml").read_text())["training"].get("vcm") or {}
+        )
+    return dict(VCM_WIDTHS[name])
+
+
 def _random_vcm(backbone, groups, widths: str, device, checkpointing: bool = False):
     """A random VCM for ``backbone`` with non-zero heads (zero heads would make it the identity)."""
     import math
@@ -260,7 +269,7 @@ def _random_vcm(backbone, groups, widths: str, device, checkpointing: bool = Fal
         condition_groups=groups,
         levels=int(round(math.log2(backbone.downsample_factor))),
         use_checkpointing=checkpointing,
-        **VCM_WIDTHS[widths],
+        **vcm_widths(widths),
     )
     with torch.no_grad():
         for head in (vcm.head_gamma, vcm.head_beta):
@@ -624,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     smp.add_argument("--bundle", type=Path, default=REPO / "resources" / "backbone" / "demo")
     smp.add_argument("--model", type=Path, default=None, help="a trained vcm.pt (default: random weights)")
     smp.add_argument("--condition-set", default="lv_brain_skull", help="for a random VCM")
-    smp.add_argument("--widths", choices=sorted(VCM_WIDTHS), default="paper", help="for a random VCM")
+    widths = [*sorted(VCM_WIDTHS), "config"]
+    smp.add_argument("--widths", choices=widths, default="paper", help="for a random VCM")
     smp.add_argument("--volumes", type=int, default=4, help="volumes = the production batch")
     smp.add_argument("--steps", type=int, default=20, help="DDIM steps timed")
     smp.add_argument("--extrapolate-to", type=int, default=200, help="DDIM steps to extrapolate to")
@@ -636,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     trn.add_argument("--batch-sizes", type=_ints, default=[2, 16], help="comma-separated, e.g. 2,16")
     trn.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after one warm-up)")
     trn.add_argument("--condition-set", default="lv_brain_skull")
-    trn.add_argument("--widths", choices=sorted(VCM_WIDTHS), default="paper")
+    trn.add_argument("--widths", choices=widths, default="paper", help="config: training.vcm of the config")
     trn.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the encoders")
     trn.add_argument("--threads", type=int, default=1)
     trn.add_argument("--device", default=None)
