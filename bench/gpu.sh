@@ -2,14 +2,14 @@
 # The GPU benchmarks (issue #6) in one go: BrainLDM-sized networks with random weights on the 160x224x160 grid.
 #   bash bench/gpu.sh [OUT_DIR]                on a CUDA machine (results/benchmarks/gpu by default)
 #   SMOKE=1 bash bench/gpu.sh /tmp/gpu-smoke   on a CPU: the same commands on a 32x48x32 grid, 1-2 steps
-# Missing packages install from the wheels in .whl/ (made by bench/wheels.sh) when that folder exists.
+# Missing packages install from the wheels in .whl/ (made by bench/wheels.sh for the GPU machine's Python 3.12).
 # Writes: env.json, sample_b1.json, sample_b16.json, train.json, train_checkpointing.json, log.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/benchmarks/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import monai, nibabel, jsonschema" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vcm_site .whl/*.whl
   export PYTHONPATH=/tmp/vcm_site
 fi
