@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import resource
 import subprocess
@@ -632,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     smp.add_argument("--dataset", type=Path, default=REPO / "results" / "dataset.h5", help="conditions (val)")
     smp.add_argument("--bundle", type=Path, default=REPO / "resources" / "backbone" / "demo")
     smp.add_argument("--model", type=Path, default=None, help="a trained vcm.pt (default: random weights)")
-    smp.add_argument("--condition-set", default="lv_brain_skull", help="for a random VCM")
+    smp.add_argument("--condition-set", dest="condset", default="lv_brain_skull", help="for a random VCM")
     widths = [*sorted(VCM_WIDTHS), "config"]
     smp.add_argument("--widths", choices=widths, default="paper", help="for a random VCM")
     smp.add_argument("--volumes", type=int, default=4, help="volumes = the production batch")
@@ -645,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     trn = sub.add_parser("train", help="VCM training step: seconds and peak memory per batch size")
     trn.add_argument("--batch-sizes", type=_ints, default=[2, 16], help="comma-separated, e.g. 2,16")
     trn.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after one warm-up)")
-    trn.add_argument("--condition-set", default="lv_brain_skull")
+    trn.add_argument("--condition-set", dest="condset", default="lv_brain_skull")
     trn.add_argument("--widths", choices=widths, default="paper", help="config: training.vcm of the config")
     trn.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the encoders")
     trn.add_argument("--threads", type=int, default=1)
@@ -661,37 +662,10 @@ def main(argv: list[str] | None = None) -> int:
             f"snakemake -n --profile {r['profile']} for {r['subjects']} subjects ({r['per_subject_jobs']} "
             f"per-subject jobs) and {r['cohort_size']} volumes ({r['shard_jobs']} shard jobs): {r['seconds']} s wall, {r['cpu_seconds']} s CPU (wall includes waiting for other processes' cores)"
         )
-    elif args.name == "sample":
-        r = bench_sample(
-            args.dataset,
-            args.bundle,
-            args.model,
-            args.condition_set,
-            args.volumes,
-            args.steps,
-            args.extrapolate_to,
-            args.widths,
-            args.threads,
-            args.device,
-            args.chunk,
-            args.scale,
-            args.grid,
-        )
-        _print_sample(r)
-        _write(args.out, r)
-    elif args.name == "train":
-        r = bench_train(
-            args.scale,
-            args.batch_sizes,
-            args.steps,
-            args.condition_set,
-            args.widths,
-            args.checkpointing,
-            args.threads,
-            args.device,
-            args.grid,
-        )
-        _print_train(r)
+    elif args.name in ("sample", "train"):
+        run, show = {"sample": (bench_sample, _print_sample), "train": (bench_train, _print_train)}[args.name]
+        r = run(**{k: getattr(args, k) for k in inspect.signature(run).parameters})
+        show(r)
         _write(args.out, r)
     else:
         for label, (wall, cpu) in bench_register(args.t1, args.template_dir).items():

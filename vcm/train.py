@@ -1160,9 +1160,9 @@ def preview(
         for name, control in (("controlled", model), ("uncontrolled", None))
     }
     bar.close()
-    with torch.no_grad():  # the posterior mean, decoded: what the autoencoder keeps of the real anatomy
-        mu, _ = backbone.encode(torch.from_numpy(real[:, None]).to(device))
-        images["reconstruction"] = backbone.decode(mu * backbone.scale_factor)[:, 0].float().cpu().numpy()
+    # the posterior mean, decoded: what the autoencoder keeps of the real anatomy
+    mu, _ = backbone.encode(torch.from_numpy(real[:, None]).to(device))
+    images["reconstruction"] = backbone.decode(mu * backbone.scale_factor)[:, 0].float().cpu().numpy()
     sample_s = time.perf_counter() - start
     grid = _grid_from_affine(real.shape[1:], affine) if template_dir is not None else None
     rows, per_subject = [], []
