@@ -312,6 +312,30 @@ def test_failing_qc_is_retried_with_fresh_seeds_and_flagged(files, gcfg, tmp_pat
         np.testing.assert_array_equal(h5["attempts/kept"][:], [False, True] * 3)
 
 
+def test_overlapping_qc_with_sampling_changes_no_file(files, gcfg, tmp_path):
+    """QC in a worker thread reorders batches (retries come back a batch later); the files stay the same."""
+    gcfg["cohort"].update(size=5, shard_size=5)
+    gcfg["qc"].update(dice_min=0.5, max_tries=3)
+
+    def picky(image, path):  # fails some attempts, decided by the image alone: the same in both runs
+        label = load_nifti(path.parent / "label.nii.gz", np.uint16)[0]
+        return label if int(image.sum() * 1e3) % 3 else np.zeros_like(label)
+
+    made = {}
+    for overlap in (False, True):
+        gcfg["cohort"]["overlap_qc"] = overlap
+        made[overlap] = run_cohort(gcfg, files, tmp_path / str(overlap), segmenter=picky)[0]
+    a, b = h5_arrays(made[False]), h5_arrays(made[True])
+    assert (a["qc/attempts"] > 1).any()  # the reordering was exercised
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for i in range(5):
+        assert subject_arrays(made[False].parent / subject_id(i)) == subject_arrays(
+            made[True].parent / subject_id(i)
+        )
+
+
 def test_resume_after_an_interruption_is_byte_identical(files, gcfg, cohorts, tmp_path):
     gcfg["cohort"]["shard_size"] = 3
     reference = cohorts["s3"] / "shards" / "00000"

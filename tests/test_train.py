@@ -36,6 +36,7 @@ from vcm.train import (
     condition_groups,
     draw_batch,
     draw_indices,
+    draw_timesteps,
     load_model,
     lr_factor,
     lr_factor_time,
@@ -115,14 +116,15 @@ def test_flip_picks_the_flipped_latent_and_flips_the_conditions(files):
     assert cov.shape == (2, 1, 4)
 
 
-def test_ranks_draw_slices_of_the_same_global_batch(files):
+@pytest.mark.parametrize("draws", [1, 3])
+def test_ranks_draw_slices_of_the_same_global_batch(files, draws):
     data = TrainData(files["dataset"], files["latents"], "train_4", ["lv"])
     alphas = ddpm_scheduler().alphas_cumprod
     probs = {(0,): 0.5, (0, 1): 0.5}
 
     def draw(part):
         g = torch.Generator().manual_seed(7)
-        return draw_batch(data, 4, g, alphas, 0.9, True, probs, 2, part)
+        return draw_batch(data, 4, g, alphas, 0.9, True, probs, 2, part, posterior_weight=0.0, draws=draws)
 
     whole, first, second = draw(slice(None)), draw(slice(0, 2)), draw(slice(2, 4))
     for name in ("z_t", "t", "noise", "cov", "keep", "flip"):
@@ -133,6 +135,33 @@ def test_ranks_draw_slices_of_the_same_global_batch(files):
         torch.cat([first.conditions["lv"], second.conditions["lv"]]), whole.conditions["lv"]
     )
     assert whole.flip.any() and not whole.flip.all()  # seed 7 flips some samples: both paths are exercised
+    # one condition row per subject, `draws` latent rows: the same clean latent under different noise levels
+    assert whole.conditions["lv"].shape[0] == 4 and whole.z_t.shape[0] == whole.t.shape[0] == 4 * draws
+    a = alphas[whole.t].reshape(-1, 1, 1, 1, 1)
+    z0 = ((whole.z_t - (1 - a).sqrt() * whole.noise) / a.sqrt()).reshape(4, draws, *whole.z_t.shape[1:])
+    torch.testing.assert_close(z0, z0[:, :1].expand_as(z0), atol=2e-3, rtol=0)  # 1/sqrt(a) amplifies rounding
+    assert whole.t.unique().numel() == 4 * draws  # every row draws its own time step
+
+
+def test_cubic_time_steps_favour_the_noisy_end():
+    g = torch.Generator().manual_seed(0)
+    uniform, cubic = draw_timesteps(20000, 1000, g), draw_timesteps(20000, 1000, g, "cubic")
+    assert uniform.min() >= 0 and cubic.min() >= 0 and uniform.max() <= 999 and cubic.max() <= 999
+    assert (uniform >= 870).float().mean() == pytest.approx(0.13, abs=0.01)
+    assert (cubic >= 870).float().mean() == pytest.approx(0.5, abs=0.02)  # u < 0.13^(1/3) ~ 0.507
+    with pytest.raises(ValueError, match="timesteps"):
+        draw_timesteps(2, 1000, g, "logit")
+
+
+def test_noise_draws_and_cubic_steps_train_and_are_checked(tmp_path, files, tcfg):
+    tcfg["training"].update(steps=3, noise_draws=2, timesteps="cubic")
+    result = run(tcfg, files, tmp_path / "k2")
+    assert len(result.history["loss"]) == 3 and np.isfinite(result.history["loss"]).all()
+    init = build_model("vcm", result.model.groups, load_bundle(files["bundle"]), TINY_VCM)
+    assert not torch.equal(result.model.head_beta.conv.weight, init.head_beta.conv.weight)
+    tcfg["training"]["timesteps"] = "logit"
+    with pytest.raises(StageError, match="training.timesteps"):
+        Settings.from_config(tcfg)
 
 
 def test_posterior_weight_zero_trains_on_posterior_means_with_the_same_random_stream(files):

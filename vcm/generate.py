@@ -55,6 +55,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,8 @@ class CohortSettings:
             them, hence the default.
         deform_max_mm: largest displacement of a new anatomy's deformation.
         deform_smoothness_mm: spacing of the deformation's random control points (its correlation length).
+        overlap_qc: QC and file writing of a batch run in a worker thread while the next batch samples. A
+            sample's result depends only on its own seed, so the cohort is identical either way (tested).
     """
 
     size: int = 32
@@ -131,6 +134,7 @@ class CohortSettings:
     sources: tuple[str, ...] = ("train",)
     deform_max_mm: float = 8.0
     deform_smoothness_mm: float = 32.0
+    overlap_qc: bool = True
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> CohortSettings:
@@ -150,7 +154,7 @@ class CohortSettings:
 
     def signature_parts(self) -> dict[str, Any]:
         """What a subject's data depends on (not the cohort or shard size, which only say which subjects)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("size", "shard_size")}
+        return {k: v for k, v in asdict(self).items() if k not in ("size", "shard_size", "overlap_qc")}
 
 
 def n_shards(size: int, shard_size: int) -> int:
@@ -691,38 +695,15 @@ def generate_shard(
         )
         pending: deque[tuple[int, int]] = deque((i, 0) for i in todo)
         plans: dict[int, SubjectPlan] = {}
-        tries: dict[int, list[_Attempt]] = {}
+        tries: dict[int, list[_Attempt]] = {}  # touched only by check(), one batch at a time
         finished = 0
         sample_s = 0.0
         samples = 0
-        while pending:
-            if stop_after is not None and finished >= stop_after:
-                bar.close()
-                return None
-            batch = [pending.popleft() for _ in range(min(settings.batch_size, len(pending)))]
-            for i, _ in batch:
-                if i not in plans:  # conditions and label map, written once per subject
-                    plan = plans[i] = plan_subject(i, settings, data, sources)
-                    folder = out_dir / plan.subject
-                    for stale in folder.glob(".*"):  # temp files of a killed run
-                        stale.unlink()
-                    save_nifti(folder / "label.nii.gz", plan.label, data.affine, np.uint16)
-                    for name, x in plan.conditions.items():
-                        save_nifti(
-                            folder / f"{name}.nii.gz",
-                            x,
-                            data.affine,
-                            np.uint8 if x.dtype == np.uint8 else np.float32,
-                        )
-            t0 = time.perf_counter()
-            seeds = [noise_seed(settings.seed, i, a) for i, a in batch]
-            images = sampler.sample(
-                [plans[i].conditions for i, _ in batch],
-                np.stack([plans[i].covariates for i, _ in batch]),
-                seeds,
-            )
-            sample_s += time.perf_counter() - t0
-            samples += len(batch)
+
+        def check(
+            batch: list[tuple[int, int]], seeds: list[int], images: np.ndarray
+        ) -> list[tuple[int, int]]:
+            """QC one sampled batch, write the subjects it finishes; return the retries (worker thread)."""
             retry = []
             for (i, a), seed, image in zip(batch, seeds, images, strict=True):
                 plan = plans[i]
@@ -760,12 +741,70 @@ def generate_shard(
                 )
                 if result.passed or a + 1 >= qc_settings.max_tries:
                     _finish(folder, plan, tries.pop(i), signature, data, device)
+                else:
+                    retry.append((i, a + 1))
+            return retry
+
+        def settle(batch: list[tuple[int, int]], retry: list[tuple[int, int]]) -> None:
+            """Book a checked batch: retries go first, so a subject finishes before new ones start."""
+            nonlocal finished
+            again = {i for i, _ in retry}
+            for i, _ in batch:
+                if i not in again:
                     del plans[i]
                     finished += 1
                     bar.update(1)
-                else:
-                    retry.append((i, a + 1))
-            pending.extendleft(reversed(retry))  # retries first: a subject finishes before new ones start
+            pending.extendleft(reversed(retry))
+
+        # QC (CPU: segmentation, metrics) and file writing of batch k overlap the sampling of batch k + 1. Only
+        # the order of batches changes: each sample depends on its own seed alone, so the files do not.
+        worker = ThreadPoolExecutor(1, thread_name_prefix="qc") if settings.overlap_qc else None
+        inflight: tuple[list[tuple[int, int]], Future] | None = None
+        try:
+            while pending or inflight is not None:
+                if inflight is None and stop_after is not None and finished >= stop_after:
+                    bar.close()
+                    return None
+                batch = [pending.popleft() for _ in range(min(settings.batch_size, len(pending)))]
+                images = None
+                if batch:
+                    for i, _ in batch:
+                        if i not in plans:  # conditions and label map, written once per subject
+                            plan = plans[i] = plan_subject(i, settings, data, sources)
+                            folder = out_dir / plan.subject
+                            for stale in folder.glob(".*"):  # temp files of a killed run
+                                stale.unlink()
+                            save_nifti(folder / "label.nii.gz", plan.label, data.affine, np.uint16)
+                            for name, x in plan.conditions.items():
+                                save_nifti(
+                                    folder / f"{name}.nii.gz",
+                                    x,
+                                    data.affine,
+                                    np.uint8 if x.dtype == np.uint8 else np.float32,
+                                )
+                    t0 = time.perf_counter()
+                    seeds = [noise_seed(settings.seed, i, a) for i, a in batch]
+                    images = sampler.sample(
+                        [plans[i].conditions for i, _ in batch],
+                        np.stack([plans[i].covariates for i, _ in batch]),
+                        seeds,
+                    )
+                    sample_s += time.perf_counter() - t0
+                    samples += len(batch)
+                if inflight is not None:
+                    settle(inflight[0], inflight[1].result())
+                    inflight = None
+                    if stop_after is not None and finished >= stop_after:
+                        bar.close()  # the batch just sampled is dropped, as by a killed job
+                        return None
+                if batch:
+                    if worker is None:
+                        settle(batch, check(batch, seeds, images))
+                    else:
+                        inflight = (batch, worker.submit(check, batch, seeds, images))
+        finally:
+            if worker is not None:
+                worker.shutdown(wait=True, cancel_futures=True)
         bar.close()
         shard_path = _write_shard(
             out_dir,

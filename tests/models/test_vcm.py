@@ -187,6 +187,27 @@ def test_cached_features_equal_forward():
     assert torch.equal(direct[0], cached[0]) and torch.equal(direct[1], cached[1])
 
 
+def test_several_draws_share_one_subjects_features():
+    model = tiny_vcm()
+    cond = conditions(2, (16, 16, 16))
+    z_t, eps_t = latents(6, (4, 4, 4))
+    t = torch.tensor([5, 300, 900, 10, 500, 999])
+    keep = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    with torch.no_grad():
+        shared = model(z_t, eps_t, t, cond, keep, draws=3)
+        repeated = model(
+            z_t,
+            eps_t,
+            t,
+            {k: v.repeat_interleave(3, 0) for k, v in cond.items()},
+            keep.repeat_interleave(3, 0),
+        )
+    torch.testing.assert_close(shared, repeated, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        other = model(z_t, eps_t, t, {k: v.flip(0).repeat_interleave(3, 0) for k, v in cond.items()})
+    assert not torch.allclose(shared[1][:3], other[1][:3])  # rows 0-2 belong to subject 0
+
+
 def test_encoder_checkpointing_gives_same_gradients():
     cond = conditions(1, (16, 16, 16))
     z_t, eps_t = latents(1, (4, 4, 4))

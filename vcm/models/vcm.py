@@ -494,6 +494,14 @@ class VCM(nn.Module):
         t: torch.Tensor,
         conditions: Mapping[str, torch.Tensor],
         keep: torch.Tensor | None = None,
+        draws: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward_from_features(z_t, eps_t, t, encode(conditions, keep))``."""
-        return self.forward_from_features(z_t, eps_t, t, self.encode(conditions, keep))
+        """``forward_from_features(z_t, eps_t, t, encode(conditions, keep))``.
+
+        ``draws`` > 1: the latent inputs hold ``draws`` consecutive rows per condition row (several noise levels
+        of one subject), which share its features.
+        """
+        features = self.encode(conditions, keep)
+        if features is not None and draws != 1:
+            features = features.repeat_interleave(draws, dim=0)
+        return self.forward_from_features(z_t, eps_t, t, features)
