@@ -104,6 +104,25 @@ def test_lambda_is_the_inverse_latent_size():
     torch.testing.assert_close(vcm_loss(eps, eps_mod, gamma, beta, 0.0), F.mse_loss(eps_mod, eps))
 
 
+def test_relative_loss_weighs_every_sample_against_the_backbone():
+    g = torch.Generator().manual_seed(0)
+    eps, eps_t, gamma, beta = (torch.randn(2, *LATENT, generator=g) for _ in range(4))
+    eps_t[1] = (
+        eps[1] + 0.01 * eps_t[1]
+    )  # sample 1: a nearly exact backbone (as at high t), 1e4 times smaller MSE
+    zero = torch.zeros(2, *LATENT)
+    assert vcm_loss(eps, eps_t, zero, zero, 0.0, reference=eps_t).item() == pytest.approx(1.0)  # identity
+    eps_mod = modulate(eps_t, 0.1 * gamma, 0.1 * beta)
+    per_sample = [F.mse_loss(eps_mod[i], eps[i]) / F.mse_loss(eps_t[i], eps[i]) for i in range(2)]
+    torch.testing.assert_close(
+        vcm_loss(eps, eps_mod, gamma, beta, 0.0, eps_t), torch.stack(per_sample).mean()
+    )
+    assert per_sample[1] > 100 * per_sample[0]  # the same modulation hurts the exact sample far more
+    scale, reference = (0.1 * gamma).requires_grad_(), eps_t.clone().requires_grad_()
+    vcm_loss(eps, modulate(eps_t, scale, 0.1 * beta), scale, beta, 0.0, reference).backward()
+    assert scale.grad.abs().sum() > 0 and reference.grad is None  # the denominator is a constant
+
+
 def test_loss_falls_when_overfitting_a_tiny_batch():
     """A stand-in backbone that under-predicts the noise: VCM learns to correct it on a fixed batch."""
     model = tiny_vcm(identity=True).train()

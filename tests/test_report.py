@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -28,6 +29,14 @@ def run(tmp_path_factory) -> dict[str, Path]:
     meta = {"method": "vcm", "condition_set": "lv", "training_size": 2, "steps": 40, "final_loss": 0.0123}
     torch.save({**meta, "train_seconds": 90.0, "model": {}}, model)
     (model.parent / "loss.png").write_bytes(b"png")
+    (model.parent / "preview").mkdir()
+    errors = [
+        {"t": t, "controlled": 0.9 * r, "backbone": r, "ratio": 0.9} for t, r in ((400, 0.1), (950, 0.01))
+    ]
+    metrics = {"lv_dice_controlled": 0.81, "lv_dice_uncontrolled": 0.72, "lv_dice_reconstruction": 0.9}
+    (model.parent / "preview" / "preview_metrics.json").write_text(
+        json.dumps({**metrics, "noise_error": errors})
+    )
     per_subject = pd.DataFrame(
         {
             "method": ["vcm", "vcm", "uncontrolled", "uncontrolled"],
@@ -150,7 +159,10 @@ def test_summary_has_every_table_and_links(run):
     assert main(args) == 0
     text = out.read_text()
     assert "**8 subjects** on the 16×16×16 grid; splits: train_2 (2), train_4 (4), val (2)" in text
-    assert "| lv | 2 | vcm | 40 | 0.0123 | 1.5 min | [loss](models/lv/n2/loss.png) |" in text
+    assert (
+        "| lv | 2 | vcm | 40 | 0.0123 | 1.5 min | 0.810 / 0.720 / 0.900 | 0.900 / – / – / 0.900 "
+        "| [loss](models/lv/n2/loss.png) |" in text
+    )
     assert "| condition set | # train | method | n | DSC ↑ | HD95 (mm) ↓ |" in text
     assert "| lv | 2 | VCM | 2 | 0.850 ± 0.071 |" in text
     assert "| lv | 2 | backbone (uncontrolled) | 2 | 0.550 ± 0.071 |" in text

@@ -40,6 +40,7 @@ from vcm.train import (
     load_model,
     lr_factor,
     lr_factor_time,
+    noise_error,
     preview,
     preview_cli,
     train,
@@ -344,6 +345,21 @@ def test_preview_writes_images_montage_and_lv_dice(tmp_path, files, tcfg, templa
     recon = nib.load(out / "sub-04_reconstruction.nii.gz").get_fdata()
     np.testing.assert_allclose(recon, expected, atol=1e-4)
     assert 0.0 <= metrics["lv_dice_reconstruction"] <= 1.0
+    # the held-out objective: an identity VCM is the backbone; a trained-looking one is not
+    errors = metrics["noise_error"]
+    assert [r["t"] for r in errors] == [50, 200, 400, 600, 800, 950]
+    assert all(r["ratio"] == 1.0 and r["backbone"] > 0 for r in errors)
+    torch.nn.init.normal_(model.head_beta.conv.weight, std=0.5)
+    with h5py.File(files["dataset"]) as h5:
+        i = int(np.sort(h5["splits/val"][:])[0])
+        real = torch.from_numpy(h5["image"][i : i + 1].astype(np.float32))
+        cond = {"lv": torch.from_numpy(h5["cond/lv"][i : i + 1].astype(np.float32))}
+        cov = torch.from_numpy(h5["covariates"][i : i + 1].astype(np.float32)).unsqueeze(1)
+    z0 = backbone.encode(real)[0] * backbone.scale_factor
+    moved = noise_error(model, "vcm", backbone, z0, cond, cov, (500,), repeats=2)
+    assert moved[0]["ratio"] > 1.0 and moved[0]["backbone"] == pytest.approx(
+        noise_error(model, "vcm", backbone, z0, cond, cov, (500,), repeats=2)[0]["backbone"]
+    )
 
 
 def test_cli_trains_controlnet_and_previews(tmp_path, files, capsys):

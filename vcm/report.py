@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -241,8 +242,9 @@ def _model_rows(models: Sequence[str | Path], base: Path) -> list[str]:
     import torch
 
     lines = [
-        "| condition set | # train | method | steps | final loss | train time | figures |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| condition set | # train | method | steps | final loss | train time | preview LV Dice: controlled / "
+        "uncontrolled / AE ceiling | held-out ε error vs backbone, t = 400 / 600 / 800 / 950 | figures |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path in models:
         path = Path(path)
@@ -257,10 +259,21 @@ def _model_rows(models: Sequence[str | Path], base: Path) -> list[str]:
         ]
         loss = meta.get("final_loss")
         seconds = meta.get("train_seconds")
+        dice = error = "–"
+        metrics_path = path.parent / "preview" / "preview_metrics.json"
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text())
+            keys = ("lv_dice_controlled", "lv_dice_uncontrolled", "lv_dice_reconstruction")
+            if all(metrics.get(k) is not None for k in keys):
+                dice = " / ".join(f"{metrics[k]:.3f}" for k in keys)
+            ratios = {r["t"]: r["ratio"] for r in metrics.get("noise_error", [])}
+            if ratios:
+                error = " / ".join(f"{ratios[t]:.3f}" if t in ratios else "–" for t in (400, 600, 800, 950))
         lines.append(
             f"| {meta.get('condition_set', '?')} | {meta.get('training_size', '?')} | {meta.get('method', '?')} "
             f"| {meta.get('steps', '?')} | {f'{loss:.4f}' if loss is not None else '–'} "
-            f"| {f'{seconds / 60:.1f} min' if seconds is not None else '–'} | {' '.join(figures) or '–'} |"
+            f"| {f'{seconds / 60:.1f} min' if seconds is not None else '–'} | {dice} | {error} "
+            f"| {' '.join(figures) or '–'} |"
         )
     return lines
 
