@@ -313,7 +313,7 @@ def test_failing_qc_is_retried_with_fresh_seeds_and_flagged(files, gcfg, tmp_pat
 
 
 def test_overlapping_qc_with_sampling_changes_no_file(files, gcfg, tmp_path):
-    """QC in a worker thread reorders batches (retries come back a batch later); the files stay the same."""
+    """QC on worker threads reorders batches (retries come back a batch later); the files stay the same."""
     gcfg["cohort"].update(size=5, shard_size=5)
     gcfg["qc"].update(dice_min=0.5, max_tries=3)
 
@@ -322,18 +322,21 @@ def test_overlapping_qc_with_sampling_changes_no_file(files, gcfg, tmp_path):
         return label if int(image.sum() * 1e3) % 3 else np.zeros_like(label)
 
     made = {}
-    for overlap in (False, True):
-        gcfg["cohort"]["overlap_qc"] = overlap
-        made[overlap] = run_cohort(gcfg, files, tmp_path / str(overlap), segmenter=picky)[0]
-    a, b = h5_arrays(made[False]), h5_arrays(made[True])
+    for workers in (0, 3):
+        gcfg["cohort"]["qc_workers"] = workers
+        made[workers] = run_cohort(gcfg, files, tmp_path / str(workers), segmenter=picky)[0]
+    a, b = h5_arrays(made[0]), h5_arrays(made[3])
     assert (a["qc/attempts"] > 1).any()  # the reordering was exercised
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     for i in range(5):
-        assert subject_arrays(made[False].parent / subject_id(i)) == subject_arrays(
-            made[True].parent / subject_id(i)
+        assert subject_arrays(made[0].parent / subject_id(i)) == subject_arrays(
+            made[3].parent / subject_id(i)
         )
+    gcfg["cohort"]["qc_workers"] = -1
+    with pytest.raises(StageError, match="cohort.qc_workers"):
+        CohortSettings.from_config(gcfg)
 
 
 def test_resume_after_an_interruption_is_byte_identical(files, gcfg, cohorts, tmp_path):

@@ -120,8 +120,9 @@ class CohortSettings:
             them, hence the default.
         deform_max_mm: largest displacement of a new anatomy's deformation.
         deform_smoothness_mm: spacing of the deformation's random control points (its correlation length).
-        overlap_qc: QC and file writing of a batch run in a worker thread while the next batch samples. A
-            sample's result depends only on its own seed, so the cohort is identical either way (tested).
+        qc_workers: threads that QC and write the subjects of a batch while the next batch samples (one
+            subject each; 0: QC inline, after each batch). A sample depends only on its own seed, so the cohort
+            is identical whatever the number (tested). A GPU node's spare cores hide the CPU-bound QC.
     """
 
     size: int = 32
@@ -134,7 +135,7 @@ class CohortSettings:
     sources: tuple[str, ...] = ("train",)
     deform_max_mm: float = 8.0
     deform_smoothness_mm: float = 32.0
-    overlap_qc: bool = True
+    qc_workers: int = 1
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> CohortSettings:
@@ -150,11 +151,13 @@ class CohortSettings:
         for key in ("size", "shard_size", "ddim_steps", "batch_size", "decode_chunk"):
             if int(getattr(out, key)) < 1:
                 raise StageError(f"config key 'cohort.{key}': expected >= 1, got {getattr(out, key)}")
+        if int(out.qc_workers) < 0:
+            raise StageError(f"config key 'cohort.qc_workers': expected >= 0, got {out.qc_workers}")
         return out
 
     def signature_parts(self) -> dict[str, Any]:
         """What a subject's data depends on (not the cohort or shard size, which only say which subjects)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("size", "shard_size", "overlap_qc")}
+        return {k: v for k, v in asdict(self).items() if k not in ("size", "shard_size", "qc_workers")}
 
 
 def n_shards(size: int, shard_size: int) -> int:
@@ -700,73 +703,66 @@ def generate_shard(
         sample_s = 0.0
         samples = 0
 
-        def check(
-            batch: list[tuple[int, int]], seeds: list[int], images: np.ndarray
-        ) -> list[tuple[int, int]]:
-            """QC one sampled batch, write the subjects it finishes; return the retries (worker thread)."""
-            retry = []
-            for (i, a), seed, image in zip(batch, seeds, images, strict=True):
-                plan = plans[i]
-                folder = out_dir / plan.subject
-                work = folder / f".attempt{a}.nii.gz"  # the file the segmentation backend reads
-                save_nifti(work, image, data.affine, np.float32)
-                try:
-                    seg = np.asarray(seg_fn(image, work), dtype=np.uint16)
-                finally:
-                    work.unlink(missing_ok=True)
-                result = evaluate(
-                    image,
-                    seg,
-                    plan.conditions["lv"] > 0
-                    if "lv" in plan.conditions
-                    else mask_of(plan.label, data.lv_labels),
-                    plan.conditions["semantics"]
-                    if "semantics" in plan.conditions
-                    else semantic_map(plan.label),
-                    qc_settings,
-                    data.spacing,
-                    ranges,
-                    plan.conditions["skull"].astype(np.float32) if uses_skull else None,
-                    data.lv_labels,
-                )
-                tries.setdefault(i, []).append(_Attempt(a, seed, result, image, seg))
-                logger.info(
-                    "%s attempt %d of %d: %s",
-                    plan.subject,
-                    a + 1,
-                    qc_settings.max_tries,
-                    f"passed (LV Dice {result.metrics['dice']:.3f})"
-                    if result.passed
-                    else "failed: " + "; ".join(result.reasons),
-                )
-                if result.passed or a + 1 >= qc_settings.max_tries:
-                    _finish(folder, plan, tries.pop(i), signature, data, device)
-                else:
-                    retry.append((i, a + 1))
-            return retry
+        def check(i: int, a: int, seed: int, image: np.ndarray) -> tuple[int, int] | None:
+            """QC one sampled subject; write it when it is finished, else return its retry (a QC thread)."""
+            plan = plans[i]
+            folder = out_dir / plan.subject
+            work = folder / f".attempt{a}.nii.gz"  # the file the segmentation backend reads
+            save_nifti(work, image, data.affine, np.float32)
+            try:
+                seg = np.asarray(seg_fn(image, work), dtype=np.uint16)
+            finally:
+                work.unlink(missing_ok=True)
+            result = evaluate(
+                image,
+                seg,
+                plan.conditions["lv"] > 0 if "lv" in plan.conditions else mask_of(plan.label, data.lv_labels),
+                plan.conditions["semantics"] if "semantics" in plan.conditions else semantic_map(plan.label),
+                qc_settings,
+                data.spacing,
+                ranges,
+                plan.conditions["skull"].astype(np.float32) if uses_skull else None,
+                data.lv_labels,
+            )
+            attempts = tries.setdefault(i, [])  # one subject is never checked twice at once
+            attempts.append(_Attempt(a, seed, result, image, seg))
+            logger.info(
+                "%s attempt %d of %d: %s",
+                plan.subject,
+                a + 1,
+                qc_settings.max_tries,
+                f"passed (LV Dice {result.metrics['dice']:.3f})"
+                if result.passed
+                else "failed: " + "; ".join(result.reasons),
+            )
+            if result.passed or a + 1 >= qc_settings.max_tries:
+                _finish(folder, plan, tries.pop(i), signature, data, device)
+                return None
+            return (i, a + 1)
 
-        def settle(batch: list[tuple[int, int]], retry: list[tuple[int, int]]) -> None:
+        def settle(batch: list[tuple[int, int]], outcomes: list[tuple[int, int] | None]) -> None:
             """Book a checked batch: retries go first, so a subject finishes before new ones start."""
             nonlocal finished
-            again = {i for i, _ in retry}
-            for i, _ in batch:
-                if i not in again:
+            for (i, _), retry in zip(batch, outcomes, strict=True):
+                if retry is None:
                     del plans[i]
                     finished += 1
                     bar.update(1)
-            pending.extendleft(reversed(retry))
+            pending.extendleft(reversed([r for r in outcomes if r is not None]))
 
-        # QC (CPU: segmentation, metrics) and file writing of batch k overlap the sampling of batch k + 1. Only
-        # the order of batches changes: each sample depends on its own seed alone, so the files do not.
-        worker = ThreadPoolExecutor(1, thread_name_prefix="qc") if settings.overlap_qc else None
-        inflight: tuple[list[tuple[int, int]], Future] | None = None
+        # QC (segmentation, metrics: CPU) and file writing of batch k run on `qc_workers` threads, one subject
+        # each, while batch k + 1 samples. Only the order of batches changes: a sample depends on its own seed
+        # alone, so the files do not.
+        pool = (
+            ThreadPoolExecutor(settings.qc_workers, thread_name_prefix="qc") if settings.qc_workers else None
+        )
+        inflight: tuple[list[tuple[int, int]], list[Future]] | None = None
         try:
             while pending or inflight is not None:
                 if inflight is None and stop_after is not None and finished >= stop_after:
                     bar.close()
                     return None
                 batch = [pending.popleft() for _ in range(min(settings.batch_size, len(pending)))]
-                images = None
                 if batch:
                     for i, _ in batch:
                         if i not in plans:  # conditions and label map, written once per subject
@@ -792,19 +788,23 @@ def generate_shard(
                     sample_s += time.perf_counter() - t0
                     samples += len(batch)
                 if inflight is not None:
-                    settle(inflight[0], inflight[1].result())
+                    settle(inflight[0], [f.result() for f in inflight[1]])
                     inflight = None
                     if stop_after is not None and finished >= stop_after:
                         bar.close()  # the batch just sampled is dropped, as by a killed job
                         return None
                 if batch:
-                    if worker is None:
-                        settle(batch, check(batch, seeds, images))
+                    jobs = list(zip(batch, seeds, images, strict=True))
+                    if pool is None:
+                        settle(batch, [check(i, a, seed, image) for (i, a), seed, image in jobs])
                     else:
-                        inflight = (batch, worker.submit(check, batch, seeds, images))
+                        inflight = (
+                            batch,
+                            [pool.submit(check, i, a, seed, image) for (i, a), seed, image in jobs],
+                        )
         finally:
-            if worker is not None:
-                worker.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         shard_path = _write_shard(
             out_dir,

@@ -23,7 +23,7 @@ def _shard_settings(wildcards):
     k = int(wildcards.shard)
     subjects = [k * c["shard_size"], min((k + 1) * c["shard_size"], c["size"])]
     parts = [
-        {key: value for key, value in c.items() if key not in ("sets", "size", "shard_size")},
+        {key: value for key, value in c.items() if key not in ("sets", "size", "shard_size", "qc_workers")},
         subjects,
         CFG["qc"],
         CFG["segmentation"],
@@ -77,7 +77,10 @@ rule merge_cohort:
         condset=r"[A-Za-z0-9_.-]+",
     params:
         settings=_hashlib.sha256(
-            _json.dumps([{k: v for k, v in CFG["cohort"].items() if k != "sets"}, CFG["qc"]], sort_keys=True).encode()
+            _json.dumps(
+                [{k: v for k, v in CFG["cohort"].items() if k not in ("sets", "qc_workers")}, CFG["qc"]],
+                sort_keys=True,
+            ).encode()
         ).hexdigest()[:16],
         out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}",
     resources:
