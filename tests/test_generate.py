@@ -72,6 +72,7 @@ def _base_cfg(root: Path) -> dict:
         decode_chunk=1,
         deform_max_mm=15.0,
         deform_smoothness_mm=40.0,
+        qc_workers=0,  # inline; test_qc_workers_change_no_file covers the workers
     )
     cfg["qc"].update(dice_min=0.0, max_tries=2, intensity_outliers_max=None)
     cfg["conditions"]["covariate_ranges"] = str(REPO / "resources" / "covariate_ranges.yaml")
@@ -312,28 +313,37 @@ def test_failing_qc_is_retried_with_fresh_seeds_and_flagged(files, gcfg, tmp_pat
         np.testing.assert_array_equal(h5["attempts/kept"][:], [False, True] * 3)
 
 
-def test_overlapping_qc_with_sampling_changes_no_file(files, gcfg, tmp_path):
-    """QC on worker threads reorders batches (retries come back a batch later); the files stay the same."""
+def picky_segmenter(image: np.ndarray, path: Path) -> np.ndarray:
+    """Fails some attempts, decided by the image alone (the same in every run); pickles, so it runs in the
+    QC worker processes as the atlas backend does."""
+    label = load_nifti(path.parent / "label.nii.gz", np.uint16)[0]
+    return label if int(image.sum() * 1e3) % 3 else np.zeros_like(label)
+
+
+def test_qc_workers_change_no_file(files, gcfg, tmp_path):
+    """QC on worker threads (and processes, for a segmenter that pickles) overlaps the next batch's sampling and
+    reorders batches, as retries come back a batch later; the files stay the same."""
     gcfg["cohort"].update(size=5, shard_size=5)
     gcfg["qc"].update(dice_min=0.5, max_tries=3)
 
-    def picky(image, path):  # fails some attempts, decided by the image alone: the same in both runs
-        label = load_nifti(path.parent / "label.nii.gz", np.uint16)[0]
-        return label if int(image.sum() * 1e3) % 3 else np.zeros_like(label)
+    def closure(image, path):  # does not pickle: runs in the QC threads themselves
+        return picky_segmenter(image, path)
 
     made = {}
-    for workers in (0, 3):
+    for workers, segmenter in ((0, picky_segmenter), (2, picky_segmenter), (3, closure)):
         gcfg["cohort"]["qc_workers"] = workers
-        made[workers] = run_cohort(gcfg, files, tmp_path / str(workers), segmenter=picky)[0]
-    a, b = h5_arrays(made[0]), h5_arrays(made[3])
-    assert (a["qc/attempts"] > 1).any()  # the reordering was exercised
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    for i in range(5):
-        assert subject_arrays(made[0].parent / subject_id(i)) == subject_arrays(
-            made[3].parent / subject_id(i)
-        )
+        made[workers] = run_cohort(gcfg, files, tmp_path / str(workers), segmenter=segmenter)[0]
+    reference = h5_arrays(made[0])
+    assert (reference["qc/attempts"] > 1).any()  # the reordering was exercised
+    for workers in (2, 3):
+        other = h5_arrays(made[workers])
+        assert other.keys() == reference.keys()
+        for key in reference:
+            np.testing.assert_array_equal(other[key], reference[key], err_msg=f"{workers} workers: {key}")
+        for i in range(5):
+            assert subject_arrays(made[workers].parent / subject_id(i)) == subject_arrays(
+                made[0].parent / subject_id(i)
+            )
     gcfg["cohort"]["qc_workers"] = -1
     with pytest.raises(StageError, match="cohort.qc_workers"):
         CohortSettings.from_config(gcfg)

@@ -51,11 +51,13 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -577,6 +579,14 @@ class _Attempt:
         return (self.qc.n_failed, -(dice if math.isfinite(dice) else -1.0))
 
 
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return False
+    return True
+
+
 def generate_shard(
     cfg: Mapping[str, Any],
     dataset: str | Path,
@@ -710,7 +720,8 @@ def generate_shard(
             work = folder / f".attempt{a}.nii.gz"  # the file the segmentation backend reads
             save_nifti(work, image, data.affine, np.float32)
             try:
-                seg = np.asarray(seg_fn(image, work), dtype=np.uint16)
+                seg = seg_fn(image, work) if procs is None else procs.submit(seg_fn, image, work).result()
+                seg = np.asarray(seg, dtype=np.uint16)
             finally:
                 work.unlink(missing_ok=True)
             result = evaluate(
@@ -755,6 +766,13 @@ def generate_shard(
         # alone, so the files do not.
         pool = (
             ThreadPoolExecutor(settings.qc_workers, thread_name_prefix="qc") if settings.qc_workers else None
+        )
+        # antspyx keeps the GIL while it registers (measured: a QC thread then overlapped nothing), so a
+        # segmenter that pickles (the atlas backend) runs in as many worker processes; the threads wait on them
+        procs = (
+            ProcessPoolExecutor(settings.qc_workers, mp_context=multiprocessing.get_context("spawn"))
+            if pool is not None and _picklable(seg_fn)
+            else None
         )
         inflight: tuple[list[tuple[int, int]], list[Future]] | None = None
         try:
@@ -803,8 +821,9 @@ def generate_shard(
                             [pool.submit(check, i, a, seed, image) for (i, a), seed, image in jobs],
                         )
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            for executor in (pool, procs):
+                if executor is not None:
+                    executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
         shard_path = _write_shard(
             out_dir,

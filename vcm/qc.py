@@ -22,6 +22,7 @@ condition, a structure's median when the structure is absent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -283,6 +284,14 @@ def evaluate(
 # --- re-segmentation backends ------------------------------------------------------------------------------
 
 
+def _atlas(
+    image: np.ndarray, path: Path, template_dir: str | Path, grid: Any, transform: str, seed: int
+) -> np.ndarray:
+    from vcm.prep.segmentation import segment_atlas
+
+    return segment_atlas(path, template_dir, grid, transform, seed)
+
+
 def make_segmenter(
     cfg: Mapping[str, Any], settings: QCSettings, template_dir: str | Path | None, grid: Any
 ) -> Segmenter:
@@ -300,15 +309,10 @@ def make_segmenter(
             raise StageError(
                 f"QC backend atlas needs the template folder (labels.nii.gz); got {template_dir}"
             )
-        from vcm.prep.segmentation import segment_atlas
-
         transform = seg_cfg.get("atlas", {}).get("transform", "SyN")
         seed = int(cfg.get("registration", {}).get("seed", 0))
-
-        def atlas(image: np.ndarray, path: Path) -> np.ndarray:
-            return segment_atlas(path, template_dir, grid, transform, seed)
-
-        return atlas
+        # a partial of a module-level function pickles, so generate-shard can run it in worker processes
+        return functools.partial(_atlas, template_dir=template_dir, grid=grid, transform=transform, seed=seed)
 
     s = seg_cfg.get("synthseg", {})
 
