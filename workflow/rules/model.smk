@@ -46,7 +46,7 @@ rule encode_latents:
 
 def _train_threads(wildcards):
     """A model's time budget is wall-clock, so every model trains at once: the local cores are shared between
-    them (a lone model gets them all: 1.5x the steps of 1 thread on 2 cores); 2 on a cluster (no --cores).
+    them (a lone model gets them all: 1.8x the steps of 1 thread on 2 cores); 2 on a cluster (no --cores).
     Over-subscribing a few cores is worse than sharing them (measured: 2 threads ran 4x slower than 1 on 2 busy
     cores)."""
     cores = workflow.global_resources.get("_cores")
