@@ -761,6 +761,9 @@ def generate_shard(
                     bar.update(1)
             pending.extendleft(reversed([r for r in outcomes if r is not None]))
 
+        def stopping() -> bool:
+            return stop_after is not None and finished >= stop_after
+
         # QC (segmentation, metrics: CPU) and file writing of batch k run on `qc_workers` threads, one subject
         # each, while batch k + 1 samples. Only the order of batches changes: a sample depends on its own seed
         # alone, so the files do not.
@@ -777,7 +780,7 @@ def generate_shard(
         inflight: tuple[list[tuple[int, int]], list[Future]] | None = None
         try:
             while pending or inflight is not None:
-                if inflight is None and stop_after is not None and finished >= stop_after:
+                if inflight is None and stopping():
                     bar.close()
                     return None
                 batch = [pending.popleft() for _ in range(min(settings.batch_size, len(pending)))]
@@ -808,7 +811,7 @@ def generate_shard(
                 if inflight is not None:
                     settle(inflight[0], [f.result() for f in inflight[1]])
                     inflight = None
-                    if stop_after is not None and finished >= stop_after:
+                    if stopping():
                         bar.close()  # the batch just sampled is dropped, as by a killed job
                         return None
                 if batch:

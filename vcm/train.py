@@ -179,20 +179,17 @@ class Settings:
         if values.get("minutes") == 0:  # an override of 0 removes the time budget
             values["minutes"] = None
         out = cls(**values)
-        if out.method not in ("vcm", "controlnet"):
-            raise StageError(f"config key 'training.method': expected vcm or controlnet, got {out.method!r}")
-        if out.modality_dropout not in ("latent", "input", "none"):
-            raise StageError(
-                f"config key 'training.modality_dropout': expected latent, input or none, got {out.modality_dropout!r}"
-            )
-        if out.loss_weighting not in ("none", "backbone"):
-            raise StageError(
-                f"config key 'training.loss_weighting': expected none or backbone, got {out.loss_weighting!r}"
-            )
-        if out.timesteps not in TIMESTEP_SAMPLING:
-            raise StageError(
-                f"config key 'training.timesteps': expected one of {', '.join(TIMESTEP_SAMPLING)}, got {out.timesteps!r}"
-            )
+        for key, allowed in (
+            ("method", ("vcm", "controlnet")),
+            ("modality_dropout", ("latent", "input", "none")),
+            ("loss_weighting", ("none", "backbone")),
+            ("timesteps", TIMESTEP_SAMPLING),
+        ):
+            if getattr(out, key) not in allowed:
+                expected = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+                raise StageError(
+                    f"config key 'training.{key}': expected {expected}, got {getattr(out, key)!r}"
+                )
         return out
 
     @property
@@ -417,10 +414,18 @@ def draw_batch(
     t, noise = t[rows].to(device), noise[rows].to(device)
     mu, sigma, cov = (x.repeat_interleave(k, dim=0) for x in (mu, sigma, cov))
     z0 = (mu + posterior_weight * sigma * posterior[rows].to(device)) * scale_factor
-    a = alphas_cumprod[t].reshape(-1, *([1] * (z0.dim() - 1)))
-    z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise
+    z_t = add_noise(z0, noise, t, alphas_cumprod)
     keep = keep[part].to(device) if keep is not None else None
     return Batch(z_t, t, noise, cov, conditions, keep, flips[part], k)
+
+
+def add_noise(
+    z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """``z_t = sqrt(a_t)·z0 + sqrt(1 - a_t)·noise`` per sample (DDPMScheduler.add_noise, with the schedule's
+    ``alphas_cumprod`` already on the latents' device)."""
+    a = alphas_cumprod[t].reshape(-1, *([1] * (z0.dim() - 1)))
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
 TIMESTEP_SAMPLING = ("uniform", "cubic")
@@ -747,7 +752,8 @@ def training_loss(
         reference = eps_t if weighting == "backbone" else None
         return vcm_loss(noise, modulate(eps_t, gamma, beta), gamma, beta, l1_scale, reference)
     cond = model.condition_input(conditions, keep)  # ControlNet: one input, so dropping is at the input
-    cond = cond.repeat_interleave(draws, dim=0)
+    if draws != 1:
+        cond = cond.repeat_interleave(draws, dim=0)
     eps = net(backbone, z_t, t, cov, cond)
     return F.mse_loss(eps.float(), noise.float())
 
@@ -1186,8 +1192,7 @@ def noise_error(
         own = base = 0.0
         for _ in range(repeats):
             noise = torch.randn(z0.shape, generator=g).to(z0.device)
-            a = alphas[t].reshape(-1, *([1] * (z0.dim() - 1)))
-            z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            z_t = add_noise(z0, noise, t, alphas)
             eps_t = backbone.eps(z_t, t, cov)
             if method == "vcm":
                 eps = modulate(eps_t, *model.forward_from_features(z_t, eps_t, t, features))
