@@ -250,9 +250,9 @@ def _random_backbone(scale: str, device):
 def vcm_widths(name: str) -> dict:
     """VCM constructor widths: ``paper``, ``small``, ``tiny`` or ``config`` (``training.vcm`` of the config)."""
     if name == "config":
-        return dict(
-            yaml.safe_load((REPO / "config" / "config.yaml").read_text())["training"].get("vcm") or {}
-        )
+        from vcm.config import load_config
+
+        return dict(load_config(REPO / "config" / "config.yaml")["training"].get("vcm") or {})
     return dict(VCM_WIDTHS[name])
 
 
