@@ -41,6 +41,16 @@ def test_bench_train_reports_each_batch_size(checkpointing):
     assert r["vcm_parameters_M"] == 0.57
 
 
+def test_bench_train_reports_a_batch_that_does_not_fit_and_goes_on():
+    """The CPU allocator's failure is a plain RuntimeError; the row says out of memory and the next batch runs."""
+    from vcm.bench import bench_train
+
+    r = bench_train("demo", [10**9, 1], 1, "lv_brain_skull", "tiny", False, 1, "cpu")
+    big, small = r["batches"]
+    assert "can't allocate memory" in big["out_of_memory"] and "s_per_step" not in big
+    assert small["batch_size"] == 1 and small["s_per_step"] > 0
+
+
 def test_gpu_script_smoke_on_cpu_writes_every_result(tmp_path):
     """bench/gpu.sh runs blind on a lent GPU, once: its CPU smoke mode runs the same commands on a small grid."""
     import json

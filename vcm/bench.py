@@ -234,6 +234,13 @@ SCALES = {"demo": (40, 56, 40), "brainldm": (160, 224, 160)}
 """Image grid of each benchmark scale."""
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: CUDA's ``OutOfMemoryError`` or the CPU allocator's error."""
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
 def _random_backbone(scale: str, device):
     """A random-weight backbone of ``scale``'s architecture: the demo recipe or BrainLDM's definitions."""
     import torch
@@ -527,7 +534,9 @@ def bench_train(
                 s_per_sample=round(float(np.median(times)) / b, 4),
                 peak_memory_mb=round(mem.peak_mb, 1),
             )
-        except torch.OutOfMemoryError as err:
+        except RuntimeError as err:  # CUDA's OutOfMemoryError is one; the CPU allocator raises a plain one
+            if not _out_of_memory(err):
+                raise
             row["out_of_memory"] = str(err).splitlines()[0][:200]
         optimizer.zero_grad(set_to_none=True)
         if dev.type == "cuda":
