@@ -21,12 +21,8 @@ def test_bench_sample_random_demo_networks_naive_equals_production(tmp_path):
     from vcm.bench import bench_sample
 
     r = bench_sample(None, None, None, "lv_brain_skull", 2, 2, 200, "tiny", 1, "cpu", repeats=3)
-    assert (
-        r["repeats"] == 3
-        and r["scale"] == "demo"
-        and r["grid"] == [40, 56, 40]
-        and r["latent"] == [3, 10, 14, 10]
-    )
+    assert r["scale"] == "demo" and r["grid"] == [40, 56, 40] and r["latent"] == [3, 10, 14, 10]
+    assert r["repeats"] == 3
     assert r["notes"] == ["random backbone weights", "random VCM weights"]
     assert set(r["samplers"]) == {"naive", "production", "floor"}
     assert all(s["wall_s_per_volume"] > 0 and s["peak_memory_mb"] > 0 for s in r["samplers"].values())

@@ -181,7 +181,7 @@ def test_posterior_weight_zero_trains_on_posterior_means_with_the_same_random_st
 
 
 def test_minutes_budget_stops_training_with_the_schedule_annealed(tmp_path, files, tcfg):
-    tcfg["training"].update(steps=10_000, minutes=0.05, checkpoint_every=10_000)
+    tcfg["training"].update(steps=10_000, minutes=0.05, checkpoint_every=10_000, min_lr_ratio=0.1)
     result = run(tcfg, files, tmp_path / "budget")
     assert result.extra["stopped"] == "time budget" and 2 <= result.step < 10_000
     assert result.history["elapsed_s"][-1] >= 3.0 > result.history["elapsed_s"][-2]

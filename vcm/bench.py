@@ -412,9 +412,8 @@ def bench_sample(
                 z, w_lat, c_lat = clock(lambda sampler=sampler: sampler.latents(conds, cov, seeds))
                 img, w_dec, c_dec = clock(lambda sampler=sampler, z=z: sampler.decode(z))
             w_enc = c_enc = 0.0
-            if (
-                sampler.model is not None
-            ):  # the encoder runs once per sample: a one-off cost, not a per-step one
+            # the encoder runs once per sample: a one-off cost, not a per-step one
+            if sampler.model is not None:
                 cond = sampler.condition_batch(conds)
                 with torch.no_grad(), sampler.autocast:
                     _, w_enc, c_enc = clock(lambda cond=cond, sampler=sampler: sampler.features(cond))
