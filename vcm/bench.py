@@ -601,7 +601,7 @@ def _print_sample(r: dict) -> None:
     )
     print(f"  backbone: {r['backbone']} ({r['backbone_diffusion_parameters_M']} M diffusion parameters)")
     print(f"  VCM: {r['vcm']} ({r['vcm_parameters_M']} M parameters); inputs: {r['inputs']}")
-    median = f", median of {r['repeats']} alternated runs" if r.get("repeats", 1) > 1 else ""
+    median = f", median of {r['repeats']} alternated runs" if r["repeats"] > 1 else ""
     for name, label in (
         ("naive", "naive (batch 1, encoder every step, fp32)"),
         (
