@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.fixtures import GRID, make_cohort, make_real
-from vcm.cli import StageError
 from vcm.data import CohortDataset, RealDataset, label_lookup, n_classes
+from vcm.errors import StageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

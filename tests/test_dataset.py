@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vcm.cli import StageError
 from vcm.config import validate_config
 from vcm.dataset import build_dataset, make_splits
+from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import save_nifti, write_json
 

@@ -25,8 +25,8 @@ import yaml
 
 from tests.fixtures import GRID, TINY_VCM, encode, make_bundle, make_labelled_dataset
 from tests.fixtures import SEMANTIC_NAMES as CLASSES
-from vcm.cli import StageError
 from vcm.config import load_config, load_schema
+from vcm.errors import StageError
 from vcm.generate import (
     SHARD_FILE,
     SUBJECT_FILE,

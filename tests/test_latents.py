@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.fixtures import encode, make_bundle, make_encoded
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.latents import bundle_sha256, flip_lr
 from vcm.models.backbone import load_bundle
 

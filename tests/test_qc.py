@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.qc import (
     QCSettings,
     evaluate,

@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 import yaml
 
 from tests.fixtures import TINY_CONTROLNET, TINY_VCM, make_bundle, make_encoded
-from vcm.cli import StageError
 from vcm.config import load_config
 from vcm.diffusion import ddpm_scheduler
+from vcm.errors import StageError
 from vcm.models.backbone import load_bundle
 from vcm.models.vcm import VCM
 from vcm.train import (

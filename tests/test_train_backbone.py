@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vcm import train_backbone as tb
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.models.backbone import AUTOENCODER_FILE, DIFFUSION_FILE, NETWORK_FILE, load_bundle
 
 GRID = (16, 16, 16)

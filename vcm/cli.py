@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from vcm.errors import StageError
+
 # stage name -> "module:function"; the function takes argv (list[str]) and returns an exit code.
 STAGES: dict[str, str] = {
     "demo": "vcm.prep.demo:cli",
@@ -33,10 +35,6 @@ STAGES: dict[str, str] = {
     "cohort-figures": "vcm.report:figures_cli",
     "summary": "vcm.report:cli",
 }
-
-
-class StageError(Exception):
-    """An expected failure (bad input, bad config): reported as one line, without a traceback."""
 
 
 def _usage() -> str:

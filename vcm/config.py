@@ -13,15 +13,11 @@ from typing import Any
 import jsonschema
 import yaml
 
-from vcm.cli import StageError
+from vcm.errors import ConfigError, StageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
-
-
-class ConfigError(StageError):
-    """A config key is missing or holds a value the schema does not allow."""
 
 
 def load_schema() -> dict[str, Any]:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.labels import FS_LABELS, LATERAL_VENTRICLES, SEMANTIC_CLASSES
 
 __all__ = ["CohortDataset", "RealDataset", "label_lookup", "n_classes"]

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from vcm.cli import StageError
 from vcm.config import dump_config
+from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import atomic_path, load_nifti, provenance, read_json
 from vcm.labels import SEMANTIC_CLASSES

@@ -62,9 +62,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vcm.cli import StageError
 from vcm.config import section_values
 from vcm.diffusion import sample_images
+from vcm.errors import StageError
 from vcm.qc import segmentation_metrics
 
 __all__ = [

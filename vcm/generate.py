@@ -69,8 +69,8 @@ from scipy import ndimage as ndi
 from torch import nn
 from tqdm import tqdm
 
-from vcm.cli import StageError
 from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
+from vcm.errors import StageError
 from vcm.io import atomic_path, load_nifti, provenance, save_nifti, sha256_file, write_json
 from vcm.labels import brain_mask, mask_of, semantic_map
 from vcm.qc import QCResult, QCSettings, Segmenter, evaluate, make_segmenter, reference_ranges

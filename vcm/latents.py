@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 
 __all__ = ["FLIP_AXIS", "bundle_sha256", "cli", "encode_dataset", "flip_lr", "write_latents"]
 

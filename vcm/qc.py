@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 import torch
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.labels import SEMANTIC_CLASSES, mask_of
 
 __all__ = [

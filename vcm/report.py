@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 
 __all__ = [
     "cli",

@@ -64,8 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vcm.cli import StageError
 from vcm.diffusion import ddpm_scheduler, noise_from_seeds, sample_images, vcm_loss
+from vcm.errors import StageError
 from vcm.latents import FLIP_AXIS, bundle_sha256
 from vcm.models.vcm import (
     VCM,

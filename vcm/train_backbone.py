@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 
 __all__ = [
     "Corpus",

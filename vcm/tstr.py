@@ -39,9 +39,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vcm.cli import StageError
 from vcm.config import section_values
 from vcm.data import CohortDataset, RealDataset, n_classes
+from vcm.errors import StageError
 from vcm.labels import SEMANTIC_CLASSES
 
 __all__ = ["TstrSettings", "build_network", "cli", "evaluate_dice", "run_tstr", "train_network"]

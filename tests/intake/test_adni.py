@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vcm.cli import StageError, main
+from vcm.errors import StageError, main
 from vcm.intake import resolve_settings
 from vcm.intake.adni import collect
 from vcm.intake.cli import cli

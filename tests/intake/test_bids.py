@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.intake import resolve_settings
 from vcm.intake.bids import collect
 from vcm.intake.cli import cli

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.intake import DEFAULTS, parse_sex, resolve_settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "intake_config.yaml"

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.models import backbone as bb
 from vcm.models.backbone import (
     AUTOENCODER_FILE,

@@ -8,8 +8,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from vcm.cli import StageError
 from vcm.config import validate_config
+from vcm.errors import StageError
 from vcm.io import load_nifti, read_json
 from vcm.labels import LATERAL_VENTRICLES, mask_of
 from vcm.prep.demo import build_demo

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.io import write_text
 
 log = logging.getLogger(__name__)

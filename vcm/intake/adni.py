@@ -34,7 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.intake import (
     CONVERSION_FAILED,
     NO_DEMOGRAPHICS,

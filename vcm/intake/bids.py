@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.intake import (
     NO_DEMOGRAPHICS,
     NO_DIAGNOSIS,

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.intake import DEFAULTS, resolve_settings, summary, write_outputs
 
 

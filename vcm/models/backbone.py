@@ -34,7 +34,7 @@ import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.models.vcm import crop_to_shape, pad_to_multiple
 
 __all__ = [

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from scipy import ndimage as ndi
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import load_nifti, read_json, save_nifti, write_json
 from vcm.labels import brain_mask, mask_of, semantic_map

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.io import atomic_path
 
 REQUIRED_COLUMNS = ("subject", "t1", "age", "sex")

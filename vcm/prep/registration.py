@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vcm.cli import StageError
+from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
 from vcm.labels import FS_LABELS, LATERAL_VENTRICLES, brain_mask, mask_of
