@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tests.fixtures import TINY_VCM, make_bundle, make_dataset
+from vcm.cli import main
 from vcm.config import load_config
-from vcm.errors import StageError, main
+from vcm.errors import StageError
 from vcm.evaluate import (
     EvalSettings,
     alignment_metrics,

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from tests.fixtures import make_cohort, make_real
+from vcm.cli import main
 from vcm.config import load_config
-from vcm.errors import StageError, main
+from vcm.errors import StageError
 from vcm.tstr import TstrSettings, run_tstr
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vcm.errors import StageError, main
+from vcm.cli import main
+from vcm.errors import StageError
 from vcm.intake import resolve_settings
 from vcm.intake.adni import collect
 from vcm.intake.cli import cli
