@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from tests.fixtures import TINY_VCM, make_bundle, make_dataset
 from vcm.cli import main
@@ -168,10 +169,8 @@ def test_absent_medicalnet_weights_are_one_line_not_a_crash(tmp_path, capsys):
 
 def test_settings_follow_the_qc_segmentation_backend():
     cfg = load_config(REPO / "config" / "config.yaml")
-    assert EvalSettings.from_config(cfg).segmentation == "atlas"
-    cfg["segmentation"]["backend"] = "precomputed"  # nothing to run on a synthetic image
-    assert EvalSettings.from_config(cfg).segmentation == "atlas"
-    cfg["segmentation"]["backend"] = "synthseg"
+    assert EvalSettings.from_config(cfg).segmentation == "segmenter"  # the QC U-Net by default
+    cfg["qc"]["backend"] = "synthseg"
     assert EvalSettings.from_config(cfg).segmentation == "synthseg"
     cfg["qc"]["backend"] = "atlas"
     assert EvalSettings.from_config(cfg).segmentation == "atlas"
@@ -244,19 +243,23 @@ def test_stage_tables_controlled_vs_uncontrolled(tmp_path, files):
         segment=fake_segment,
         progress=False,
     )
-    assert list(table["method"]) == ["vcm", "uncontrolled"] and list(table["control"]) == [
-        "controlled",
-        "uncontrolled",
-    ]
+    assert list(table["method"]) == ["vcm", "uncontrolled", "difference"]
+    assert list(table["control"]) == ["controlled", "uncontrolled", "controlled - uncontrolled (paired)"]
     assert (
-        list(table["n"]) == [2, 2]
+        list(table["n"]) == [2, 2, 2]
         and (table["condition_set"] == "two").all()
         and (table["training_size"] == 2).all()
     )
     for metric in ("dice", "hd95", "assd", "skull_dist", "ssim", "ms_ssim"):
         assert table[f"{metric}_mean"].notna().all(), metric
-    assert table["dice_mean"].between(0, 1).all() and table["ssim_mean"].between(-1, 1).all()
+    assert table["dice_mean"][:2].between(0, 1).all() and table["ssim_mean"][:2].between(-1, 1).all()
     assert table["fid3d"].isna().all()  # no MedicalNet weights configured
+    # the paired difference row: controlled - uncontrolled per subject, with its bootstrap interval
+    diff = table.loc[2, "ssim_mean"]
+    assert diff == pytest.approx(table.loc[0, "ssim_mean"] - table.loc[1, "ssim_mean"], abs=1e-6)
+    assert table.loc[2, "ssim_ci_low"] <= diff <= table.loc[2, "ssim_ci_high"]
+    assert table.loc[0, "dice_ci_low"] <= table.loc[0, "dice_mean"] <= table.loc[0, "dice_ci_high"]
+    assert (table["segmentation"] == settings.segmentation).all()
     subjects = pd.read_csv(tmp_path / "eval" / "two_n2_subjects.csv")
     assert len(subjects) == 4 and list(subjects["subject"]) == ["sub-04", "sub-05"] * 2
     # the table is the mean and sd of the per-subject rows
@@ -296,13 +299,17 @@ def test_stage_with_fid_3d(tmp_path, files):
         segment=fake_segment,
         progress=False,
     )
-    assert (table["fid3d"] >= -1e-6).all()  # two subjects: a rank-1 covariance, still a finite distance
+    assert (table["fid3d"][:2] >= -1e-6).all()  # two subjects: a rank-1 covariance, still a finite distance
     assert json.loads((tmp_path / "lv.json").read_text())["medicalnet_depth"] == 10
 
 
 def test_cli_with_atlas_segmentation_and_tables(tmp_path, files, template_dir, capsys):
     out = tmp_path / "eval" / "lv_n2.csv"
-    args = ["evaluate", "--config", str(REPO / "config" / "config.yaml"), "--dataset", str(files["dataset"])]
+    config = tmp_path / "atlas.yaml"
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    raw["qc"]["backend"] = "atlas"
+    config.write_text(yaml.safe_dump(raw))
+    args = ["evaluate", "--config", str(config), "--dataset", str(files["dataset"])]
     args += [
         "--model",
         str(files["lv"]),
@@ -314,9 +321,11 @@ def test_cli_with_atlas_segmentation_and_tables(tmp_path, files, template_dir, c
     assert main([*args, "--out", str(out), "--subjects", "1", "--ddim-steps", "2", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "FID 3D: skipped (evaluation.medicalnet_weights not set" in text
-    assert "| lv | 2 | VCM | 1 |" in text and "| lv | 2 | backbone (uncontrolled) | 1 |" in text
+    assert (
+        "| lv | 2 | VCM | atlas | 1 |" in text and "| lv | 2 | backbone (uncontrolled) | atlas | 1 |" in text
+    )
     table = pd.read_csv(out)
-    assert list(table["n"]) == [1, 1] and table["dice_mean"].between(0, 1).all()
+    assert list(table["n"]) == [1, 1, 1] and table["dice_mean"][:2].between(0, 1).all()
     # gather: two model tables and two TSTR tables whose real rows are the same network
     other = table.assign(condition_set="two", training_size=10)
     other.to_csv(tmp_path / "eval" / "two_n10.csv", index=False)
@@ -332,6 +341,8 @@ def test_cli_with_atlas_segmentation_and_tables(tmp_path, files, template_dir, c
             "n_val": [4, 4],
             "dice_mean": [0.71, 0.8],
             "dice_sd": [0.05, 0.02],
+            "dice_ci_low": [0.65, 0.78],
+            "dice_ci_high": [0.76, 0.82],
         }
     )
     tstr.to_csv(tmp_path / "t_lv.csv", index=False)
@@ -358,10 +369,14 @@ def test_cli_with_atlas_segmentation_and_tables(tmp_path, files, template_dir, c
         == 0
     )
     text = md.read_text()
-    assert "| condition set | # train | method | n | DSC ↑ |" in text
-    assert "| lv | 2 | VCM | 1 |" in text and "| two | 10 | backbone (uncontrolled) | 1 |" in text
+    assert "| condition set | # train | method | segmenter | n | DSC ↑ |" in text
+    assert (
+        "| lv | 2 | VCM | atlas | 1 |" in text
+        and "| two | 10 | backbone (uncontrolled) | atlas | 1 |" in text
+    )
+    assert "| lv | 2 | Δ controlled − uncontrolled | atlas | 1 |" in text
     assert "skull-dist" not in text and "FID 3D" not in text  # empty everywhere: dropped
-    assert "| synthetic | lv | 30 | lv | 300 | 0.710 ± 0.050 |" in text
+    assert "| synthetic | lv | 30 | lv | 300 | 0.710 [0.650, 0.760] |" in text
     assert "<table" in html.read_text() and "Train on synthetic" in html.read_text()
     gathered = pd.read_csv(tstr_out)
     assert list(gathered["source"]) == ["lv", "train_20", "two"]  # the real row once

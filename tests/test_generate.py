@@ -463,7 +463,7 @@ def test_cli_with_the_atlas_backend_survives_a_kill(files, gcfg, template_dir, t
     """The real stage in a subprocess, killed while it makes its subject; the rerun matches an uninterrupted
     run byte for byte (the resume test covers a shard killed between subjects)."""
     gcfg["cohort"].update(size=1, shard_size=1, ddim_steps=3)  # one atlas segmentation per run: ~3 s
-    gcfg["qc"].update(max_tries=1)
+    gcfg["qc"].update(max_tries=1, backend="atlas")
     config = _write_cfg(gcfg, tmp_path / "config.yaml")
     args = [
         "--config", str(config), "--dataset", str(files["dataset"]), "--model", str(files["model"]),

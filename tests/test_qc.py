@@ -141,13 +141,13 @@ def test_evaluate_thresholds_and_reasons():
 def test_settings_from_config(cfg, tmp_path):
     s = QCSettings.from_config(cfg)
     assert s.dice_min == cfg["qc"]["dice_min"] and s.max_tries == cfg["qc"]["max_tries"]
-    assert s.backend == "atlas" and s.intensity_outliers_max == 1 and s.intensity_margin == 0.25
-    cfg["segmentation"]["backend"] = "precomputed"  # nothing precomputed for a synthetic image
-    assert QCSettings.from_config(cfg).backend == "atlas"
-    cfg["segmentation"]["backend"] = "synthseg"
+    assert s.backend == "segmenter" and s.intensity_outliers_max == 1 and s.intensity_margin == 0.25
+    cfg["qc"]["backend"] = "synthseg"
     assert QCSettings.from_config(cfg).backend == "synthseg"
     cfg["qc"]["backend"] = "nnunet"
     with pytest.raises(StageError, match="qc.backend"):
         QCSettings.from_config(cfg)
     with pytest.raises(StageError, match="needs the template"):
         make_segmenter({}, QCSettings(backend="atlas"), tmp_path, None)
+    with pytest.raises(StageError, match="needs the trained QC segmenter"):
+        make_segmenter({}, QCSettings(backend="segmenter"), tmp_path, None)

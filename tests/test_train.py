@@ -218,6 +218,19 @@ def test_loss_falls_when_overfitting_a_tiny_batch(files, tcfg):
     assert max(losses[-5:]) < min(losses[:3]), losses
 
 
+def test_a_step_budget_gives_the_same_model_twice(tmp_path, files, tcfg):
+    """The demo trains a fixed number of steps, not minutes: the same config and seed, the same model."""
+    assert tcfg["training"]["minutes"] is None  # the project config: no wall-clock budget
+    a = run(tcfg, files, tmp_path / "a")
+    b = run(tcfg, files, tmp_path / "b")
+    assert a.step == b.step == tcfg["training"]["steps"]
+    assert_same_state(a.model.state_dict(), b.model.state_dict(), atol=0.0)
+    other = copy.deepcopy(tcfg)
+    other["training"]["seed"] = 1
+    c = run(other, files, tmp_path / "c")
+    assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, files, tcfg):
     full = run(tcfg, files, tmp_path / "full")
     part = run(tcfg, files, tmp_path / "resumed", stop_after=3)

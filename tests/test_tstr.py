@@ -35,18 +35,21 @@ def tcfg() -> dict:
     return cfg
 
 
-def test_both_rows_with_dice_and_the_real_network_learns_the_easy_task(tmp_path, files, tcfg):
+def test_three_arms_with_dice_and_the_real_network_learns_the_easy_task(tmp_path, files, tcfg):
     settings = TstrSettings.from_config(tcfg, **FAST)
     assert settings.real_split == "train_4"  # the largest training size by default
     out = tmp_path / "tstr" / "lv.csv"
     table = run_tstr(tcfg, files["dataset"], files["cohort"], out, settings, progress=False)
     assert pd.read_csv(out).shape == table.shape
-    assert list(table["train_data"]) == ["synthetic", "real"]
-    assert list(table["source"]) == ["lv", "train_4"]
-    assert list(table["n_train"]) == [4, 4]  # QC-passed synthetic subjects only
-    assert list(table["steps"]) == [40, 40] and list(table["n_val"]) == [2, 2]
+    assert list(table["train_data"]) == ["synthetic", "real", "real+synthetic"]
+    assert list(table["source"]) == ["lv", "train_4", "train_4+lv"]
+    assert list(table["n_train"]) == [4, 4, 8]  # QC-passed synthetic subjects only
+    assert list(table["steps"]) == [40, 40, 40] and list(table["n_val"]) == [2, 2, 2]
     assert table["dice_mean"].between(0, 1).all()
     assert table.loc[1, "dice_mean"] > 0.5  # the real-trained network on the phantom task
+    assert (table["dice_ci_low"] <= table["dice_mean"]).all() and (
+        table["dice_mean"] <= table["dice_ci_high"]
+    ).all()
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["classes"] == ["lv"] and info["settings"]["steps"] == 40
     assert info["results"]["synthetic"]["n_total"] == 6
@@ -90,6 +93,7 @@ def test_cli_prints_both_rows_and_one_line_errors(tmp_path, files, capsys):
     assert main([*args, "--cohort", str(files["cohort"]), "--out", str(out), "--steps", "2"]) == 0
     text = capsys.readouterr().out
     assert "TSTR synthetic (lv, 4 subjects, 2 steps" in text and "TSTR real (train_4, 4 subjects" in text
+    assert "TSTR real+synthetic (train_4+lv, 8 subjects" in text
     assert out.is_file()
     assert main([*args, "--cohort", str(tmp_path / "none.h5"), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

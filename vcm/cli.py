@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "dataset": "vcm.dataset:cli",
     "manifest": "vcm.intake.cli:cli",
     "train-backbone": "vcm.train_backbone:cli",
+    "train-segmenter": "vcm.train_segmenter:cli",
     "preview": "vcm.train:preview_cli",
     "encode-latents": "vcm.latents:cli",
     "train-vcm": "vcm.train:cli",

@@ -23,7 +23,13 @@ from vcm.io import atomic_path, load_nifti, provenance, read_json
 from vcm.labels import SEMANTIC_CLASSES
 from vcm.prep.conditions import COVARIATE_ORDER
 
-IMAGE_CONDITIONS = ("skull",)  # stored as images; the rest of the masks are integer maps
+IMAGE_CONDITIONS = ("skull", "t2")  # stored as images; the rest of the masks are integer maps
+SECOND_IMAGE = "t2"  # a second modality of the same subject (paper: translation from another modality)
+
+
+def uses_second_image(cfg: dict) -> bool:
+    """Whether a condition set uses the second modality (then prep registers and stores it)."""
+    return any(SECOND_IMAGE in group for groups in cfg["condition_sets"].values() for group in groups)
 
 
 def condition_names(cfg: dict) -> list[str]:
@@ -33,6 +39,7 @@ def condition_names(cfg: dict) -> list[str]:
         "semantics",
         "skull",
         *[f"lowres_{mm:g}mm" for mm in cfg["conditions"]["lowres_slice_mm"]],
+        *([SECOND_IMAGE] if uses_second_image(cfg) else []),
     ]
 
 

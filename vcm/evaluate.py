@@ -65,7 +65,7 @@ from tqdm import tqdm
 from vcm.config import section_values
 from vcm.diffusion import sample_images
 from vcm.errors import StageError
-from vcm.qc import segmentation_metrics
+from vcm.qc import BACKENDS, segmentation_metrics
 
 __all__ = [
     "MS_SSIM_WEIGHTS",
@@ -116,8 +116,8 @@ class EvalSettings:
         seed: validation subject ``i`` of ``dataset.h5`` starts from the noise of seed ``seed * 1_000_003 + i``
             (the previews' scheme: the same subject gets the same noise in previews and evaluation).
         batch_size: subjects sampled together.
-        segmentation: segmenter of the synthetic images, ``atlas`` (offline) or ``synthseg``; ``None`` uses
-            the cohort QC's (``qc.backend``, else ``segmentation.backend``; ``precomputed`` means ``atlas``).
+        segmentation: segmenter of the synthetic images, ``segmenter`` (the QC U-Net), ``atlas`` or
+            ``synthseg``; ``None`` uses the cohort QC's (``qc.backend``).
         ssim_kernel: SSIM window, voxels (Gaussian).
         ssim_sigma: SSIM Gaussian sigma, voxels.
         ms_ssim_scales: MS-SSIM scales; ``None`` picks the most (up to 5) that the grid allows.
@@ -142,11 +142,10 @@ class EvalSettings:
             values["ddim_steps"] = int(cfg.get("cohort", {}).get("ddim_steps", 200))
         out = cls(**values)
         if out.segmentation is None:
-            backend = cfg.get("qc", {}).get("backend") or cfg.get("segmentation", {}).get("backend", "atlas")
-            out.segmentation = "atlas" if backend == "precomputed" else backend
-        if out.segmentation not in ("atlas", "synthseg"):
+            out.segmentation = cfg.get("qc", {}).get("backend") or "segmenter"
+        if out.segmentation not in BACKENDS:
             raise StageError(
-                f"config key 'evaluation.segmentation': expected atlas or synthseg, got {out.segmentation!r}"
+                f"config key 'evaluation.segmentation': expected {', '.join(BACKENDS)}, got {out.segmentation!r}"
             )
         if out.ssim_kernel < 1 or out.ssim_kernel % 2 == 0:
             raise StageError(
@@ -383,6 +382,7 @@ def make_segmenter(
     template_dir: str | Path | None,
     affine: np.ndarray,
     shape: Sequence[int],
+    segmenter_path: str | Path | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``segment(image) -> FreeSurfer labels`` for synthetic images on the grid: the cohort QC's backends
     (:func:`vcm.qc.make_segmenter`: ``atlas`` warps the template's labels onto the image, ``synthseg`` runs
@@ -395,7 +395,7 @@ def make_segmenter(
     from vcm.train import _grid_from_affine
 
     settings = dataclasses.replace(QCSettings.from_config(cfg), backend=backend)
-    segmenter = qc_segmenter(cfg, settings, template_dir, _grid_from_affine(shape, affine))
+    segmenter = qc_segmenter(cfg, settings, template_dir, _grid_from_affine(shape, affine), segmenter_path)
 
     def segment(image: np.ndarray) -> np.ndarray:
         with tempfile.TemporaryDirectory(prefix="vcm_eval_") as tmp:
@@ -416,28 +416,69 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
-def summarise(per_subject: pd.DataFrame, fid: Mapping[str, float] | None = None) -> pd.DataFrame:
-    """Mean and sample sd of every metric per method (rows: the controlled method, then ``uncontrolled``).
+def summarise(
+    per_subject: pd.DataFrame, fid: Mapping[str, float] | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """Mean, sample sd and bootstrap 95 % interval of every metric per method, and the paired difference.
 
     Args:
-        per_subject: one row per subject and method (``method`` column plus the metric columns).
+        per_subject: one row per subject and method (``method``, ``subject`` and the metric columns).
         fid: FID 3D per method (one value each, not a mean).
+        seed: the bootstrap's seed.
 
     Returns:
-        one row per method: ``method``, ``n`` and, per metric, ``<metric>_mean``, ``<metric>_sd``; plus
-        ``n_empty`` (segmentations without an LV: no HD95/ASSD) and ``fid3d``.
+        one row per method (the controlled method, then ``uncontrolled``): ``method``, ``n`` and, per metric,
+        ``<metric>_mean``, ``<metric>_sd``, ``<metric>_ci_low``, ``<metric>_ci_high``; ``n_empty``
+        (segmentations without an LV: no HD95/ASSD) and ``fid3d``. With two methods a last row ``difference``
+        holds, per metric, the mean over subjects of controlled - uncontrolled and its interval (paired).
     """
+    from vcm.stats import bootstrap_ci, paired_difference
+
     rows = []
     for method, group in per_subject.groupby("method", sort=False):
         row: dict[str, Any] = {"method": method, "n": len(group)}
         for metric in METRICS:
             if metric in group and group[metric].notna().any():
                 mean, sd, _ = _mean_sd(group[metric].tolist())
+                low, high = bootstrap_ci(group[metric].to_numpy(float), seed=seed)
             else:
-                mean, sd = math.nan, math.nan
-            row[f"{metric}_mean"], row[f"{metric}_sd"] = mean, sd
+                mean, sd, low, high = (math.nan,) * 4
+            row.update(
+                {
+                    f"{metric}_mean": mean,
+                    f"{metric}_sd": sd,
+                    f"{metric}_ci_low": low,
+                    f"{metric}_ci_high": high,
+                }
+            )
         row["n_empty"] = int((group["seg_lv_voxels"] == 0).sum()) if "seg_lv_voxels" in group else 0
         row["fid3d"] = (fid or {}).get(method, math.nan)
+        rows.append(row)
+    methods = list(dict.fromkeys(per_subject["method"]))
+    if len(methods) == 2 and "subject" in per_subject:
+        by = {m: per_subject[per_subject["method"] == m].set_index("subject") for m in methods}
+        common = [s for s in by[methods[0]].index if s in by[methods[1]].index]
+        row = {"method": "difference", "n": len(common), "n_empty": 0, "fid3d": math.nan}
+        for metric in METRICS:
+            a = (
+                by[methods[0]].loc[common, metric].to_numpy(float)
+                if metric in by[methods[0]]
+                else np.full(len(common), np.nan)
+            )
+            b = (
+                by[methods[1]].loc[common, metric].to_numpy(float)
+                if metric in by[methods[1]]
+                else np.full(len(common), np.nan)
+            )
+            mean, low, high = paired_difference(a, b, seed=seed)
+            row.update(
+                {
+                    f"{metric}_mean": mean,
+                    f"{metric}_sd": math.nan,
+                    f"{metric}_ci_low": low,
+                    f"{metric}_ci_high": high,
+                }
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -453,6 +494,7 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     segment: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: bool = True,
+    segmenter_path: str | Path | None = None,
 ) -> pd.DataFrame:
     """Controlled vs uncontrolled on the validation subjects; writes the table, the per-subject rows and a JSON.
 
@@ -520,7 +562,7 @@ def evaluate_model(
     grid = real.shape[1:]
     scales = settings.ms_ssim_scales or ms_ssim_scales(grid, settings.ssim_kernel)
     if segment is None:
-        segment = make_segmenter(cfg, settings.segmentation, template_dir, affine, grid)
+        segment = make_segmenter(cfg, settings.segmentation, template_dir, affine, grid, segmenter_path)
     factor = backbone.downsample_factor
     latent = (backbone.latent_channels, *(s // factor for s in grid))
     seeds = [settings.seed * 1_000_003 + int(i) for i in val]
@@ -577,13 +619,13 @@ def evaluate_model(
     per_subject["method"] = pd.Categorical(per_subject["method"], [method, "uncontrolled"])
     per_subject = per_subject.sort_values(["method", "index"], kind="stable")
     per_subject["method"] = per_subject["method"].astype(str)
-    table = summarise(per_subject, fid)
+    table = summarise(per_subject, fid, settings.seed)
     table.insert(0, "condition_set", meta.get("condition_set"))
     table.insert(1, "training_size", meta.get("training_size"))
     table.insert(2, "model", method)
-    table.insert(
-        4, "control", ["controlled" if m != "uncontrolled" else "uncontrolled" for m in table["method"]]
-    )
+    control = {"uncontrolled": "uncontrolled", "difference": "controlled - uncontrolled (paired)"}
+    table.insert(4, "control", [control.get(m, "controlled") for m in table["method"]])
+    table["segmentation"] = settings.segmentation
     if skull is None:
         notes.append("skull-dist: no skull condition in this set")
     if (per_subject["seg_lv_voxels"] == 0).any():
@@ -627,8 +669,17 @@ def _fmt(mean: float, sd: float | None = None, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _fmt_ci(mean: float, low: float | None, high: float | None, digits: int = 3) -> str:
+    """``mean [low, high]``; a signed mean for differences."""
+    if mean is None or not np.isfinite(mean):
+        return "–"
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def display_table(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """The paper-style table of several per-model tables: one row per model and method, ``mean ± sd`` cells;
+    """The paper-style table of several per-model tables: one row per model and method, ``mean [95 % interval]`` cells;
     metric columns that are empty everywhere are dropped."""
     if not tables:
         return pd.DataFrame()
@@ -638,15 +689,21 @@ def display_table(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
         row = {
             "condition set": r["condition_set"],
             "# train": int(r["training_size"]) if pd.notna(r["training_size"]) else "",
-            "method": METHOD_NAMES.get(r["method"], r["method"]),
+            "method": METHOD_NAMES.get(r["method"], r["method"])
+            if r["method"] != "difference"
+            else "Δ controlled − uncontrolled",
             "n": int(r["n"]),
         }
         for metric in METRICS:
             digits = 2 if metric in ("hd95", "assd") else 4 if metric == "skull_dist" else 3
-            row[LABELS[metric]] = _fmt(r.get(f"{metric}_mean"), r.get(f"{metric}_sd"), digits)
+            row[LABELS[metric]] = _fmt_ci(
+                r.get(f"{metric}_mean"), r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high"), digits
+            )
         row[LABELS["fid3d"]] = _fmt(r.get("fid3d"), None, 2)
         rows.append(row)
     out = pd.DataFrame(rows)
+    if "segmentation" in df:
+        out.insert(3, "segmenter", df["segmentation"].fillna("").tolist())
     empty = [c for c in out.columns if (out[c] == "–").all()]
     return out.drop(columns=empty)
 
@@ -673,8 +730,14 @@ def tstr_display(tstr: pd.DataFrame) -> pd.DataFrame:
             "# train": tstr["n_train"],
             "labels": tstr["labels"],
             "steps": tstr["steps"],
-            "Dice on real val ↑": [
-                _fmt(m, s) for m, s in zip(tstr["dice_mean"], tstr["dice_sd"], strict=True)
+            "Dice on real val ↑ [95% CI]": [
+                _fmt_ci(m, lo, hi)
+                for m, lo, hi in zip(
+                    tstr["dice_mean"],
+                    tstr.get("dice_ci_low", tstr["dice_mean"] * np.nan),
+                    tstr.get("dice_ci_high", tstr["dice_mean"] * np.nan),
+                    strict=True,
+                )
             ],
         }
     )
@@ -703,13 +766,16 @@ def write_tables(
     text += (
         "Controlled (the trained module) vs uncontrolled (the backbone alone, same noise and covariates), "
     )
-    text += "mean ± sd over the validation subjects.\n\n" + markdown_table(evaluation)
+    text += (
+        "mean [bootstrap 95 % interval] over the validation subjects; the Δ row is the paired difference.\n\n"
+    )
+    text += markdown_table(evaluation)
     if not tstr.empty:
         text += "\n## Train on synthetic, test on real (TSTR)\n\n" + markdown_table(tstr_display(tstr))
     write_text(md, text)
     if html is not None:
         style = "<style>table{border-collapse:collapse;font-family:sans-serif;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}</style>"
-        body = f"<h3>Evaluation: controlled vs uncontrolled (mean ± sd over the validation subjects)</h3>{evaluation.to_html(index=False, border=0)}"
+        body = f"<h3>Evaluation: controlled vs uncontrolled (mean [bootstrap 95 % interval] over the validation subjects; Δ = paired difference)</h3>{evaluation.to_html(index=False, border=0)}"
         if not tstr.empty:
             body += f"<h3>Train on synthetic, test on real (TSTR)</h3>{tstr_display(tstr).to_html(index=False, border=0)}"
         write_text(
@@ -735,6 +801,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="vcm.pt")
     parser.add_argument("--bundle", required=True, help="backbone bundle folder")
     parser.add_argument("--template-dir", default=None, help="template (atlas segmentation of the images)")
+    parser.add_argument("--segmenter", default=None, help="segmenter.pt (segmenter backend)")
     parser.add_argument("--out", required=True, help="results/eval/<set>_n<size>.csv")
     parser.add_argument("--subjects", type=int, default=None, help="first N validation subjects")
     parser.add_argument("--ddim-steps", type=int, default=None, help="default evaluation/cohort.ddim_steps")
@@ -754,7 +821,15 @@ def cli(argv: list[str]) -> int:
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     table = evaluate_model(
-        cfg, args.dataset, args.model, args.bundle, args.out, args.template_dir, settings, device
+        cfg,
+        args.dataset,
+        args.model,
+        args.bundle,
+        args.out,
+        args.template_dir,
+        settings,
+        device,
+        segmenter_path=args.segmenter,
     )
     print(markdown_table(display_table([table])), end="")
     print(f"{args.out}: {int(table['n'].iloc[0])} validation subjects at DDIM-{settings.ddim_steps}")

@@ -600,6 +600,7 @@ def generate_shard(
     segmenter: Segmenter | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    segmenter_path: str | Path | None = None,
 ) -> Path | None:
     """Make (or finish) one shard of a condition set's cohort; write ``shard.h5`` last.
 
@@ -617,6 +618,7 @@ def generate_shard(
         stop_after: stop, without ``shard.h5`` (as a killed job would), at the first batch boundary after this
             many subjects were finished in this call; rerun to finish.
         progress: tqdm bar.
+        segmenter_path: the trained QC segmenter (``segmenter.pt``), for the ``segmenter`` QC backend.
 
     Returns:
         ``shard.h5``, or ``None`` when stopped early.
@@ -663,7 +665,7 @@ def generate_shard(
             raise StageError(f"{model_path}: no training size recorded, or {dataset} lacks its split")
         sources = data.source_indices(settings.sources, train_split)
         grid = _grid_from_affine(data.grid, data.affine)
-        seg_fn = segmenter or make_segmenter(cfg, qc_settings, template_dir, grid)
+        seg_fn = segmenter or make_segmenter(cfg, qc_settings, template_dir, grid, segmenter_path)
         ranges = reference_ranges(dataset, data.split(train_split), qc_settings.intensity_percentiles)
         uses_skull = "skull" in wanted
         with h5py.File(dataset, "r") as h5:
@@ -677,6 +679,7 @@ def generate_shard(
                 "conditions": cfg.get("conditions"),
                 "model": model_sha,
                 "bundle": bundle_sha,
+                "qc_segmenter": sha256_file(segmenter_path) if segmenter_path else None,
                 "dataset": dataset_id,
                 "condset": condset,
             }
@@ -1191,6 +1194,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--condition-set", required=True)
     parser.add_argument("--shard", required=True, help="shard number or id (00003)")
     parser.add_argument("--template-dir", default=None, help="template (atlas QC backend)")
+    parser.add_argument("--segmenter", default=None, help="segmenter.pt (segmenter QC backend)")
     parser.add_argument("--out-dir", required=True, help="the shard folder")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -1218,6 +1222,7 @@ def cli(argv: list[str]) -> int:
         template_dir=args.template_dir,
         device=args.device,
         stop_after=args.stop_after,
+        segmenter_path=args.segmenter,
     )
     if path is None:
         print(f"{args.out_dir}: stopped early; rerun to finish the shard")

@@ -2,8 +2,9 @@
 
 Every synthetic image is checked against the conditions it was generated from:
 
-* **alignment** (paper §4): the image is re-segmented with the configured backend (``atlas`` offline, as
-  :func:`~vcm.prep.segmentation.segment_atlas`; ``synthseg`` for real studies) and the lateral-ventricle mask
+* **alignment** (paper §4): the image is re-segmented with the configured backend (``segmenter``, the default:
+  a U-Net trained on the real training subjects, independent of the condition masks and ~0.1 s a volume;
+  ``atlas``, :func:`~vcm.prep.segmentation.segment_atlas`; ``synthseg``) and the lateral-ventricle mask
   of that segmentation is compared with the condition's LV mask: Dice, HD95 and ASSD in mm (MONAI metrics,
   spacing = the grid's);
 * **skull-dist** where the condition set uses a skull image: the mean squared difference between the
@@ -58,6 +59,7 @@ Segmenter = Callable[[np.ndarray, Path], np.ndarray]
 written as NIfTI (with the grid affine) for backends that read files."""
 
 SEGMENTATION_METRICS = ("dice", "hd95", "assd")
+BACKENDS = ("segmenter", "atlas", "synthseg")
 CLASS_NAMES: tuple[str, ...] = tuple(SEMANTIC_CLASSES)
 
 
@@ -78,8 +80,8 @@ class QCSettings:
             subjects (leave-one-out; 58 % with 10); these defaults fail none of them, and still catch an image
             with two structures off.
         intensity_percentiles: the real range's percentiles (MAISI: 0.5, 99.5).
-        backend: re-segmentation backend; ``None`` uses ``segmentation.backend`` (``precomputed``, which has
-            nothing to run on a synthetic image, falls back to ``atlas``).
+        backend: re-segmentation backend: ``segmenter`` (the QC U-Net trained on the real training subjects,
+            :mod:`vcm.models.segmenter`), ``atlas`` or ``synthseg``.
     """
 
     dice_min: float = 0.7
@@ -90,21 +92,19 @@ class QCSettings:
     intensity_outliers_max: int | None = 1
     intensity_margin: float = 0.25
     intensity_percentiles: tuple[float, float] = (0.5, 99.5)
-    backend: str | None = None
+    backend: str = "segmenter"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> QCSettings:
         section = dict(cfg.get("qc", {}))
         known = set(cls.__dataclass_fields__)
+        section.pop("segmenter", None)  # the segmenter's training settings (vcm.train_segmenter)
         out = cls(**{k: v for k, v in section.items() if k in known})
         out.intensity_percentiles = tuple(float(p) for p in out.intensity_percentiles)  # type: ignore[assignment]
         if out.max_tries < 1:
             raise StageError(f"config key 'qc.max_tries': expected >= 1, got {out.max_tries}")
-        if out.backend is None:
-            backend = cfg.get("segmentation", {}).get("backend", "atlas")
-            out.backend = "atlas" if backend == "precomputed" else backend
-        if out.backend not in ("atlas", "synthseg"):
-            raise StageError(f"config key 'qc.backend': expected atlas or synthseg, got {out.backend!r}")
+        if out.backend not in BACKENDS:
+            raise StageError(f"config key 'qc.backend': expected {', '.join(BACKENDS)}, got {out.backend!r}")
         return out
 
 
@@ -293,7 +293,11 @@ def _atlas(
 
 
 def make_segmenter(
-    cfg: Mapping[str, Any], settings: QCSettings, template_dir: str | Path | None, grid: Any
+    cfg: Mapping[str, Any],
+    settings: QCSettings,
+    template_dir: str | Path | None,
+    grid: Any,
+    segmenter_path: str | Path | None = None,
 ) -> Segmenter:
     """The configured re-segmentation backend as a :data:`Segmenter` on ``grid``.
 
@@ -302,8 +306,15 @@ def make_segmenter(
         settings: QC settings (``backend``).
         template_dir: the template folder (``t1_head.nii.gz``, ``labels.nii.gz``), needed by ``atlas``.
         grid: the :class:`~vcm.grid.Grid` of the synthetic images.
+        segmenter_path: ``segmenter.pt``, needed by ``segmenter``.
     """
     seg_cfg = cfg.get("segmentation", {})
+    if settings.backend == "segmenter":
+        from vcm.models.segmenter import load_segmenter
+
+        if segmenter_path is None:
+            raise StageError("QC backend segmenter needs the trained QC segmenter (--segmenter segmenter.pt)")
+        return load_segmenter(segmenter_path, grid.affine)
     if settings.backend == "atlas":
         if template_dir is None or not (Path(template_dir) / "labels.nii.gz").is_file():
             raise StageError(

@@ -1218,13 +1218,15 @@ def preview(
     lv_labels: Sequence[int] = (4, 43),
     device: torch.device | str = "cpu",
     progress: bool = True,
+    segmenter_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Controlled vs uncontrolled DDIM previews of a few validation subjects, from the same noise.
 
     Writes ``<out_dir>/<subject>_{controlled,uncontrolled,real,lv}.nii.gz`` (grid affine),
     ``preview.png`` (LV-mask contour on the images) and ``preview_metrics.json``: the LV Dice of each
-    generated image's atlas segmentation (:func:`~vcm.prep.segmentation.segment_atlas`) against the condition
-    mask, when ``template_dir`` is given, and of the autoencoder's reconstruction of the real image: the ceiling
+    generated image's segmentation against the condition mask (the QC segmenter when ``segmenter_path`` is
+    given, else the atlas, :func:`~vcm.prep.segmentation.segment_atlas`, when ``template_dir`` is), and of the
+    autoencoder's reconstruction of the real image: the ceiling
     any control can reach through this autoencoder. VCM's condition features are computed once per sample.
 
     Args:
@@ -1236,7 +1238,8 @@ def preview(
         n_subjects: first validation subjects to preview.
         ddim_steps: DDIM steps.
         seed: subject ``i`` of the dataset gets the noise of seed ``seed * 1_000_003 + i``.
-        template_dir: the template (``t1_head.nii.gz``, ``labels.nii.gz``) for the Dice; ``None`` skips it.
+        template_dir: the template (``t1_head.nii.gz``, ``labels.nii.gz``) for the atlas Dice.
+        segmenter_path: the QC segmenter (``segmenter.pt``) for the Dice; with neither, no Dice.
         lv_labels: FreeSurfer labels of the LV in the atlas segmentation.
         device: where to sample.
         progress: tqdm bar.
@@ -1283,7 +1286,12 @@ def preview(
     errors = noise_error(
         model, meta["method"], backbone, mu * backbone.scale_factor, conditions, cov, seed=seed
     )
-    grid = _grid_from_affine(real.shape[1:], affine) if template_dir is not None else None
+    grid = _grid_from_affine(real.shape[1:], affine)
+    dice_method = "segmenter" if segmenter_path else "atlas" if template_dir is not None else None
+    if segmenter_path:
+        from vcm.models.segmenter import load_segmenter
+
+        qc_segmenter = load_segmenter(segmenter_path, affine)
     rows, per_subject = [], []
     for i, (subject, index) in enumerate(zip(subjects, val, strict=True)):
         row: dict[str, Any] = {
@@ -1303,11 +1311,14 @@ def preview(
             path = out_dir / f"{subject}_{name}.nii.gz"
             save_nifti(path, images[name][i], affine, np.float32)
             row[name] = images[name][i]
-            if grid is not None and lv is not None:
+            if dice_method is not None and lv is not None:
                 from vcm.labels import mask_of
                 from vcm.prep.segmentation import segment_atlas
 
-                labels = segment_atlas(path, template_dir, grid)
+                if dice_method == "segmenter":
+                    labels = qc_segmenter(images[name][i])
+                else:
+                    labels = segment_atlas(path, template_dir, grid)
                 record[f"dice_{name}"] = row[f"dice_{name}"] = _dice(mask_of(labels, tuple(lv_labels)), lv[i])
         rows.append(row)
         per_subject.append(record)
@@ -1325,7 +1336,7 @@ def preview(
         "lv_dice_controlled": mean("dice_controlled"),
         "lv_dice_uncontrolled": mean("dice_uncontrolled"),
         "lv_dice_reconstruction": mean("dice_reconstruction"),
-        "dice_method": "atlas" if grid is not None else None,
+        "dice_method": dice_method,
         "noise_error": errors,
         "sampling_seconds": round(sample_s, 2),
         "seconds": round(time.perf_counter() - start, 2),
@@ -1342,6 +1353,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="dataset.h5")
     parser.add_argument("--bundle", required=True, help="backbone bundle folder")
     parser.add_argument("--template-dir", default=None, help="template for the previews' LV Dice (atlas)")
+    parser.add_argument("--segmenter", default=None, help="QC segmenter.pt for the previews' LV Dice")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
@@ -1431,6 +1443,7 @@ def cli(argv: list[str]) -> int:
             template_dir=args.template_dir,
             lv_labels=cfg.get("conditions", {}).get("lv_labels", (4, 43)),
             device=device,
+            segmenter_path=args.segmenter,
         )
         _print_preview(Path(args.out_dir) / "preview", metrics)
     else:
@@ -1515,6 +1528,7 @@ def preview_cli(argv: list[str]) -> int:
         template_dir=args.template_dir,
         lv_labels=cfg.get("conditions", {}).get("lv_labels", (4, 43)),
         device=device,
+        segmenter_path=args.segmenter,
     )
     _print_preview(Path(args.out_dir), metrics)
     return 0

@@ -1,19 +1,20 @@
 """Train on synthetic, test on real (TSTR): is the synthetic cohort good enough to train a segmenter?
 
-A small MONAI 3-D :class:`~monai.networks.nets.UNet` is trained twice with the same architecture, seed and
-budget (``tstr.steps``, optionally ``tstr.minutes``):
+A small MONAI 3-D :class:`~monai.networks.nets.UNet` is trained three times with the same architecture, seed
+and budget (``tstr.steps``, optionally ``tstr.minutes``; the loop of :mod:`vcm.segtrain`):
 
-* on the QC-passed subjects of a synthetic cohort (:class:`vcm.data.CohortDataset`; targets from the label
-  map that conditioned each sample), and
-* on the real training subset (:class:`vcm.data.RealDataset`, ``/splits/train_<n>``, default the largest
-  training size);
+* ``synthetic``: on the QC-passed subjects of a synthetic cohort (:class:`vcm.data.CohortDataset`; targets
+  from the label map that conditioned each sample);
+* ``real``: on the real training subset (:class:`vcm.data.RealDataset`, ``/splits/train_<n>``, default the
+  largest training size);
+* ``real+synthetic``: on both together;
 
-and both are scored with MONAI's :class:`~monai.metrics.DiceMetric` against the real validation subjects'
+and each is scored with MONAI's :class:`~monai.metrics.DiceMetric` against the real validation subjects'
 labels (``/splits/val``). Targets (``tstr.labels``): ``lv`` (the lateral-ventricle mask, the paper's
 condition) or ``semantics`` (the 8 classes of appendix A.3; Dice is the mean over the foreground classes).
 
-Outputs (``--out results/eval/tstr/<set>.csv``): one row per training source (``synthetic``, ``real``)
-with the mean and sample sd of the validation Dice, and ``<stem>.json`` with per-subject and per-class Dice,
+Outputs (``--out results/eval/tstr/<set>.csv``): one row per training source with the mean, sample sd and a
+bootstrap 95 % interval of the validation Dice, and ``<stem>.json`` with per-subject and per-class Dice,
 steps, seconds and settings. The networks are not kept (they are a measuring instrument).
 
 Cost on the demo (40×56×40, channels 8-16-32, batch 2, one thread of a busy 2-core machine): ~0.2 s a
@@ -25,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,16 +34,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import ConcatDataset
 
 from vcm.config import section_values
 from vcm.data import CohortDataset, RealDataset, n_classes
 from vcm.errors import StageError
 from vcm.labels import SEMANTIC_CLASSES
+from vcm.segtrain import evaluate_dice, train_network, transforms
+from vcm.stats import bootstrap_ci
 
-__all__ = ["TstrSettings", "build_network", "cli", "evaluate_dice", "run_tstr", "train_network"]
+__all__ = ["ARMS", "TstrSettings", "cli", "run_tstr"]
+
+ARMS = ("synthetic", "real", "real+synthetic")
 
 logger = logging.getLogger(__name__)
 
@@ -100,133 +101,6 @@ class TstrSettings:
         return out
 
 
-def build_network(settings: TstrSettings) -> nn.Module:
-    """The segmenter: MONAI's 3-D U-Net, background + the foreground classes of ``settings.labels``."""
-    from monai.networks.nets import UNet
-
-    return UNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=int(n_classes(settings.labels)) + 1,
-        channels=tuple(settings.channels),
-        strides=tuple(settings.strides),
-        num_res_units=settings.num_res_units,
-    )
-
-
-def _transforms(settings: TstrSettings, train: bool):
-    from monai.transforms import Compose, DivisiblePadd, EnsureChannelFirstd, RandFlipd
-
-    k = int(np.prod(settings.strides))
-    steps: list[Any] = [
-        EnsureChannelFirstd(keys="label", channel_dim="no_channel"),
-        DivisiblePadd(keys=["image", "label"], k=k),
-    ]
-    if train and settings.flip:
-        steps.append(RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0))
-    return Compose(steps)
-
-
-def _loader(ds: Dataset, settings: TstrSettings, generator: torch.Generator) -> DataLoader:
-    return DataLoader(
-        ds,
-        batch_size=settings.batch_size,
-        shuffle=True,
-        drop_last=len(ds) >= settings.batch_size,
-        num_workers=settings.num_workers,
-        generator=generator,
-        collate_fn=_collate,
-    )
-
-
-def _collate(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    # only the tensors the network needs: strings and MONAI's metadata do not need collating
-    def plain(x: Any) -> torch.Tensor:
-        return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-
-    return {k: torch.stack([plain(it[k]) for it in items]) for k in ("image", "label")}
-
-
-def train_network(
-    ds: Dataset,
-    settings: TstrSettings,
-    device: torch.device | str = "cpu",
-    desc: str = "tstr",
-    progress: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a fresh :func:`build_network` on ``ds`` (items with ``image`` and channel-first ``label``).
-
-    Returns:
-        the network (eval mode) and ``{"steps", "seconds", "final_loss"}``.
-    """
-    from monai.losses import DiceCELoss
-
-    if len(ds) == 0:
-        hint = (
-            " (no cohort subject passed QC: see qc.csv, or set tstr.passed_only: false)"
-            if "synthetic" in desc
-            else ""
-        )
-        raise StageError(f"{desc}: no training subjects{hint}")
-    torch.manual_seed(settings.seed)
-    net = build_network(settings).to(device)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
-    generator = torch.Generator().manual_seed(settings.seed)
-    start, step, losses = time.perf_counter(), 0, []
-    budget = None if settings.minutes is None else 60.0 * settings.minutes
-    bar = tqdm(total=settings.steps, desc=desc, unit="step", disable=not progress)
-    net.train()
-    while step < settings.steps:
-        for batch in _loader(ds, settings, generator):
-            image, label = batch["image"].to(device), batch["label"].to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(image), label)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            bar.update(1)
-            if step >= settings.steps or (budget is not None and time.perf_counter() - start > budget):
-                break
-        if budget is not None and time.perf_counter() - start > budget:
-            break
-    bar.close()
-    tail = losses[-max(1, len(losses) // 10) :]
-    return net.eval(), {
-        "steps": step,
-        "seconds": round(time.perf_counter() - start, 2),
-        "final_loss": float(np.mean(tail)) if tail else math.nan,
-    }
-
-
-@torch.no_grad()
-def evaluate_dice(
-    net: nn.Module, ds: Dataset, n_fg: int, device: torch.device | str = "cpu"
-) -> dict[str, Any]:
-    """Dice (MONAI :class:`~monai.metrics.DiceMetric`, foreground classes) of ``net`` on every item of ``ds``.
-
-    Returns:
-        ``subjects``, ``dice`` (per subject, the mean over classes) and ``per_class`` (per subject and class).
-    """
-    from monai.metrics import DiceMetric
-
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
-    subjects, dice, per_class = [], [], []
-    net.eval()
-    for i in range(len(ds)):
-        item = ds[i]
-        image = torch.as_tensor(item["image"])[None].to(device)
-        label = torch.as_tensor(item["label"])[None].long().to(device)  # (1, 1, *grid)
-        pred = net(image).argmax(1, keepdim=True)
-        onehot = lambda x: nn.functional.one_hot(x[:, 0], n_fg + 1).movedim(-1, 1).float()  # noqa: E731
-        values = metric(onehot(pred), onehot(label))[0].cpu().numpy()
-        subjects.append(str(item["subject"]))
-        per_class.append([float(v) for v in values])
-        dice.append(float(np.nanmean(values)))
-    return {"subjects": subjects, "dice": dice, "per_class": per_class}
-
-
 def run_tstr(
     cfg: Mapping[str, Any],
     dataset: str | Path,
@@ -236,7 +110,7 @@ def run_tstr(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Train on the synthetic cohort and on the real training subset; Dice of both on the real validation set.
+    """Train on the synthetic cohort, the real training subset and both; Dice of each on the real validation set.
 
     Args:
         cfg: the validated config (``tstr``, ``training.sizes``, ``conditions.lv_labels``).
@@ -248,47 +122,70 @@ def run_tstr(
         progress: tqdm bars.
 
     Returns:
-        the table written to ``out`` (rows ``synthetic`` and ``real``).
+        the table written to ``out`` (one row per arm of :data:`ARMS`).
     """
     from vcm.io import atomic_path, provenance, write_json
 
     settings = settings or TstrSettings.from_config(cfg)
     lv_labels = tuple(cfg.get("conditions", {}).get("lv_labels", (4, 43)))
     kw = {"label_map": settings.labels, "lv_labels": lv_labels}
-    augment = _transforms(settings, True).set_random_state(settings.seed)  # the same flips for both sources
-    val = RealDataset(dataset, "val", transform=_transforms(settings, False), **kw)
+    augment = transforms(settings, True).set_random_state(settings.seed)  # the same flips for every arm
+    val = RealDataset(dataset, "val", transform=transforms(settings, False), **kw)
     if len(val) == 0:
         raise StageError(f"{dataset}: /splits/val is empty: nothing to test on")
-    sources = {
-        "synthetic": CohortDataset(cohort, passed_only=settings.passed_only, transform=augment, **kw),
-        "real": RealDataset(dataset, settings.real_split, transform=augment, **kw),
-    }
+    synthetic = CohortDataset(cohort, passed_only=settings.passed_only, transform=augment, **kw)
+    real = RealDataset(dataset, settings.real_split, transform=augment, **kw)
+    sources = {"synthetic": synthetic, "real": real, "real+synthetic": ConcatDataset([real, synthetic])}
     n_fg = int(n_classes(settings.labels))
     rows, details = [], {}
     for name, ds in sources.items():
+        if len(ds) == 0:  # no subject passed QC: say so in the table instead of failing the run
+            rows.append(
+                {
+                    "train_data": name,
+                    "source": _source(name, cohort, settings),
+                    "n_train": 0,
+                    "labels": settings.labels,
+                    "n_val": len(val),
+                    "dice_mean": float("nan"),
+                    "note": "no QC-passed synthetic subject",
+                }
+            )
+            details[name] = {"n_train": 0, "n_total": synthetic.n_total}
+            logger.warning("TSTR %s: no training subjects (no synthetic subject passed QC)", name)
+            continue
         augment.set_random_state(settings.seed)
-        net, info = train_network(ds, settings, device, desc=f"tstr {name}", progress=progress)
+        net, info = train_network(ds, settings, n_fg, device, desc=f"tstr {name}", progress=progress)
         scores = evaluate_dice(net, val, n_fg, device)
-        mean = float(np.mean(scores["dice"]))
-        sd = float(np.std(scores["dice"], ddof=1)) if len(scores["dice"]) > 1 else 0.0
+        dice = np.asarray(scores["dice"])
+        low, high = bootstrap_ci(dice, seed=settings.seed)
         rows.append(
             {
                 "train_data": name,
-                "source": Path(cohort).parent.name if name == "synthetic" else settings.real_split,
+                "source": _source(name, cohort, settings),
                 "n_train": len(ds),
                 "labels": settings.labels,
                 "steps": info["steps"],
                 "seconds": info["seconds"],
                 "final_loss": info["final_loss"],
                 "n_val": len(val),
-                "dice_mean": mean,
-                "dice_sd": sd,
+                "dice_mean": float(dice.mean()),
+                "dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
+                "dice_ci_low": low,
+                "dice_ci_high": high,
             }
         )
         details[name] = {**info, **scores, "n_train": len(ds)}
         if name == "synthetic":
-            details[name]["n_total"] = ds.n_total
-        logger.info("TSTR %s: Dice %.3f ± %.3f on %d real validation subjects", name, mean, sd, len(val))
+            details[name]["n_total"] = synthetic.n_total
+        logger.info(
+            "TSTR %s: Dice %.3f [%.3f, %.3f] on %d real validation subjects",
+            name,
+            dice.mean(),
+            low,
+            high,
+            len(val),
+        )
     table = pd.DataFrame(rows)
     out = Path(out)
     write_json(
@@ -305,6 +202,11 @@ def run_tstr(
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     return table
+
+
+def _source(arm: str, cohort: str | Path, settings: TstrSettings) -> str:
+    set_name = Path(cohort).parent.name
+    return {"synthetic": set_name, "real": settings.real_split}.get(arm, f"{settings.real_split}+{set_name}")
 
 
 def cli(argv: list[str]) -> int:
@@ -328,9 +230,13 @@ def cli(argv: list[str]) -> int:
     settings = TstrSettings.from_config(cfg, steps=args.steps, minutes=args.minutes, labels=args.labels)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     table = run_tstr(cfg, args.dataset, args.cohort, args.out, settings, device)
-    for r in table.itertuples():
+    for r in table.to_dict("records"):
+        if not r["n_train"]:
+            print(f"TSTR {r['train_data']}: not trained ({r.get('note')})")
+            continue
         print(
-            f"TSTR {r.train_data} ({r.source}, {r.n_train} subjects, {r.steps} steps, {r.seconds:.0f} s): "
-            f"{r.labels} Dice {r.dice_mean:.3f} ± {r.dice_sd:.3f} on {r.n_val} real validation subjects"
+            f"TSTR {r['train_data']} ({r['source']}, {r['n_train']} subjects, {r['steps']} steps, {r['seconds']:.0f} s):"
+            f" {r['labels']} Dice {r['dice_mean']:.3f} [95% CI {r['dice_ci_low']:.3f}, {r['dice_ci_high']:.3f}]"
+            f" on {r['n_val']} real validation subjects"
         )
     return 0

@@ -2,6 +2,8 @@
 TSTR, summary and the Snakemake report. Checks that every stage connects and writes what it promises;
 image quality is the shipped backbone's business (see docs/backbone.md)."""
 
+import json
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -30,6 +32,8 @@ def full_run(tmp_path_factory):
             "demo": {"n_subjects": 5, "seed": 0, "spacing_mm": 2.0},
         },
         "dataset": {"val_size": 1},
+        # the second modality end to end: registered with the T1's transform, stored, trained on
+        "condition_sets": {"lv_brain_skull": [["lv", "brain"], ["skull"]], "t2": [["t2"]]},
         "backbone": {"kind": "tiny", "bundle": str(root / "bundle")},
         "training": {
             "sizes": [3],
@@ -40,7 +44,7 @@ def full_run(tmp_path_factory):
             "preview": {"subjects": 1, "ddim_steps": 3},
         },
         "cohort": {"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "ddim_steps": 3, "batch_size": 2},
-        "qc": {"max_tries": 2},
+        "qc": {"max_tries": 2, "segmenter": {"steps": 20}},
         "tstr": {"steps": 10, "passed_only": False},  # random weights: no subject passes QC
     }
     configfile = root / "config.yaml"
@@ -69,15 +73,22 @@ def test_model_cohort_and_qc(full_run):
     manifest = pd.read_csv(cohort / "manifest.csv")
     assert len(manifest) == 4 and {"subject", "t1", "age", "sex"} <= set(manifest.columns)
     assert len(pd.read_csv(cohort / "qc.csv")) >= 4
+    assert (results / "models" / "t2" / "n3" / "vcm.pt").is_file()
+    with h5py.File(results / "dataset.h5") as h5:
+        assert h5["cond/t2"].shape == (5, 1, 40, 56, 40)
+    qc_segmenter = json.loads((results / "models" / "qc_segmenter" / "segmenter.json").read_text())
+    assert qc_segmenter["n_val"] == 1 and qc_segmenter["train_split"] == "train_3"
+    assert 0 <= qc_segmenter["lv_dice"]["mean"] <= 1 and qc_segmenter["seconds_per_volume_1_thread"] < 1
 
 
 def test_evaluation_tstr_summary_and_report(full_run):
     results, report = full_run
     table = pd.read_csv(results / "eval" / "lv_brain_skull_n3.csv")
-    assert set(table["control"]) == {"controlled", "uncontrolled"}
-    assert table["dice_mean"].between(0, 1).all() and (table["n"] == 1).all()
+    assert list(table["control"]) == ["controlled", "uncontrolled", "controlled - uncontrolled (paired)"]
+    assert table["dice_mean"][:2].between(0, 1).all() and (table["n"] == 1).all()
+    assert (table["segmentation"] == "segmenter").all()  # the QC segmenter re-segments the images
     tstr = pd.read_csv(results / "eval" / "tstr.csv")
-    assert len(tstr) >= 2
+    assert list(tstr["train_data"]) == ["synthetic", "real", "real+synthetic"]
     summary = (results / "summary.md").read_text()
     assert "TSTR" in summary or "tstr" in summary.lower()
     assert report.stat().st_size > 100_000

@@ -100,8 +100,10 @@ def make_conditions(
     age: float,
     sex: str,
     out_dir: str | Path,
+    t2_grid: str | Path | None = None,
 ) -> dict:
-    """Write every condition NIfTI and ``covariates.json`` for one subject."""
+    """Write every condition NIfTI and ``covariates.json`` for one subject (``t2.nii.gz`` when a registered
+    second modality is given)."""
     grid = Grid.from_config(cfg["grid"])
     c = cfg["conditions"]
     image, _ = load_nifti(t1_grid)
@@ -120,6 +122,8 @@ def make_conditions(
         save_nifti(
             out / f"lowres_{mm:g}mm.nii.gz", axial_lowres(image, grid.spacing_mm, mm), grid.affine, np.float32
         )
+    if t2_grid is not None:
+        save_nifti(out / "t2.nii.gz", load_nifti(t2_grid)[0], grid.affine, np.float32)
     raw = {
         "sex": 1.0 if sex == "M" else 0.0,
         "age": float(age),
@@ -140,6 +144,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--subject", required=True)
     parser.add_argument("--t1", required=True, help="registered T1 on the grid")
     parser.add_argument("--labels", required=True, help="labels on the grid")
+    parser.add_argument("--t2", default=None, help="registered second modality on the grid (t2 condition)")
     parser.add_argument("--volumes", required=True, help="volumes.json of the segmentation")
     parser.add_argument("--meta", help="the subject's check-inputs JSON (gives age and sex)")
     parser.add_argument("--age", type=float)
@@ -151,7 +156,9 @@ def cli(argv: list[str]) -> int:
     if meta.get("age") is None or meta.get("sex") not in ("F", "M"):
         raise StageError(f"subject {args.subject}: give --meta, or --age and --sex")
     volumes = read_json(args.volumes)
-    info = make_conditions(cfg, args.t1, args.labels, volumes, meta["age"], meta["sex"], args.out_dir)
+    info = make_conditions(
+        cfg, args.t1, args.labels, volumes, meta["age"], meta["sex"], args.out_dir, args.t2
+    )
     note = f" (clipped to the range: {', '.join(info['clipped'])})" if info["clipped"] else ""
     print(f"subject {args.subject}: covariates {', '.join(f'{v:.3f}' for v in info['scaled'])}{note}")
     return 0

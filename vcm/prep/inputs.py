@@ -1,5 +1,9 @@
 """The manifest and the per-subject input checks that run before any per-subject job.
 
+Columns: ``subject, t1, age, sex`` and, optionally, ``seg`` (label maps for the ``precomputed`` backend) and
+``t2`` (a second modality from the same session as the T1, for the ``t2`` condition); relative paths are
+resolved against the manifest's folder.
+
 Structural problems (missing column, duplicate id) stop the whole run. A subject whose T1 is missing,
 unreadable, not 3-D, empty, all zero or holds NaNs is excluded with a one-line reason; every other subject
 goes on, and the excluded ones are listed in ``excluded.csv``.
@@ -70,7 +74,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise ManifestError(f"manifest {path}: subject {row['subject']}: age {row['age']!r} is not a number")
     df["age"] = age.astype(float)
     base = path.resolve().parent
-    for col in ("t1", "seg"):
+    for col in ("t1", "seg", "t2"):
         if col in df.columns:
             df[col] = [
                 str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p
@@ -109,12 +113,24 @@ def check_volume(path: str | Path, what: str = "t1") -> str | None:
     return None
 
 
-def check_inputs(manifest: str | Path, backend: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check every subject's files; return (usable rows, excluded rows with a ``reason`` column)."""
+def check_inputs(
+    manifest: str | Path, backend: str, second_image: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check every subject's files; return (usable rows, excluded rows with a ``reason`` column).
+
+    Args:
+        manifest: the manifest CSV.
+        backend: ``segmentation.backend`` (``precomputed`` checks the ``seg`` column too).
+        second_image: a condition set uses ``t2``: the ``t2`` column is needed and checked.
+    """
     df = read_manifest(manifest)
+    if second_image and "t2" not in df.columns:
+        raise ManifestError(f"manifest {manifest}: a condition set uses t2, which needs a 't2' column")
     reasons = []
     for _, row in df.iterrows():
         reason = check_volume(row["t1"], "t1")
+        if reason is None and second_image:
+            reason = check_volume(row["t2"], "t2")
         if reason is None and backend == "precomputed":
             if "seg" not in df.columns:
                 raise ManifestError(
@@ -157,7 +173,9 @@ def cli(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    ok, bad = check_inputs(args.manifest, cfg["segmentation"]["backend"])
+    from vcm.dataset import uses_second_image
+
+    ok, bad = check_inputs(args.manifest, cfg["segmentation"]["backend"], uses_second_image(cfg))
     for _, row in bad.iterrows():
         print(f"subject {row['subject']}: excluded: {row['reason']}", file=sys.stderr)
     with atomic_path(args.excluded) as tmp:

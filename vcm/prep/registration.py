@@ -84,11 +84,13 @@ def register(
     working_spacing_mm: float = 2.0,
     seed: int = 0,
     percentiles: tuple[float, float] = (0.0, 99.5),
+    t2_path: str | Path | None = None,
 ) -> dict:
     """Register one T1 to the template and resample it onto ``grid``.
 
     Writes ``t1.nii.gz`` (grid, [0, 1]), ``xfm/`` (ANTs forward and inverse transforms) and
-    ``registration.json`` in ``out_dir``; returns the JSON's content.
+    ``registration.json`` in ``out_dir``; returns the JSON's content. A second modality of the same session
+    (``t2_path``, in the T1's scanner space) goes onto the grid with the T1's transform as ``t2.nii.gz``.
     """
     import ants
 
@@ -114,6 +116,11 @@ def register(
     on_grid = ants.apply_transforms(fixed=reference, moving=moving, transformlist=fwd, interpolator="linear")
     data = normalise_intensity(on_grid.numpy(), percentiles)
     save_nifti(out / "t1.nii.gz", data, grid.affine, np.float32)
+    if t2_path is not None:
+        t2 = ants.apply_transforms(
+            fixed=reference, moving=read_ants(t2_path), transformlist=fwd, interpolator="linear"
+        )
+        save_nifti(out / "t2.nii.gz", normalise_intensity(t2.numpy(), percentiles), grid.affine, np.float32)
 
     tpl_grid = ants.apply_transforms(fixed=reference, moving=read_ants(template_head), transformlist=[])
     a, b = tpl_grid.numpy(), data
@@ -184,6 +191,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--subject", required=True)
     parser.add_argument("--t1", required=True)
+    parser.add_argument("--t2", default=None, help="second modality of the same session (t2 condition)")
     parser.add_argument("--template-dir", required=True)
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--threads", type=int, default=1)
@@ -192,7 +200,7 @@ def cli(argv: list[str]) -> int:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     from vcm.prep.inputs import check_volume
 
-    problem = check_volume(args.t1)
+    problem = check_volume(args.t1) or (check_volume(args.t2, "t2") if args.t2 else None)
     if problem:
         raise StageError(f"subject {args.subject}: {problem}")
     grid = Grid.from_config(cfg["grid"])
@@ -207,6 +215,7 @@ def cli(argv: list[str]) -> int:
         reg["working_spacing_mm"],
         reg["seed"],
         tuple(cfg["intensity"]["clip_percentiles"]),
+        args.t2,
     )
     overlay_png(args.out_dir, tpl / "labels.nii.gz", grid, args.subject)
     print(

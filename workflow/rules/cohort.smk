@@ -39,6 +39,7 @@ rule generate_shard:
         bundle=MODEL_BUNDLE_FILES,
         template_head=f"{RESULTS}/template/t1_head.nii.gz",
         template_labels=f"{RESULTS}/template/labels.nii.gz",
+        segmenter=QC_SEGMENTER_INPUT,
     output:
         # the subject folders next to it are deliberately not outputs: Snakemake deletes a failed job's outputs,
         # and a rerun keeps the subjects that were complete (subject.json) and makes the rest
@@ -51,6 +52,7 @@ rule generate_shard:
         bundle=MODEL_BUNDLE,
         out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}/shards/{w.shard}",
         template_dir=f"{RESULTS}/template",
+        segmenter=QC_SEGMENTER_ARG,
     resources:
         mem_mb=mem_mb("generate_shard"),
     log:
@@ -63,7 +65,7 @@ rule generate_shard:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm generate-shard --config {CONFIG_FILE}"
         " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
         " --condition-set {wildcards.condset} --shard {wildcards.shard} --template-dir {params.template_dir}"
-        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " {params.segmenter} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
 
 
 rule merge_cohort:

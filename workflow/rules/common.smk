@@ -11,6 +11,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 from vcm.config import ConfigError, dump_config, validate_config
+from vcm.dataset import condition_names, uses_second_image
 from vcm.grid import Grid
 from vcm.prep.inputs import ManifestError, read_manifest
 
@@ -63,6 +64,7 @@ MEM_MB = {
     "merge_cohort": (2000, 8000),
     "evaluate": (4000, 16000),
     "tstr": (2000, 16000),
+    "train_qc_segmenter": (2000, 16000),
 }
 _LARGE_GRID = math.prod(Grid.from_config(CFG["grid"]).shape) > 1_000_000
 

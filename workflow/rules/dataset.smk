@@ -10,6 +10,7 @@ rule dataset:
         f"{RESULTS}/dataset.h5",
     params:
         settings=section("dataset", "training.sizes", "conditions", "grid"),
+        t2=USE_T2,
     conda:
         PREP_ENV
     resources:

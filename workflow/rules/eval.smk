@@ -39,6 +39,7 @@ rule evaluate:
         bundle=MODEL_BUNDLE_FILES,
         template_head=f"{RESULTS}/template/t1_head.nii.gz",
         template_labels=f"{RESULTS}/template/labels.nii.gz",
+        segmenter=QC_SEGMENTER_INPUT,
         medicalnet=[_MEDICALNET] if _MEDICALNET else [],
     output:
         table=report(
@@ -64,6 +65,7 @@ rule evaluate:
         ),
         bundle=MODEL_BUNDLE,
         template_dir=f"{RESULTS}/template",
+        segmenter=QC_SEGMENTER_ARG,
     resources:
         mem_mb=mem_mb("evaluate"),
     log:
@@ -75,7 +77,7 @@ rule evaluate:
     shell:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm evaluate --config {CONFIG_FILE}"
         " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
-        " --template-dir {params.template_dir} --out {output.table} --threads {threads} > {log} 2>&1"
+        " --template-dir {params.template_dir} {params.segmenter} --out {output.table} --threads {threads} > {log} 2>&1"
 
 
 rule tstr:

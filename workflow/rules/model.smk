@@ -23,6 +23,34 @@ def _model_settings(wildcards):
     return _hashlib.sha256(_json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+QC_SEGMENTER = f"{RESULTS}/models/qc_segmenter/segmenter.pt"
+
+
+rule train_qc_segmenter:
+    input:
+        dataset=f"{RESULTS}/dataset.h5",
+    output:
+        model=QC_SEGMENTER,
+        report=f"{RESULTS}/models/qc_segmenter/segmenter.json",
+    params:
+        settings=section("qc.segmenter", "training.sizes", "conditions.lv_labels"),
+    resources:
+        mem_mb=mem_mb("train_qc_segmenter"),
+    log:
+        f"{LOGS}/train_qc_segmenter.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_qc_segmenter.tsv"
+    threads: 2
+    shell:
+        "python -m vcm train-segmenter --config {CONFIG_FILE} --dataset {input.dataset} --out {output.model}"
+        " --threads {threads} > {log} 2>&1"
+
+
+# The re-segmentation of synthetic images (QC, evaluation, previews): the QC segmenter when configured.
+QC_SEGMENTER_INPUT = [QC_SEGMENTER] if CFG["qc"]["backend"] == "segmenter" else []
+QC_SEGMENTER_ARG = f"--segmenter {QC_SEGMENTER}" if QC_SEGMENTER_INPUT else ""
+
+
 rule encode_latents:
     input:
         dataset=f"{RESULTS}/dataset.h5",
@@ -62,6 +90,7 @@ rule train_vcm:
         bundle=MODEL_BUNDLE_FILES,
         template_head=f"{RESULTS}/template/t1_head.nii.gz",
         template_labels=f"{RESULTS}/template/labels.nii.gz",
+        segmenter=QC_SEGMENTER_INPUT,
     output:
         # checkpoints/ is deliberately not an output: Snakemake deletes a failed job's outputs, and a rerun
         # resumes from checkpoints/checkpoint_latest.pt
@@ -83,6 +112,7 @@ rule train_vcm:
         bundle=MODEL_BUNDLE,
         out_dir=lambda w: f"{RESULTS}/models/{w.condset}/n{w.size}",
         template_dir=f"{RESULTS}/template",
+        segmenter=QC_SEGMENTER_ARG,
     resources:
         mem_mb=mem_mb("train_vcm"),
     log:
@@ -94,7 +124,7 @@ rule train_vcm:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm train-vcm --config {CONFIG_FILE}"
         " --dataset {input.dataset} --latents {input.latents} --bundle {params.bundle}"
         " --condition-set {wildcards.condset} --size {wildcards.size} --template-dir {params.template_dir}"
-        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " {params.segmenter} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
 
 
 rule models:

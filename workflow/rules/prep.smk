@@ -49,16 +49,24 @@ checkpoint check_inputs:
         " --out {output.subjects} --excluded {output.excluded} --meta-dir {RESULTS}/inputs > {log} 2>&1"
 
 
+# A condition set that uses the second modality (t2) makes prep register and store it (manifest column t2).
+USE_T2 = uses_second_image(CFG)
+T2_OUT = [f"{PREP}/{{subject}}/t2.nii.gz"] if USE_T2 else []
+
+
 rule register:
     input:
         t1=lambda w: subject_row(w)["t1"],
+        t2=lambda w: [subject_row(w)["t2"]] if USE_T2 else [],
         template=rules.template.output.t1_head,
     output:
         t1=f"{PREP}/{{subject}}/t1.nii.gz",
+        t2=T2_OUT,
         info=f"{PREP}/{{subject}}/registration.json",
         png=report(f"{PREP}/{{subject}}/registration.png", category="Registration", subcategory="{subject}"),
     params:
         settings=section("grid", "registration", "intensity"),
+        t2=lambda w, input: f"--t2 '{input.t2[0]}'" if USE_T2 else "",
     conda:
         PREP_ENV
     resources:
@@ -70,6 +78,7 @@ rule register:
     threads: 1
     shell:
         "python -m vcm register --config {CONFIG_FILE} --subject {wildcards.subject} --t1 {input.t1:q}"
+        " {params.t2}"
         " --template-dir {RESULTS}/template --out-dir {PREP}/{wildcards.subject} --threads {threads} > {log} 2>&1"
 
 
@@ -105,7 +114,7 @@ rule segment:
         " --template-dir {RESULTS}/template --out-dir {PREP}/{wildcards.subject} > {log} 2>&1"
 
 
-CONDITION_FILES = ["lv", "brain", "semantics", "skull"] + [f"lowres_{mm:g}mm" for mm in CFG["conditions"]["lowres_slice_mm"]]
+CONDITION_FILES = condition_names(CFG)
 
 
 rule conditions:
@@ -114,11 +123,13 @@ rule conditions:
         labels=rules.segment.output.labels,
         volumes=rules.segment.output.volumes,
         meta=SUBJECT_META,
+        t2=T2_OUT,
     output:
         masks=expand(f"{PREP}/{{{{subject}}}}/conditions/{{name}}.nii.gz", name=CONDITION_FILES),
         covariates=f"{PREP}/{{subject}}/conditions/covariates.json",
     params:
-        settings=section("grid", "conditions"),
+        settings=section("grid", "conditions", "condition_sets"),
+        t2=lambda w, input: f"--t2 {input.t2[0]}" if USE_T2 else "",
     conda:
         PREP_ENV
     resources:
@@ -128,4 +139,5 @@ rule conditions:
     shell:
         "python -m vcm conditions --config {CONFIG_FILE} --subject {wildcards.subject} --t1 {input.t1}"
         " --labels {input.labels} --volumes {input.volumes} --meta {input.meta}"
+        " {params.t2}"
         " --out-dir {PREP}/{wildcards.subject}/conditions > {log} 2>&1"

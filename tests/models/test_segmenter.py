@@ -1,0 +1,100 @@
+"""The QC segmenter (vcm.models.segmenter, vcm.train_segmenter) on the 16³ phantom task."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.fixtures import make_real
+from vcm.errors import StageError
+from vcm.grid import Grid
+from vcm.labels import mask_of
+from vcm.models.segmenter import (
+    QCSegmenter,
+    SegmenterSpec,
+    label_mapping,
+    load_segmenter,
+    qc_classes,
+)
+from vcm.train_segmenter import SegmenterSettings, train_segmenter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = {"steps": 80, "lr": 1e-2, "channels": [4, 8, 16], "strides": [2, 2]}
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return make_real(tmp_path_factory.mktemp("seg") / "dataset.h5")
+
+
+def test_classes_split_the_condition_ventricles_from_the_others():
+    classes = qc_classes()
+    assert list(classes)[:2] == ["lateral_ventricles", "other_ventricles"]
+    assert classes["lateral_ventricles"] == [4, 43] and classes["other_ventricles"] == [5, 44, 14, 15]
+    assert "ventricles" not in classes and len(classes) == 9
+    assert qc_classes([4, 43, 5, 44])["other_ventricles"] == [14, 15]
+    mapping = label_mapping(classes)
+    assert mapping[4] == mapping[43] == 1 and mapping[14] == 2 and mapping[24] == 3
+
+
+class _Constant(nn.Module):
+    """Logits that pick class ``k`` everywhere."""
+
+    def __init__(self, k: int, n: int):
+        super().__init__()
+        self.k, self.n = k, n
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.n, *x.shape[2:])
+        out[:, self.k] = 1.0
+        return out
+
+
+def test_labels_are_freesurfer_ids_left_and_right_by_world_x():
+    grid = Grid((8, 8, 8), 10.0, (0.0, 0.0, 0.0))
+    spec = SegmenterSpec(channels=[4, 8], strides=[2])
+    seg = QCSegmenter(_Constant(1, 10), spec, grid.affine)
+    labels = seg(np.zeros(grid.shape, np.float32))
+    x_world = grid.affine[0, 0] * np.arange(8) + grid.affine[0, 3]
+    assert set(np.unique(labels[x_world < 0])) == {4}  # left lateral ventricle
+    assert set(np.unique(labels[x_world >= 0])) == {43}
+    assert set(np.unique(QCSegmenter(_Constant(2, 10), spec, grid.affine)(np.zeros((8, 8, 8))))) == {5, 44}
+    assert set(np.unique(QCSegmenter(_Constant(0, 10), spec, grid.affine)(np.zeros((8, 8, 8))))) == {0}
+
+
+def test_trains_on_real_training_subjects_scores_validation_and_loads(tmp_path, real, cfg):
+    cfg["training"]["sizes"] = [2, 4]
+    out = tmp_path / "qc" / "segmenter.pt"
+    report = train_segmenter(cfg, real, out, SegmenterSettings(**FAST), progress=False)
+    assert report["train_split"] == "train_4" and report["n_train"] == 4 and report["n_val"] == 2
+    assert report["per_subject"]["subjects"] == ["sub-06", "sub-07"]  # the validation subjects only
+    assert report["lv_dice"]["mean"] > 0.6, report["lv_dice"]  # the phantom's dark LVs are easy
+    low, high = report["lv_dice"]["ci95"]
+    assert low <= report["lv_dice"]["mean"] <= high
+    assert 0 < report["seconds_per_volume_1_thread"] < 1.0
+    assert json.loads(out.with_suffix(".json").read_text())["lv_dice"] == report["lv_dice"]
+
+    with h5py.File(real, "r") as h5:
+        image, truth = np.asarray(h5["image"][6, 0], np.float32), h5["label"][6]
+        affine = h5.attrs["grid_affine"]
+    labels = load_segmenter(out, affine)(image)
+    pred, true = mask_of(labels, (4, 43)), mask_of(truth, (4, 43))
+    assert 2 * (pred & true).sum() / (pred.sum() + true.sum()) > 0.6
+    again = tmp_path / "again.pt"
+    train_segmenter(cfg, real, again, SegmenterSettings(**FAST), progress=False)
+    a = torch.load(out, weights_only=True)["state_dict"]
+    b = torch.load(again, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed and steps: the same network
+
+
+def test_missing_or_foreign_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(StageError, match="QC segmenter not found"):
+        load_segmenter(tmp_path / "none.pt", np.eye(4))
+    torch.save({"format": "other"}, tmp_path / "x.pt")
+    with pytest.raises(StageError, match="not a vcm QC segmenter"):
+        load_segmenter(tmp_path / "x.pt", np.eye(4))

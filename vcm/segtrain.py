@@ -1,0 +1,152 @@
+"""Training and scoring of the project's small segmentation U-Nets (the QC segmenter and the TSTR arms).
+
+One loop for both, so that "the same network and budget" means the same code: MONAI's 3-D U-Net
+(:func:`vcm.models.segmenter.build_unet`), Dice + cross-entropy, Adam, left-right flips, a fixed number of
+steps (an optional wall-clock cap for clusters), seeded initialisation and batch order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vcm.errors import StageError
+from vcm.models.segmenter import build_unet
+
+__all__ = ["LoopSettings", "evaluate_dice", "train_network", "transforms"]
+
+
+class LoopSettings(Protocol):
+    """The fields the loop reads (``TstrSettings`` and ``SegmenterSettings`` have them)."""
+
+    steps: int
+    minutes: float | None
+    batch_size: int
+    lr: float
+    channels: list[int]
+    strides: list[int]
+    num_res_units: int
+    flip: bool
+    seed: int
+    num_workers: int
+
+
+def transforms(settings: LoopSettings, train: bool):
+    """Channel-first label, padding to the U-Net's stride product, and (training) left-right flips."""
+    from monai.transforms import Compose, DivisiblePadd, EnsureChannelFirstd, RandFlipd
+
+    k = int(np.prod(settings.strides))
+    steps: list[Any] = [
+        EnsureChannelFirstd(keys="label", channel_dim="no_channel"),
+        DivisiblePadd(keys=["image", "label"], k=k),
+    ]
+    if train and settings.flip:
+        steps.append(RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0))
+    return Compose(steps)
+
+
+def _loader(ds: Dataset, settings: LoopSettings, generator: torch.Generator) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=len(ds) >= settings.batch_size,
+        num_workers=settings.num_workers,
+        generator=generator,
+        collate_fn=_collate,
+    )
+
+
+def _collate(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    # only the tensors the network needs: strings and MONAI's metadata do not need collating
+    def plain(x: Any) -> torch.Tensor:
+        return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+    return {k: torch.stack([plain(it[k]) for it in items]) for k in ("image", "label")}
+
+
+def train_network(
+    ds: Dataset,
+    settings: LoopSettings,
+    n_foreground: int,
+    device: torch.device | str = "cpu",
+    desc: str = "segmenter",
+    progress: bool = True,
+    empty_hint: str = "",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a fresh U-Net on ``ds`` (items with ``image`` and channel-first ``label``).
+
+    Returns:
+        the network (eval mode) and ``{"steps", "seconds", "final_loss"}``.
+    """
+    from monai.losses import DiceCELoss
+
+    if len(ds) == 0:
+        raise StageError(f"{desc}: no training subjects{empty_hint}")
+    torch.manual_seed(settings.seed)
+    net = build_unet(settings.channels, settings.strides, settings.num_res_units, n_foreground).to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    start, step, losses = time.perf_counter(), 0, []
+    budget = None if settings.minutes is None else 60.0 * settings.minutes
+
+    def over_budget() -> bool:
+        return budget is not None and time.perf_counter() - start > budget
+
+    bar = tqdm(total=settings.steps, desc=desc, unit="step", disable=not progress)
+    net.train()
+    while step < settings.steps and not over_budget():
+        for batch in _loader(ds, settings, generator):
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(image), label)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            bar.update(1)
+            if step >= settings.steps or over_budget():
+                break
+    bar.close()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return net.eval(), {
+        "steps": step,
+        "seconds": round(time.perf_counter() - start, 2),
+        "final_loss": float(np.mean(tail)) if tail else math.nan,
+    }
+
+
+@torch.no_grad()
+def evaluate_dice(
+    net: nn.Module, ds: Dataset, n_foreground: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """Dice (MONAI :class:`~monai.metrics.DiceMetric`, foreground classes) of ``net`` on every item of ``ds``.
+
+    Returns:
+        ``subjects``, ``dice`` (per subject, the mean over classes) and ``per_class`` (per subject and class).
+    """
+    from monai.metrics import DiceMetric
+
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    subjects, dice, per_class = [], [], []
+    net.eval()
+    for i in range(len(ds)):
+        item = ds[i]
+        image = torch.as_tensor(item["image"])[None].to(device)
+        label = torch.as_tensor(item["label"])[None].long().to(device)  # (1, 1, *grid)
+        pred = net(image).argmax(1, keepdim=True)
+        onehot = lambda x: nn.functional.one_hot(x[:, 0], n_foreground + 1).movedim(-1, 1).float()  # noqa: E731
+        values = metric(onehot(pred), onehot(label))[0].cpu().numpy()
+        subjects.append(str(item["subject"]))
+        per_class.append([float(v) for v in values])
+        dice.append(float(np.nanmean(values)))
+    return {"subjects": subjects, "dice": dice, "per_class": per_class}
