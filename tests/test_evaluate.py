@@ -31,6 +31,7 @@ from vcm.evaluate import (
     skull_dist,
 )
 from vcm.latents import bundle_sha256
+from vcm.mask_edit import VARIANTS, edited_masks, mask_edit_check
 from vcm.models.backbone import load_bundle
 from vcm.train import build_model
 
@@ -385,3 +386,30 @@ def test_cli_with_atlas_segmentation_and_tables(tmp_path, files, template_dir, c
     assert (
         capsys.readouterr().err.strip() == f"vcm eval-tables: error: file not found: {tmp_path / 'none.csv'}"
     )
+
+
+# --- the mask-edit check -----------------------------------------------------------------------------------
+
+
+def test_edited_masks_shrink_keep_and_grow_inside_the_brain():
+    lv = np.zeros((9, 9, 9), bool)
+    lv[3:6, 3:6, 3:6] = True
+    brain = np.zeros_like(lv)
+    brain[1:8, 1:8, 1:7] = True
+    masks = edited_masks(lv, brain)
+    assert masks["eroded"].sum() == 1 and masks["original"].sum() == 27
+    assert (masks["eroded"] <= masks["original"]).all() and (masks["original"] <= masks["dilated"]).all()
+    assert not (masks["dilated"] & ~brain).any() and masks["dilated"].sum() > 27
+
+
+def test_mask_edit_samples_three_variants_from_the_same_noise(files):
+    cfg = load_config(REPO / "config" / "config.yaml")
+    result = mask_edit_check(cfg, files["dataset"], files["two"], files["bundle"], fake_segment, 2, 2)
+    rows = pd.DataFrame(result["rows"])
+    assert len(rows) == 6 and list(rows["variant"][:3]) == ["eroded", "original", "dilated"]
+    assert (rows.groupby("subject")["mask_voxels"].apply(lambda v: v.is_monotonic_increasing)).all()
+    s = result["summary"]
+    assert s["subjects"] == 2 and 0 <= s["volume_follows_edits"] <= 1
+    assert s["mask_volume_ratio_dilated_to_original"] > 1 and set(s["dice_to_variant"]) == set(VARIANTS)
+    again = mask_edit_check(cfg, files["dataset"], files["two"], files["bundle"], fake_segment, 2, 2)
+    assert again["rows"] == result["rows"]  # same noise, same images

@@ -681,6 +681,20 @@ def main(argv: list[str] | None = None) -> int:
     trn.add_argument("--threads", type=int, default=1)
     trn.add_argument("--device", default=None)
     trn.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_train.json")
+    lab = sub.add_parser(
+        "labels", help="LV Dice ceilings: QC segmenter on real and autoencoder images; atlas"
+    )
+    lab.add_argument("--dataset", type=Path, default=REPO / "results" / "dataset.h5")
+    lab.add_argument("--bundle", type=Path, default=REPO / "resources" / "backbone" / "demo")
+    lab.add_argument(
+        "--segmenter", type=Path, default=REPO / "results" / "models" / "qc_segmenter" / "segmenter.pt"
+    )
+    lab.add_argument("--prep-dir", type=Path, default=REPO / "results" / "prep")
+    lab.add_argument("--template-dir", type=Path, default=REPO / "results" / "template")
+    lab.add_argument(
+        "--atlas-subjects", type=int, default=8, help="validation subjects for the atlas (0: skip)"
+    )
+    lab.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_labels.json")
     for p in (smp, trn):
         p.add_argument("--scale", choices=sorted(SCALES), default="demo", help="demo grid or BrainLDM's")
         p.add_argument("--grid", type=_ints, default=None, help="override the scale's grid, e.g. 32,48,32")
@@ -691,6 +705,23 @@ def main(argv: list[str] | None = None) -> int:
             f"snakemake -n --profile {r['profile']} for {r['subjects']} subjects ({r['per_subject_jobs']} "
             f"per-subject jobs) and {r['cohort_size']} volumes ({r['shard_jobs']} shard jobs): {r['seconds']} s wall, {r['cpu_seconds']} s CPU (wall includes waiting for other processes' cores)"
         )
+    elif args.name == "labels":
+        from vcm.label_fidelity import atlas_dice, autoencoder_ceiling
+
+        r = autoencoder_ceiling(args.dataset, args.bundle, args.segmenter)
+        if args.atlas_subjects:
+            r.update(atlas_dice(args.dataset, args.prep_dir, args.template_dir, args.atlas_subjects))
+        for key, name in (
+            ("real", "QC segmenter on the real images"),
+            ("reconstruction", "QC segmenter on the autoencoder's reconstructions (the control ceiling)"),
+            ("atlas_lv_dice", "atlas backend on the real images"),
+        ):
+            if key in r:
+                v = r[key]
+                print(
+                    f"LV Dice, {name}: {v['mean']:.3f} [95% CI {v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], n = {v['n']}"
+                )
+        _write(args.out, r)
     elif args.name in ("sample", "train"):
         run, show = {"sample": (bench_sample, _print_sample), "train": (bench_train, _print_train)}[args.name]
         r = run(**{k: getattr(args, k) for k in inspect.signature(run).parameters})

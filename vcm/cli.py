@@ -33,6 +33,7 @@ STAGES: dict[str, str] = {
     "evaluate": "vcm.evaluate:cli",
     "eval-tables": "vcm.evaluate:tables_cli",
     "tstr": "vcm.tstr:cli",
+    "mask-edit": "vcm.mask_edit:cli",
     "cohort-figures": "vcm.report:figures_cli",
     "summary": "vcm.report:cli",
 }

@@ -389,13 +389,13 @@ def make_segmenter(
     the configured command and resamples its labels onto the grid), on an image written as NIfTI."""
     import dataclasses
 
+    from vcm.grid import Grid
     from vcm.io import save_nifti
     from vcm.qc import QCSettings
     from vcm.qc import make_segmenter as qc_segmenter
-    from vcm.train import _grid_from_affine
 
     settings = dataclasses.replace(QCSettings.from_config(cfg), backend=backend)
-    segmenter = qc_segmenter(cfg, settings, template_dir, _grid_from_affine(shape, affine), segmenter_path)
+    segmenter = qc_segmenter(cfg, settings, template_dir, Grid.from_affine(shape, affine), segmenter_path)
 
     def segment(image: np.ndarray) -> np.ndarray:
         with tempfile.TemporaryDirectory(prefix="vcm_eval_") as tmp:

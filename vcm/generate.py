@@ -71,10 +71,11 @@ from tqdm import tqdm
 
 from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
 from vcm.errors import StageError
+from vcm.grid import Grid
 from vcm.io import atomic_path, load_nifti, provenance, save_nifti, sha256_file, write_json
 from vcm.labels import brain_mask, mask_of, semantic_map
 from vcm.qc import QCResult, QCSettings, Segmenter, evaluate, make_segmenter, reference_ranges
-from vcm.train import _grid_from_affine, condition_tensor, load_model, semantic_classes
+from vcm.train import condition_tensor, load_model, semantic_classes
 
 __all__ = [
     "CohortSampler",
@@ -664,7 +665,7 @@ def generate_shard(
         if train_split is None or f"splits/{train_split}" not in data.h5:
             raise StageError(f"{model_path}: no training size recorded, or {dataset} lacks its split")
         sources = data.source_indices(settings.sources, train_split)
-        grid = _grid_from_affine(data.grid, data.affine)
+        grid = Grid.from_affine(data.grid, data.affine)
         seg_fn = segmenter or make_segmenter(cfg, qc_settings, template_dir, grid, segmenter_path)
         ranges = reference_ranges(dataset, data.split(train_split), qc_settings.intensity_percentiles)
         uses_skull = "skull" in wanted

@@ -48,6 +48,13 @@ class Grid:
         center = tuple(float(c) for c in spec.get("center_mm", MNI_BRAIN_CENTER_MM))
         return cls(tuple(int(s) for s in spec["shape"]), float(spec["spacing_mm"]), center)  # type: ignore[arg-type]
 
+    @classmethod
+    def from_affine(cls, shape: tuple[int, ...] | list[int], affine: np.ndarray) -> Grid:
+        """The grid of a volume of ``shape`` whose voxel-to-world affine is one of this class's (LAS)."""
+        spacing = float(abs(affine[1, 1]))
+        centre = affine[:3, :3] @ ((np.asarray(shape, dtype=float) - 1) / 2) + affine[:3, 3]
+        return cls(tuple(int(s) for s in shape), spacing, tuple(float(c) for c in centre))  # type: ignore[arg-type]
+
     @property
     def affine(self) -> np.ndarray:
         """Voxel-to-world (RAS mm) affine, LAS axis order."""

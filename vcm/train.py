@@ -66,6 +66,7 @@ from tqdm import tqdm
 
 from vcm.diffusion import ddpm_scheduler, noise_from_seeds, sample_images, vcm_loss
 from vcm.errors import StageError
+from vcm.grid import Grid
 from vcm.latents import FLIP_AXIS, bundle_sha256
 from vcm.models.vcm import (
     VCM,
@@ -1102,14 +1103,6 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
 
 
-def _grid_from_affine(shape: Sequence[int], affine: np.ndarray):
-    from vcm.grid import Grid
-
-    spacing = float(abs(affine[1, 1]))
-    centre = affine[:3, :3] @ ((np.asarray(shape, dtype=float) - 1) / 2) + affine[:3, 3]
-    return Grid(tuple(int(s) for s in shape), spacing, tuple(float(c) for c in centre))
-
-
 def _montage(path: Path, rows: list[dict[str, Any]]) -> None:
     """Real | AE reconstruction | controlled | uncontrolled, axial and coronal through the LV mask's centre, LV
     contour in red."""
@@ -1286,7 +1279,7 @@ def preview(
     errors = noise_error(
         model, meta["method"], backbone, mu * backbone.scale_factor, conditions, cov, seed=seed
     )
-    grid = _grid_from_affine(real.shape[1:], affine)
+    grid = Grid.from_affine(real.shape[1:], affine)
     dice_method = "segmenter" if segmenter_path else "atlas" if template_dir is not None else None
     if segmenter_path:
         from vcm.models.segmenter import load_segmenter

@@ -144,13 +144,17 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="segmenter.pt (segmenter.json goes beside it)")
     parser.add_argument("--steps", type=int, default=None, help="override qc.segmenter.steps")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     report = train_segmenter(
-        cfg, args.dataset, args.out, SegmenterSettings.from_config(cfg, steps=args.steps), args.device
+        cfg,
+        args.dataset,
+        args.out,
+        SegmenterSettings.from_config(cfg, steps=args.steps),
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     lv = report["lv_dice"]
     print(

@@ -98,3 +98,16 @@ def test_missing_or_foreign_file_is_a_one_line_error(tmp_path):
     torch.save({"format": "other"}, tmp_path / "x.pt")
     with pytest.raises(StageError, match="not a vcm QC segmenter"):
         load_segmenter(tmp_path / "x.pt", np.eye(4))
+
+
+def test_autoencoder_ceiling_scores_real_and_reconstructed_images(tmp_path, real, cfg):
+    from tests.fixtures import make_bundle
+    from vcm.label_fidelity import autoencoder_ceiling
+
+    cfg["training"]["sizes"] = [2, 4]
+    seg = tmp_path / "segmenter.pt"
+    train_segmenter(cfg, real, seg, SegmenterSettings(**FAST), progress=False)
+    r = autoencoder_ceiling(real, make_bundle(tmp_path / "bundle"), seg)
+    assert r["subjects"] == ["sub-06", "sub-07"] and r["real"]["n"] == 2
+    assert r["real"]["mean"] > 0.6  # the segmenter on the real phantoms
+    assert 0 <= r["reconstruction"]["mean"] < r["real"]["mean"]  # a random autoencoder loses the anatomy

@@ -91,4 +91,10 @@ def test_evaluation_tstr_summary_and_report(full_run):
     assert list(tstr["train_data"]) == ["synthetic", "real", "real+synthetic"]
     summary = (results / "summary.md").read_text()
     assert "TSTR" in summary or "tstr" in summary.lower()
+    assert "## QC segmenter" in summary and "### Mask edit" in summary
+    edit = json.loads((results / "eval" / "mask_edit" / "lv_brain_skull_n3.json").read_text())
+    assert (
+        len(edit["rows"]) == 3 and edit["segmentation"] == "segmenter"
+    )  # one validation subject x 3 variants
+    assert not (results / "eval" / "mask_edit" / "t2_n3.json").exists()  # no LV mask to edit in that set
     assert report.stat().st_size > 100_000

@@ -13,6 +13,12 @@ EVAL_SIZES = list(CFG["training"]["sizes"])
 
 EVAL_MODEL_TABLES = expand(f"{EVAL_DIR}/{{condset}}_n{{size}}.csv", condset=EVAL_CONDSETS, size=EVAL_SIZES)
 EVAL_MODELS = expand(f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt", condset=EVAL_CONDSETS, size=EVAL_SIZES)
+# the mask-edit check for every model whose condition set has an LV mask to edit
+MASK_EDITS = expand(
+    f"{EVAL_DIR}/mask_edit/{{condset}}_n{{size}}.json",
+    condset=[c for c in EVAL_CONDSETS if any("lv" in g for g in CFG["condition_sets"][c])],
+    size=EVAL_SIZES,
+)
 TSTR_TABLES = expand(f"{EVAL_DIR}/tstr/{{condset}}.csv", condset=COHORT_SETS)
 COHORT_FILES = expand(f"{RESULTS}/cohorts/{{condset}}/cohort.h5", condset=COHORT_SETS)
 COHORT_FIGURES = expand(
@@ -20,7 +26,7 @@ COHORT_FIGURES = expand(
 )
 EVAL_TABLES = [f"{EVAL_DIR}/table.md", f"{EVAL_DIR}/table.html", f"{EVAL_DIR}/tstr.csv"]
 SUMMARY = f"{RESULTS}/summary.md"
-EVAL_TARGETS = [*EVAL_MODEL_TABLES, *EVAL_TABLES, *COHORT_FIGURES, SUMMARY]
+EVAL_TARGETS = [*EVAL_MODEL_TABLES, *EVAL_TABLES, *COHORT_FIGURES, SUMMARY]  # SUMMARY pulls MASK_EDITS
 
 # MedicalNet weights for FID 3D are a local file (never downloaded): an input when configured, so that a
 # missing file stops the DAG before any job and a new file reruns the evaluation.
@@ -78,6 +84,35 @@ rule evaluate:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm evaluate --config {CONFIG_FILE}"
         " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
         " --template-dir {params.template_dir} {params.segmenter} --out {output.table} --threads {threads} > {log} 2>&1"
+
+
+rule mask_edit:
+    input:
+        model=f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt",
+        dataset=f"{RESULTS}/dataset.h5",
+        bundle=MODEL_BUNDLE_FILES,
+        segmenter=QC_SEGMENTER_INPUT,
+    output:
+        f"{EVAL_DIR}/mask_edit/{{condset}}_n{{size}}.json",
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+        size=r"\d+",
+    params:
+        settings=lambda w: _eval_digest(CFG.get("evaluation"), CFG["cohort"]["ddim_steps"], CFG["conditions"], CFG["qc"].get("backend")),
+        bundle=MODEL_BUNDLE,
+        template_dir=f"{RESULTS}/template",
+        segmenter=QC_SEGMENTER_ARG,
+    resources:
+        mem_mb=mem_mb("evaluate"),
+    log:
+        f"{LOGS}/mask_edit/{{condset}}_n{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/mask_edit/{{condset}}_n{{size}}.tsv"
+    threads: 1
+    shell:
+        "python -m vcm mask-edit --config {CONFIG_FILE} --dataset {input.dataset} --model {input.model}"
+        " --bundle {params.bundle} --template-dir {params.template_dir} {params.segmenter}"
+        " --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule tstr:
@@ -171,13 +206,17 @@ rule summary:
         tstr=rules.eval_tables.output.tstr,
         cohorts=COHORT_FILES,
         figures=COHORT_FIGURES,  # linked from the cohorts table once they exist
+        mask_edits=MASK_EDITS,
+        segmenter=QC_SEGMENTER_INPUT,
     output:
         report(SUMMARY, caption="../report/summary.rst", category="Summary", labels={"file": "summary.md"}),
+    params:
+        segmenter_json=f"--segmenter-json {RESULTS}/models/qc_segmenter/segmenter.json" if QC_SEGMENTER_INPUT else "",
     log:
         f"{LOGS}/summary.log",
     benchmark:
         f"{RESULTS}/benchmarks/summary.tsv"
     shell:
         "python -m vcm summary --config {CONFIG_FILE} --dataset {input.dataset} --models {input.models}"
-        " --eval {input.evals} --tstr {input.tstr} --cohorts {input.cohorts}"
-        " --out {output} > {log} 2>&1"
+        " --eval {input.evals} --tstr {input.tstr} --cohorts {input.cohorts} --mask-edit {input.mask_edits}"
+        " {params.segmenter_json} --out {output} > {log} 2>&1"
