@@ -40,6 +40,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     per_subject = pd.DataFrame(
         {
             "method": ["vcm", "vcm", "uncontrolled", "uncontrolled"],
+            "subject": ["a", "b", "a", "b"],
             "dice": [0.8, 0.9, 0.5, 0.6],
             "hd95": [4.0, 6.0, 10.0, 12.0],
             "assd": [1.0, 1.0, 3.0, 3.0],
@@ -65,6 +66,8 @@ def run(tmp_path_factory) -> dict[str, Path]:
             "steps": [40, 40],
             "dice_mean": [0.712, 0.845],
             "dice_sd": [0.02, 0.01],
+            "dice_ci_low": [0.69, 0.83],
+            "dice_ci_high": [0.73, 0.86],
         }
     ).to_csv(tstr, index=False)
     return {
@@ -164,11 +167,12 @@ def test_summary_has_every_table_and_links(run):
         "| [loss](models/lv/n2/loss.png) |" in text
     )
     assert "| condition set | # train | method | n | DSC ↑ | HD95 (mm) ↓ |" in text
-    assert "| lv | 2 | VCM | 2 | 0.850 ± 0.071 |" in text
-    assert "| lv | 2 | backbone (uncontrolled) | 2 | 0.550 ± 0.071 |" in text
+    assert "| lv | 2 | VCM | 2 | 0.850 [0.800, 0.900] |" in text  # mean [bootstrap 95 % interval]
+    assert "| lv | 2 | backbone (uncontrolled) | 2 | 0.550 [0.500, 0.600] |" in text
+    assert "| lv | 2 | Δ controlled − uncontrolled | 2 | 0.300 [0.300, 0.300] |" in text  # paired
     assert (
-        "| synthetic | lv | 4 | lv | 40 | 0.712 ± 0.020 |" in text
-        and "| real | train_4 | 4 | lv | 40 | 0.845 ± 0.010 |" in text
+        "| synthetic | lv | 4 | lv | 40 | 0.712 [0.690, 0.730] |" in text
+        and "| real | train_4 | 4 | lv | 40 | 0.845 [0.830, 0.860] |" in text
     )
     assert "| lv | 6 | 4 / 6 (67 %) | 1.67 | 3 |" in text
     assert "[cohort_montage](cohorts/lv/cohort_montage.png) [qc_hist](cohorts/lv/qc_hist.png)" in text
