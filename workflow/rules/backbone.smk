@@ -15,17 +15,17 @@ BACKBONE_TINY = f"{RESULTS}/backbone/tiny"
 BACKBONE_WORK = f"{RESULTS}/backbone/work"
 BACKBONE_CORPUS = f"{RESULTS}/backbone/corpus.h5"
 
-# The recipe of the shipped resources/backbone/demo weights (docs/backbone.md): 400 demo-generator subjects,
+# The recipe of the shipped resources/backbone/demo weights (docs/backbone.md): 400 demo-world subjects,
 # factor-4 autoencoder with 8 latent channels, 4.3 M-parameter latent U-Net. Fixed step counts (those of the
-# shipped run: 2600 AE, 5000 U-Net) make a retrain independent of the machine's speed; the shipped U-Net used a
-# 70-minute budget, so its learning-rate schedule differed slightly. About 100 min on two CPU cores.
+# shipped run: 2600 AE, 3500 U-Net), so a retrain does not depend on the machine's speed. About 80 min on two
+# CPU cores (corpus 12 min with two workers, autoencoder 21 min, U-Net 58 min).
 BACKBONE_CORPUS_SUBJECTS = 400
 BACKBONE_TRAIN_ARGS = (
     "--seed 0 --checkpoint-every 100"
     " --ae-channels 8,16,32 --latent-channels 8 --ae-res-blocks 1 --ae-batch 2 --ae-lr 1e-3 --kl-weight 1e-8"
     " --ae-init-sigma 0.05 --ae-steps 2600"
     " --dm-channels 32,64,64 --dm-res-blocks 1,1,2 --dm-attention false,false,true --dm-head-channels 0,0,32"
-    " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 5000 --sample-every 500 --ddim-steps 50"
+    " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 3500 --sample-every 500 --ddim-steps 50"
 )
 
 if BACKBONE_RETRAIN:
@@ -60,9 +60,10 @@ rule backbone_corpus:
         f"{LOGS}/backbone_corpus.log",
     benchmark:
         f"{RESULTS}/benchmarks/backbone_corpus.tsv"
-    threads: 1
+    threads: 2
     shell:
-        "python -m vcm demo --corpus {output} --n-subjects {params.n} --grid {params.grid} > {log} 2>&1"
+        "python -m vcm demo --corpus {output} --n-subjects {params.n} --grid {params.grid}"
+        " --workers {threads} > {log} 2>&1"
 
 
 rule train_backbone:
