@@ -129,7 +129,7 @@ def solve_ventricle_field(
     return VentricleField(ddf.astype(np.float32), affine, strength, flow.volume(strength) * voxel_mm3)
 
 
-def smooth_displacement(
+def lattice_displacement(
     rng: np.random.Generator,
     points: np.ndarray,
     lattice_mm: float,
@@ -139,7 +139,9 @@ def smooth_displacement(
     """A smooth random displacement (3, N) at world points: cubic splines through a coarse random lattice.
 
     The lattice is fixed in world space (centred on the origin), so the same draw gives the same field on any
-    grid; its spacing sets the shortest wavelength (two lattice spacings).
+    grid (a subject's native scan and its template-space render); its spacing sets the shortest wavelength
+    (two lattice spacings). :func:`vcm.generate.smooth_displacement` is the cohort's voxel-grid field instead,
+    scaled to a largest displacement.
     """
     n = int(np.ceil(extent_mm / lattice_mm)) + 1
     coeffs = rng.normal(0.0, amplitude_mm, size=(3, n, n, n))

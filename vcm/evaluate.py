@@ -434,51 +434,41 @@ def summarise(
     """
     from vcm.stats import bootstrap_ci, paired_difference
 
+    def stats(metric: str, mean: float, sd: float, low: float, high: float) -> dict[str, float]:
+        return {
+            f"{metric}_mean": mean,
+            f"{metric}_sd": sd,
+            f"{metric}_ci_low": low,
+            f"{metric}_ci_high": high,
+        }
+
     rows = []
     for method, group in per_subject.groupby("method", sort=False):
         row: dict[str, Any] = {"method": method, "n": len(group)}
         for metric in METRICS:
             if metric in group and group[metric].notna().any():
                 mean, sd, _ = _mean_sd(group[metric].tolist())
-                low, high = bootstrap_ci(group[metric].to_numpy(float), seed=seed)
+                row.update(stats(metric, mean, sd, *bootstrap_ci(group[metric].to_numpy(float), seed=seed)))
             else:
-                mean, sd, low, high = (math.nan,) * 4
-            row.update(
-                {
-                    f"{metric}_mean": mean,
-                    f"{metric}_sd": sd,
-                    f"{metric}_ci_low": low,
-                    f"{metric}_ci_high": high,
-                }
-            )
+                row.update(stats(metric, *(math.nan,) * 4))
         row["n_empty"] = int((group["seg_lv_voxels"] == 0).sum()) if "seg_lv_voxels" in group else 0
         row["fid3d"] = (fid or {}).get(method, math.nan)
         rows.append(row)
     methods = list(dict.fromkeys(per_subject["method"]))
     if len(methods) == 2 and "subject" in per_subject:
-        by = {m: per_subject[per_subject["method"] == m].set_index("subject") for m in methods}
-        common = [s for s in by[methods[0]].index if s in by[methods[1]].index]
-        row = {"method": "difference", "n": len(common), "n_empty": 0, "fid3d": math.nan}
+        both = per_subject.groupby("subject")["method"].nunique() == 2
+        paired = per_subject[per_subject["subject"].isin(both[both].index)]
+        order = paired.loc[paired["method"] == methods[0], "subject"]  # the bootstrap resamples in this order
+        row = {"method": "difference", "n": int(both.sum()), "n_empty": 0, "fid3d": math.nan}
         for metric in METRICS:
-            a = (
-                by[methods[0]].loc[common, metric].to_numpy(float)
-                if metric in by[methods[0]]
-                else np.full(len(common), np.nan)
+            if metric not in paired:
+                row.update(stats(metric, *(math.nan,) * 4))
+                continue
+            wide = paired.pivot(index="subject", columns="method", values=metric).loc[order]
+            mean, low, high = paired_difference(
+                wide[methods[0]].to_numpy(float), wide[methods[1]].to_numpy(float), seed=seed
             )
-            b = (
-                by[methods[1]].loc[common, metric].to_numpy(float)
-                if metric in by[methods[1]]
-                else np.full(len(common), np.nan)
-            )
-            mean, low, high = paired_difference(a, b, seed=seed)
-            row.update(
-                {
-                    f"{metric}_mean": mean,
-                    f"{metric}_sd": math.nan,
-                    f"{metric}_ci_low": low,
-                    f"{metric}_ci_high": high,
-                }
-            )
+            row.update(stats(metric, mean, math.nan, low, high))
         rows.append(row)
     return pd.DataFrame(rows)
 

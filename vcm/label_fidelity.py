@@ -18,13 +18,8 @@ import h5py
 import numpy as np
 import torch
 
-from vcm.labels import LATERAL_VENTRICLES, mask_of
+from vcm.labels import LATERAL_VENTRICLES, mask_dice, mask_of
 from vcm.stats import bootstrap_ci
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -64,8 +59,8 @@ def autoencoder_ceiling(
         truth = mask_of(label, lv_labels)
         mu, _ = backbone.encode(torch.from_numpy(image)[None, None])
         rec = backbone.decode(mu * backbone.scale_factor)[0, 0].float().numpy()
-        real.append(_dice(mask_of(seg(image), lv_labels), truth))
-        recon.append(_dice(mask_of(seg(rec), lv_labels), truth))
+        real.append(mask_dice(mask_of(seg(image), lv_labels), truth))
+        recon.append(mask_dice(mask_of(seg(rec), lv_labels), truth))
     return {"subjects": subjects, "real": _summary(real), "reconstruction": _summary(recon)}
 
 
@@ -85,5 +80,5 @@ def atlas_dice(
     dice = []
     for subject, label in zip(subjects, labels, strict=True):
         atlas = segment_atlas(Path(prep_dir) / subject / "t1.nii.gz", template_dir, grid)
-        dice.append(_dice(mask_of(atlas, lv_labels), mask_of(label, lv_labels)))
+        dice.append(mask_dice(mask_of(atlas, lv_labels), mask_of(label, lv_labels)))
     return {"subjects": subjects, "atlas_lv_dice": _summary(dice)}

@@ -56,6 +56,13 @@ SEMANTIC_CLASSES: dict[str, tuple[int, ...]] = {
 }
 
 
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks (1.0 when both are empty)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    total = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
 def mask_of(labels: np.ndarray, ids: tuple[int, ...] | list[int]) -> np.ndarray:
     """Binary mask of the voxels whose label is one of ``ids``."""
     return np.isin(labels, np.asarray(ids, dtype=labels.dtype))

@@ -38,11 +38,6 @@ def edited_masks(lv: np.ndarray, brain: np.ndarray | None) -> dict[str, np.ndarr
     return {"eroded": ndi.binary_erosion(lv), "original": lv.copy(), "dilated": grown}
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
-
-
 def mask_edit_check(
     cfg: Mapping[str, Any],
     dataset: str | Path,
@@ -68,7 +63,7 @@ def mask_edit_check(
         device: where to sample.
     """
     from vcm.diffusion import noise_from_seeds, sample_images
-    from vcm.labels import mask_of
+    from vcm.labels import mask_dice, mask_of
     from vcm.models.backbone import load_bundle
     from vcm.train import condition_tensor, load_model, semantic_classes
 
@@ -115,7 +110,7 @@ def mask_edit_check(
                     "variant": variant,
                     "mask_voxels": int(variants[k][variant].sum()),
                     "seg_lv_voxels": int(seg_lv.sum()),
-                    "dice_to_variant": _dice(seg_lv, variants[k][variant]),
+                    "dice_to_variant": mask_dice(seg_lv, variants[k][variant]),
                     "ring_intensity": float(image[ring].mean()) if ring.any() else float("nan"),
                 }
             )

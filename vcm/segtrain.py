@@ -80,7 +80,6 @@ def train_network(
     device: torch.device | str = "cpu",
     desc: str = "segmenter",
     progress: bool = True,
-    empty_hint: str = "",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a fresh U-Net on ``ds`` (items with ``image`` and channel-first ``label``).
 
@@ -90,7 +89,7 @@ def train_network(
     from monai.losses import DiceCELoss
 
     if len(ds) == 0:
-        raise StageError(f"{desc}: no training subjects{empty_hint}")
+        raise StageError(f"{desc}: no training subjects")
     torch.manual_seed(settings.seed)
     net = build_unet(settings.channels, settings.strides, settings.num_res_units, n_foreground).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)

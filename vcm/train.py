@@ -67,6 +67,7 @@ from tqdm import tqdm
 from vcm.diffusion import ddpm_scheduler, noise_from_seeds, sample_images, vcm_loss
 from vcm.errors import StageError
 from vcm.grid import Grid
+from vcm.labels import mask_dice, mask_of
 from vcm.latents import FLIP_AXIS, bundle_sha256
 from vcm.models.vcm import (
     VCM,
@@ -1097,12 +1098,6 @@ def train(
 # --- previews ----------------------------------------------------------------------------------------------
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    denom = a.sum() + b.sum()
-    return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
-
-
 def _montage(path: Path, rows: list[dict[str, Any]]) -> None:
     """Real | AE reconstruction | controlled | uncontrolled, axial and coronal through the LV mask's centre, LV
     contour in red."""
@@ -1279,12 +1274,12 @@ def preview(
     errors = noise_error(
         model, meta["method"], backbone, mu * backbone.scale_factor, conditions, cov, seed=seed
     )
-    grid = Grid.from_affine(real.shape[1:], affine)
     dice_method = "segmenter" if segmenter_path else "atlas" if template_dir is not None else None
-    if segmenter_path:
-        from vcm.models.segmenter import load_segmenter
+    if dice_method is not None:
+        from vcm.qc import QCSettings, make_segmenter
 
-        qc_segmenter = load_segmenter(segmenter_path, affine)
+        grid = Grid.from_affine(real.shape[1:], affine)
+        segment = make_segmenter({}, QCSettings(backend=dice_method), template_dir, grid, segmenter_path)
     rows, per_subject = [], []
     for i, (subject, index) in enumerate(zip(subjects, val, strict=True)):
         row: dict[str, Any] = {
@@ -1305,14 +1300,10 @@ def preview(
             save_nifti(path, images[name][i], affine, np.float32)
             row[name] = images[name][i]
             if dice_method is not None and lv is not None:
-                from vcm.labels import mask_of
-                from vcm.prep.segmentation import segment_atlas
-
-                if dice_method == "segmenter":
-                    labels = qc_segmenter(images[name][i])
-                else:
-                    labels = segment_atlas(path, template_dir, grid)
-                record[f"dice_{name}"] = row[f"dice_{name}"] = _dice(mask_of(labels, tuple(lv_labels)), lv[i])
+                labels = segment(images[name][i], path)
+                record[f"dice_{name}"] = row[f"dice_{name}"] = mask_dice(
+                    mask_of(labels, tuple(lv_labels)), lv[i]
+                )
         rows.append(row)
         per_subject.append(record)
     _montage(out_dir / "preview.png", rows)

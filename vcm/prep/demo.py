@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
-from vcm.anatomy import VentricleField, smooth_displacement, solve_ventricle_field
+from vcm.anatomy import VentricleField, lattice_displacement, solve_ventricle_field
 from vcm.grid import Grid
 from vcm.io import atomic_path, provenance, save_nifti, write_json, write_text
 from vcm.labels import LATERAL_VENTRICLES, brain_mask, mask_of
@@ -166,7 +167,7 @@ def render(
 ) -> dict[str, np.ndarray]:
     """Labels (and brain T1 with atrophy) at template-space points (3, N), before head and scanner."""
     shape_rng = np.random.default_rng(draw.shape_seed)
-    p = points + smooth_displacement(shape_rng, points, SHAPE_LATTICE_MM, SHAPE_AMPLITUDE_MM)
+    p = points + lattice_displacement(shape_rng, points, SHAPE_LATTICE_MM, SHAPE_AMPLITUDE_MM)
     src = p + field.displacement(p)
     inv = np.linalg.inv(world.tpl.affine)
     vox = inv[:3, :3] @ src + inv[:3, 3:4]
@@ -248,7 +249,7 @@ def make_subject(rng: np.random.Generator, spacing_mm: float, grid: Grid | None 
     head_mask = brain_mask(labels) | (labels == 24)
     spacing = np.full(3, spacing_mm)
     head, _ = add_head(t1, head_mask, spacing, draw.shell)
-    t2_shell = HeadShell(**{**draw.shell.__dict__, "csf": 1.0, "table": 0.03, "diploe": 0.3, "scalp": 0.5})
+    t2_shell = dataclasses.replace(draw.shell, csf=1.0, table=0.03, diploe=0.3, scalp=0.5)
     t2_head, _ = add_head(t2_from_t1(t1), head_mask, spacing, t2_shell)
     scan = np.random.default_rng(draw.scan_seed)
     voxel = spacing_mm**3 * volume_factor
