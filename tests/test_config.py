@@ -7,7 +7,9 @@ from vcm.config import ConfigError, load_config, validate_config
 def test_default_config_is_valid(cfg):
     assert cfg["grid"] == "demo"
     assert cfg["registration"]["transform"] == "Affine"
-    assert cfg["segmentation"]["backend"] == "atlas"
+    # the demo world ships each subject's true labels, so the demo reads them
+    assert cfg["segmentation"]["backend"] == "precomputed"
+    assert cfg["qc"]["backend"] == "segmenter"
 
 
 def test_defaults_are_filled_for_absent_sections():
