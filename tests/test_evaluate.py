@@ -33,7 +33,7 @@ from vcm.evaluate import (
 from vcm.latents import bundle_sha256
 from vcm.mask_edit import VARIANTS, edited_masks, mask_edit_check
 from vcm.models.backbone import load_bundle
-from vcm.train import build_model
+from vcm.models.build import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,20 +24,19 @@ from vcm.config import load_config
 from vcm.diffusion import ddpm_scheduler
 from vcm.errors import StageError
 from vcm.models.backbone import load_bundle
+from vcm.models.build import build_model, load_model
+from vcm.models.conditions import condition_groups
+from vcm.models.controlnet import ControlNetControl
 from vcm.models.vcm import VCM
 from vcm.train import (
     FINAL,
     LATEST,
-    ControlNetControl,
     Settings,
     TrainData,
-    build_model,
     cli,
-    condition_groups,
     draw_batch,
     draw_indices,
     draw_timesteps,
-    load_model,
     lr_factor,
     lr_factor_time,
     noise_error,

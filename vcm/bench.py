@@ -320,7 +320,8 @@ def bench_sample(
     from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
     from vcm.generate import CohortSampler, noise_seed
     from vcm.models.backbone import load_bundle
-    from vcm.train import condition_groups, condition_tensor, load_model
+    from vcm.models.build import load_model
+    from vcm.models.conditions import condition_groups, condition_tensor
 
     torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -507,7 +508,8 @@ def bench_train(
     import torch
 
     from vcm.config import load_config
-    from vcm.train import condition_groups, training_loss
+    from vcm.models.conditions import condition_groups
+    from vcm.train import training_loss
 
     torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -508,7 +508,8 @@ def evaluate_model(
     from vcm.labels import mask_of
     from vcm.latents import bundle_sha256
     from vcm.models.backbone import load_bundle
-    from vcm.train import condition_tensor, load_model, semantic_classes
+    from vcm.models.build import load_model
+    from vcm.models.conditions import condition_tensor, semantic_classes
 
     start = time.perf_counter()
     settings = settings or EvalSettings.from_config(cfg)

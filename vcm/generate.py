@@ -74,8 +74,9 @@ from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import atomic_path, load_nifti, provenance, save_nifti, sha256_file, write_json
 from vcm.labels import brain_mask, mask_of, semantic_map
+from vcm.models.build import load_model
+from vcm.models.conditions import condition_tensor, semantic_classes
 from vcm.qc import QCResult, QCSettings, Segmenter, evaluate, make_segmenter, reference_ranges
-from vcm.train import condition_tensor, load_model, semantic_classes
 
 __all__ = [
     "CohortSampler",
@@ -402,7 +403,7 @@ class CohortSampler:
     (zero padding, discarded), so that a sample's result never depends on its batch-mates or their number.
 
     Args:
-        model: the control module (:class:`~vcm.models.vcm.VCM` or :class:`~vcm.train.ControlNetControl`);
+        model: the control module (:class:`~vcm.models.vcm.VCM` or :class:`~vcm.models.controlnet.ControlNetControl`);
             ``None`` samples the backbone alone.
         method: ``vcm`` or ``controlnet`` (``vcm.pt`` metadata).
         backbone: the frozen :class:`~vcm.models.backbone.Backbone`.

@@ -65,7 +65,8 @@ def mask_edit_check(
     from vcm.diffusion import noise_from_seeds, sample_images
     from vcm.labels import mask_dice, mask_of
     from vcm.models.backbone import load_bundle
-    from vcm.train import condition_tensor, load_model, semantic_classes
+    from vcm.models.build import load_model
+    from vcm.models.conditions import condition_tensor, semantic_classes
 
     model, meta = load_model(model_path, device)
     names = [n for g in meta["condition_groups"] for n, _ in g]

@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import csv
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -69,23 +68,20 @@ from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.labels import mask_dice, mask_of
 from vcm.latents import FLIP_AXIS, bundle_sha256
+from vcm.models.build import MODEL_FILE, build_model, load_model
+from vcm.models.conditions import condition_groups, condition_tensor, semantic_classes
+from vcm.models.controlnet import ControlNetControl
 from vcm.models.vcm import (
     VCM,
-    crop_to_shape,
     modulate,
-    pad_to_multiple,
     sample_keep_mask,
     subset_probabilities,
 )
 
 __all__ = [
-    "ControlNetControl",
     "Settings",
     "TrainData",
-    "build_model",
     "cli",
-    "condition_groups",
-    "load_model",
     "lr_factor",
     "preview",
     "preview_cli",
@@ -94,7 +90,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "vcm.pt"
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "checkpoint_latest.pt"
 FINAL = "checkpoint_final.pt"
@@ -224,30 +219,6 @@ def lr_factor_time(fraction: float, warmup: float = 0.05, min_ratio: float = 0.1
 
 
 # --- conditions --------------------------------------------------------------------------------------------
-
-
-def semantic_classes(h5: h5py.File) -> int:
-    """Foreground classes of ``/cond/semantics`` (one-hot channels; background is left out)."""
-    classes = h5["cond/semantics"].attrs.get("classes") if "cond/semantics" in h5 else None
-    return len(classes) - 1 if classes is not None else 8
-
-
-def condition_groups(
-    cfg: Mapping[str, Any], condset: str, n_semantic: int = 8
-) -> list[list[tuple[str, int]]]:
-    """The condition set's groups as ``[(name, channels), ...]`` (semantics: one channel per class)."""
-    sets = cfg.get("condition_sets", {})
-    if condset not in sets:
-        raise StageError(f"unknown condition set '{condset}' (config 'condition_sets': {', '.join(sets)})")
-    return [[(name, n_semantic if name == "semantics" else 1) for name in group] for group in sets[condset]]
-
-
-def condition_tensor(name: str, x: torch.Tensor, n_semantic: int) -> torch.Tensor:
-    """A stored condition batch (B, 1, *grid; uint8 or float16) as the float network input."""
-    if name == "semantics":  # class map 0..K -> one-hot without background
-        onehot = F.one_hot(x[:, 0].long(), n_semantic + 1)[..., 1:]
-        return onehot.movedim(-1, 1).float()
-    return x.float()
 
 
 def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -454,168 +425,6 @@ def draw_indices(n: int, batch: int, generator: torch.Generator) -> torch.Tensor
     """A batch of positions in ``range(n)``, balanced: each position once before any twice."""
     perms = [torch.randperm(n, generator=generator) for _ in range(math.ceil(batch / n))]
     return torch.cat(perms)[:batch]
-
-
-# --- models ------------------------------------------------------------------------------------------------
-
-
-class ControlNetControl(nn.Module):
-    """The ControlNet baseline: MONAI's 3D :class:`~monai.networks.nets.ControlNet` for a frozen backbone.
-
-    The ControlNet copies the frozen U-Net's encoder architecture (initialise it from the backbone with
-    :meth:`init_from`) and takes the same input, ``cat[z_t, cov broadcast]``; the conditions of every group
-    are concatenated along channels into its conditioning embedding, which downsamples them to the latent
-    grid by the autoencoder's factor (``levels`` stride-2 convs). Its residuals are added to the frozen
-    U-Net's skip connections and middle block.
-
-    Args:
-        diffusion: the backbone's diffusion U-Net definition (``Backbone.definitions["diffusion"]``).
-        condition_groups: the condition set's groups of ``(name, channels)``.
-        levels: ``log2`` of the autoencoder's downsampling factor.
-        conditioning_channels: channels of the conditioning embedding, ``levels + 1`` entries; default
-            MONAI's ``(16, 32, 96, 256)`` cut to length.
-    """
-
-    def __init__(
-        self,
-        diffusion: Mapping[str, Any],
-        condition_groups: Sequence[Sequence[Sequence[Any]]],
-        levels: int,
-        conditioning_channels: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__()
-        from monai.networks.nets import ControlNet
-
-        from vcm.models.vcm import parse_condition_groups
-
-        self.groups = parse_condition_groups(condition_groups)
-        conditioning_channels = list(conditioning_channels or (16, 32, 96, 256, 512)[: levels + 1])
-        if len(conditioning_channels) != levels + 1:
-            raise ValueError(f"conditioning_channels needs {levels + 1} entries (levels={levels})")
-        self.config: dict[str, Any] = {
-            "diffusion": dict(diffusion),
-            "condition_groups": [[[n, c] for n, c in g] for g in self.groups],
-            "levels": levels,
-            "conditioning_channels": conditioning_channels,
-        }
-        """JSON-serialisable constructor arguments."""
-        accepted = set(inspect.signature(ControlNet.__init__).parameters)
-        kwargs = {k: v for k, v in diffusion.items() if k in accepted}
-        self.controlnet = ControlNet(
-            **kwargs,
-            conditioning_embedding_in_channels=sum(c for g in self.groups for _, c in g),
-            conditioning_embedding_num_channels=tuple(conditioning_channels),
-        )
-        self.factor = 2**levels
-
-    @property
-    def n_groups(self) -> int:
-        return len(self.groups)
-
-    def init_from(self, unet: nn.Module) -> int:
-        """Copy the frozen U-Net's matching weights (conv-in, time embedding, encoder, middle block).
-
-        Returns:
-            the number of tensors copied.
-        """
-        own = self.controlnet.state_dict()
-        copied = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
-        self.controlnet.load_state_dict(copied, strict=False)
-        return len(copied)
-
-    def condition_input(
-        self, conditions: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Concatenate the groups' conditions; zero the groups dropped by ``keep`` (B, n_groups)."""
-        parts = []
-        for g, group in enumerate(self.groups):
-            for name, _ in group:
-                x = conditions[name].float()
-                if keep is not None:
-                    x = x * keep[:, g].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-                parts.append(x)
-        return torch.cat(parts, dim=1)
-
-    def forward(
-        self, backbone: nn.Module, z_t: torch.Tensor, t: torch.Tensor, cov: torch.Tensor, cond: torch.Tensor
-    ) -> torch.Tensor:
-        """The frozen U-Net's noise prediction with this ControlNet's residuals (grads flow to the ControlNet)."""
-        b, spatial = z_t.shape[0], z_t.shape[2:]
-        cov = cov.to(device=z_t.device, dtype=z_t.dtype).reshape(b, 1, -1)
-        cov_map = cov.reshape(b, -1, *([1] * len(spatial))).expand(b, cov.shape[-1], *spatial)
-        unet = backbone.diffusion
-        x, pads = pad_to_multiple(torch.cat([z_t, cov_map], dim=1), 2 ** (len(unet.block_out_channels) - 1))
-        if any(pads):  # pad the conditions by the same latent margin, in image voxels
-            cond = F.pad(cond, [p * self.factor for p in pads])
-        t = t.long()
-        down, mid = self.controlnet(x, timesteps=t, controlnet_cond=cond.to(x.dtype), context=cov)
-        eps = unet(
-            x,
-            timesteps=t,
-            context=cov,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-        )
-        return crop_to_shape(eps, pads)
-
-
-def build_model(
-    method: str,
-    groups: Sequence[Sequence[tuple[str, int]]],
-    backbone: nn.Module,
-    overrides: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """A fresh control module for ``backbone`` (the current torch seed initialises it).
-
-    Args:
-        method: ``vcm`` or ``controlnet``.
-        groups: condition groups of ``(name, channels)``.
-        backbone: the frozen :class:`~vcm.models.backbone.Backbone`.
-        overrides: constructor arguments to change (``training.vcm`` / ``training.controlnet``).
-    """
-    levels = int(round(math.log2(backbone.downsample_factor)))
-    overrides = dict(overrides or {})
-    try:
-        if method == "vcm":
-            kwargs = {
-                "spatial_dims": (backbone.definitions or {}).get("autoencoder", {}).get("spatial_dims", 3),
-                "latent_channels": backbone.latent_channels,
-                "condition_groups": groups,
-                "levels": levels,
-            }
-            return VCM(**{**kwargs, **overrides})
-        model = ControlNetControl(backbone.definitions["diffusion"], groups, levels, **overrides)
-    except (TypeError, ValueError) as err:
-        key = "training.vcm" if method == "vcm" else "training.controlnet"
-        raise StageError(f"config key '{key}': cannot build the {method} model ({err})") from None
-    model.init_from(backbone.diffusion)
-    return model
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a trained control module from ``vcm.pt``.
-
-    Returns:
-        the model (eval mode) and the file's metadata (``method``, ``condition_set``, ``condition_groups``,
-        ``backbone_sha256``, ``scale_factor``, ``provenance``, ...), without the weights.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"model file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        state = obj.pop("model")
-        if obj["method"] == "vcm":
-            model: nn.Module = VCM(**obj["model_config"])
-        else:
-            model = ControlNetControl(**obj["model_config"])
-        model.load_state_dict(state)
-    except Exception as err:  # a truncated or foreign file raises many types
-        text = str(err).strip().splitlines()
-        raise StageError(
-            f"{path}: not a vcm model file ({type(err).__name__}: {text[0] if text else ''})"
-        ) from None
-    return model.to(device).eval(), obj
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------

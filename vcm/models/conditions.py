@@ -1,0 +1,42 @@
+"""Conditions as network inputs: the condition set's groups and the stored condition maps as float tensors.
+
+Shared by training, generation, evaluation and the mask-edit check, so that a condition means the same
+channels wherever a control module reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import h5py
+import torch
+import torch.nn.functional as F
+
+from vcm.errors import StageError
+
+__all__ = ["condition_groups", "condition_tensor", "semantic_classes"]
+
+
+def semantic_classes(h5: h5py.File) -> int:
+    """Foreground classes of ``/cond/semantics`` (one-hot channels; background is left out)."""
+    classes = h5["cond/semantics"].attrs.get("classes") if "cond/semantics" in h5 else None
+    return len(classes) - 1 if classes is not None else 8
+
+
+def condition_groups(
+    cfg: Mapping[str, Any], condset: str, n_semantic: int = 8
+) -> list[list[tuple[str, int]]]:
+    """The condition set's groups as ``[(name, channels), ...]`` (semantics: one channel per class)."""
+    sets = cfg.get("condition_sets", {})
+    if condset not in sets:
+        raise StageError(f"unknown condition set '{condset}' (config 'condition_sets': {', '.join(sets)})")
+    return [[(name, n_semantic if name == "semantics" else 1) for name in group] for group in sets[condset]]
+
+
+def condition_tensor(name: str, x: torch.Tensor, n_semantic: int) -> torch.Tensor:
+    """A stored condition batch (B, 1, *grid; uint8 or float16) as the float network input."""
+    if name == "semantics":  # class map 0..K -> one-hot without background
+        onehot = F.one_hot(x[:, 0].long(), n_semantic + 1)[..., 1:]
+        return onehot.movedim(-1, 1).float()
+    return x.float()
