@@ -1,0 +1,37 @@
+import argparse
+
+import pytest
+import torch
+
+from vcm.stage import configure_runtime, resolve_device, stage_parser
+
+
+def test_stage_parser_prologue():
+    parser = stage_parser("tstr", "Train-on-synthetic, test-on-real.\n\nmore text", threads=True, device=True)
+    assert parser.prog == "python -m vcm tstr"
+    assert parser.description == "Train-on-synthetic, test-on-real."
+    args = parser.parse_args(["--config", "c.yaml", "--threads", "1", "--device", "cpu"])
+    assert (args.config, args.threads, args.device) == ("c.yaml", 1, "cpu")
+
+
+def test_stage_parser_requires_config_unless_told():
+    with pytest.raises(SystemExit):
+        stage_parser("x", None).parse_args([])
+    args = stage_parser("x", None, config=False).parse_args([])
+    assert not hasattr(args, "config") and not hasattr(args, "threads")
+
+
+@pytest.mark.parametrize(("name", "expected"), [("cpu", "cpu"), (None, "cpu"), ("auto", "cpu")])
+def test_resolve_device_on_a_cpu_machine(name, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(name) == torch.device(expected)
+
+
+def test_configure_runtime_sets_threads_and_device():
+    before = torch.get_num_threads()
+    try:
+        device = configure_runtime(argparse.Namespace(threads=1, device="cpu"))
+        assert device == torch.device("cpu") and torch.get_num_threads() == 1
+        assert configure_runtime(argparse.Namespace(threads=None)) is None
+    finally:
+        torch.set_num_threads(before)
