@@ -70,7 +70,6 @@ from vcm.labels import mask_dice, mask_of
 from vcm.latents import FLIP_AXIS, bundle_sha256
 from vcm.models.build import MODEL_FILE, build_model, load_model
 from vcm.models.conditions import condition_groups, condition_tensor, semantic_classes
-from vcm.models.controlnet import ControlNetControl
 from vcm.models.vcm import (
     VCM,
     modulate,

@@ -38,6 +38,7 @@ class SegmenterSettings:
         batch_size, lr: Adam's batch and learning rate.
         channels, strides, num_res_units: the U-Net.
         flip: left-right flip augmentation.
+        augment: blur, contrast, bias and noise augmentation (:func:`vcm.segtrain.appearance_augmentation`).
         seed: initialisation and batch order.
         num_workers: DataLoader workers.
     """
@@ -50,6 +51,7 @@ class SegmenterSettings:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
     flip: bool = True
+    augment: bool = True
     seed: int = 0
     num_workers: int = 0
 

@@ -66,6 +66,7 @@ class TstrSettings:
         real_split: real training split (default ``train_<largest training size>``).
         passed_only: train on QC-passed synthetic subjects only.
         flip: random left-right flip augmentation.
+        augment: blur, contrast, bias and noise augmentation, the same for every arm.
         seed: network initialisation and batch order.
         num_workers: DataLoader workers (0: in the main process).
     """
@@ -81,6 +82,7 @@ class TstrSettings:
     real_split: str | None = None
     passed_only: bool = True
     flip: bool = True
+    augment: bool = False
     seed: int = 0
     num_workers: int = 0
 

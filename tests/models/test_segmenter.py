@@ -111,3 +111,22 @@ def test_autoencoder_ceiling_scores_real_and_reconstructed_images(tmp_path, real
     assert r["subjects"] == ["sub-06", "sub-07"] and r["real"]["n"] == 2
     assert r["real"]["mean"] > 0.6  # the segmenter on the real phantoms
     assert 0 <= r["reconstruction"]["mean"] < r["real"]["mean"]  # a random autoencoder loses the anatomy
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_appearance_augmentation_changes_images_never_labels(augment):
+    from vcm.segtrain import transforms
+
+    settings = SegmenterSettings(augment=augment, flip=False, strides=[2, 2])
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 16, 16, 16)).astype(np.float32)
+    label = rng.integers(0, 3, (16, 16, 16)).astype(np.uint8)
+    outs = []
+    for _ in range(2):  # the seeded random state gives the same draws
+        t = transforms(settings, True).set_random_state(3)
+        outs.append([t({"image": image.copy(), "label": label.copy()}) for _ in range(4)])
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        np.testing.assert_array_equal(np.asarray(a["label"])[0], label)
+    changed = [not np.allclose(np.asarray(o["image"]), image) for o in outs[0]]
+    assert any(changed) if augment else not any(changed)
