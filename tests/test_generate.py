@@ -1,7 +1,7 @@
 """generate-shard and merge-cohort (vcm.generate): seeds, new anatomies, QC retries, resume, merged layout.
 
 A 16³ fake dataset.h5 with FreeSurfer label maps, a tiny random backbone (latent 3×4³), a tiny VCM trained
-for 2 steps by vcm.train, 2 DDIM steps; a fake re-segmentation backend except in the atlas test.
+for 2 steps by vcm.training, 2 DDIM steps; a fake re-segmentation backend except in the atlas test.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from vcm.generate import (
 )
 from vcm.io import load_nifti
 from vcm.labels import brain_mask, mask_of, semantic_map
-from vcm.train import train
+from vcm.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Training VCM / ControlNet on a frozen backbone, checkpoints, resume, DDP and previews (vcm.train).
+"""Training VCM / ControlNet on a frozen backbone, checkpoints, resume, DDP and previews (vcm.training).
 
 Everything runs on a 16³ fake dataset, a tiny random backbone (latent 3×4³) and tiny control modules, one
 thread per process.
@@ -28,23 +28,14 @@ from vcm.models.build import build_model, load_model
 from vcm.models.conditions import condition_groups
 from vcm.models.controlnet import ControlNetControl
 from vcm.models.vcm import VCM
-from vcm.train import (
-    FINAL,
-    LATEST,
-    Settings,
-    TrainData,
-    cli,
-    draw_batch,
-    draw_indices,
-    draw_timesteps,
-    lr_factor,
-    lr_factor_time,
-    noise_error,
-    preview,
-    preview_cli,
-    train,
-    training_loss,
-)
+from vcm.training.batches import TrainData, draw_batch, draw_indices, draw_timesteps
+from vcm.training.checkpoints import FINAL, LATEST
+from vcm.training.cli import cli, preview_cli
+from vcm.training.loop import train
+from vcm.training.loss import training_loss
+from vcm.training.preview import noise_error, preview
+from vcm.training.schedule import lr_factor, lr_factor_time
+from vcm.training.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,6 +258,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, files, tcfg)
     other = copy.deepcopy(tcfg)
     other["training"]["lr"] = 2e-3
     assert run(other, files, tmp_path / "full", stop_after=1).resumed_from == 0
+    # ... and sets the other run's checkpoints aside instead of deleting them
+    assert (tmp_path / "full" / "checkpoints" / f"{FINAL}.stale").is_file()
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, cfg: dict, files: dict, out: str) -> None:

@@ -500,16 +500,16 @@ def bench_train(
     """Seconds and peak memory of one VCM training step per batch size, on random-weight networks.
 
     The step is the one ``train-vcm`` takes: the frozen backbone's noise prediction (no grad), VCM's
-    modulation, eq. 4 (:func:`vcm.train.training_loss`), backward and AdamW, under bf16 autocast on CUDA; the
-    latents and conditions are random tensors of the scale's shapes. One warm-up step per batch size, then
-    ``steps`` timed. A batch size that runs out of memory is reported as such, not as a failure.
+    modulation, eq. 4 (:func:`vcm.training.loss.training_loss`), backward and AdamW, under bf16 autocast on
+    CUDA; the latents and conditions are random tensors of the scale's shapes. One warm-up step per batch
+    size, then ``steps`` timed. A batch size that runs out of memory is reported as such, not as a failure.
     """
     import numpy as np
     import torch
 
     from vcm.config import load_config
     from vcm.models.conditions import condition_groups
-    from vcm.train import training_loss
+    from vcm.training.loss import training_loss
 
     torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,7 +1,8 @@
-"""Pictures people would rather look at than read: 3-plane views with overlays."""
+"""Pictures people would rather look at than read: 3-plane views with overlays, training loss curves."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vcm.io import atomic_path  # noqa: E402
+
+__all__ = ["loss_curve", "three_plane"]
 
 
 def _planes(vol: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -61,6 +64,32 @@ def three_plane(
     for ax, name in zip(axes, ("axial", "coronal", "sagittal"), strict=True):
         ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def loss_curve(path: str | Path, steps: Sequence[int], loss: Sequence[float], title: str) -> None:
+    """Save a PNG of a training loss per step (log scale) with its running mean over about 1/50 of the run.
+
+    Args:
+        path: the PNG to write (atomically).
+        steps: the step of each loss value.
+        loss: the loss values (positive).
+        title: figure title.
+    """
+    steps_a, loss_a = np.asarray(steps), np.asarray(loss)
+    window = max(1, len(loss_a) // 50)
+    smooth = np.convolve(loss_a, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps_a, loss_a, lw=0.5, alpha=0.4, label="loss")
+    ax.plot(steps_a[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90)

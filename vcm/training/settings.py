@@ -1,0 +1,115 @@
+"""The training settings of a control module: one dataclass read from the config's ``training`` section.
+
+Kept apart from the loop so that the stages which only read a setting (the previews' DDIM steps and seed)
+do not import the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vcm.errors import StageError
+from vcm.training.batches import TIMESTEP_SAMPLING
+
+__all__ = ["Settings"]
+
+
+@dataclass
+class Settings:
+    """Training settings, from the config's ``training`` section (keys absent there take these defaults).
+
+    Args:
+        method: ``vcm`` or ``controlnet``.
+        steps: optimisation steps (upper bound when ``minutes`` is set).
+        batch_size: global batch (split over DDP ranks).
+        lr: peak AdamW learning rate; annealed to ``lr * min_lr_ratio``.
+        checkpoint_every: steps between ``checkpoint_latest.pt`` writes.
+        seed: seeds the networks' init and every random draw of training.
+        minutes: wall-clock budget of the training loop (summed over resumes): training stops when it is
+            spent (or after ``steps``), and the warm-up (5 % of it) and the cosine annealing follow the elapsed
+            fraction of it, so the schedule completes whatever the speed.
+        warmup_steps: linear warm-up when training by steps; default 5 % of ``steps``, at most 100.
+        min_lr_ratio: final lr / peak lr (paper: 5e-6 / 5e-5).
+        weight_decay: AdamW weight decay.
+        flip: left-right flip augmentation with the pre-encoded flipped latent.
+        modality_dropout: ``latent`` (paper), ``input`` (ablation) or ``none``.
+        p_all: probability of keeping every group (paper: 0.4 for two groups).
+        l1_scale: multiplies eq. 4's λ = 1 / (b·c·h·w·d) (1: the paper as written).
+        timesteps: how training draws ``t``: ``uniform`` (the paper) or ``cubic``, ``t = (1 - u³)·T``, which
+            favours the noisy early sampling steps where the anatomy is laid down (T2I-Adapter's choice for
+            structural conditions; see :func:`~vcm.training.batches.draw_timesteps`).
+        noise_draws: ``(t, noise)`` pairs per subject and step (paper: 1). VCM's time-free encoder runs once
+            per subject, and it costs ~80 % of a demo step on CPU, so K draws give K times the samples for far
+            less than K times the time, and a less noisy gradient.
+        loss_weighting: ``none`` (eq. 4) or ``backbone``: each sample's MSE divided by the frozen backbone's
+            MSE on it, so that every noise level counts the same (VCM only; see :func:`~vcm.diffusion.vcm_loss`).
+        vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
+        controlnet: overrides of :class:`~vcm.models.controlnet.ControlNetControl` arguments.
+        preview_subjects: validation subjects previewed at the end of training (0: no preview).
+        preview_ddim_steps: DDIM steps of the previews; default ``cohort.ddim_steps``.
+        preview_seed: base seed of the previews' noise.
+    """
+
+    method: str = "vcm"
+    steps: int = 2000
+    batch_size: int = 2
+    lr: float = 5e-5
+    checkpoint_every: int = 100
+    seed: int = 0
+    minutes: float | None = None
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    flip: bool = True
+    modality_dropout: str = "latent"
+    p_all: float = 0.4
+    l1_scale: float = 1.0
+    timesteps: str = "uniform"
+    noise_draws: int = 1
+    loss_weighting: str = "none"
+    vcm: dict[str, Any] = field(default_factory=dict)
+    controlnet: dict[str, Any] = field(default_factory=dict)
+    preview_subjects: int = 2
+    preview_ddim_steps: int | None = None
+    preview_seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> Settings:
+        """Read ``cfg["training"]`` (and ``cohort.ddim_steps`` for the previews); ``overrides`` win."""
+        section = dict(cfg.get("training", {}))
+        preview = section.pop("preview", None) or {}
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in section.items() if k in known}
+        for key, name in (("subjects", "preview_subjects"), ("ddim_steps", "preview_ddim_steps")):
+            if key in preview:
+                values[name] = preview[key]
+        if "seed" in preview:
+            values["preview_seed"] = preview["seed"]
+        if values.get("preview_ddim_steps") is None:
+            values["preview_ddim_steps"] = cfg.get("cohort", {}).get("ddim_steps", 200)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("minutes") == 0:  # an override of 0 removes the time budget
+            values["minutes"] = None
+        out = cls(**values)
+        for key, allowed in (
+            ("method", ("vcm", "controlnet")),
+            ("modality_dropout", ("latent", "input", "none")),
+            ("loss_weighting", ("none", "backbone")),
+            ("timesteps", TIMESTEP_SAMPLING),
+        ):
+            if getattr(out, key) not in allowed:
+                expected = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+                raise StageError(
+                    f"config key 'training.{key}': expected {expected}, got {getattr(out, key)!r}"
+                )
+        return out
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps of a training by steps: ``warmup_steps``, else 5 % of ``steps`` (1 to 100)."""
+        if self.warmup_steps is not None:
+            return int(self.warmup_steps)
+        return max(1, min(100, math.ceil(0.05 * self.steps)))
