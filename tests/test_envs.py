@@ -1,5 +1,12 @@
-"""The conda environments for `--software-deployment-method conda` agree with pyproject.toml."""
+"""The workflow keeps the conventions of the Snakemake workflow catalog: pinned conda environments that agree
+with pyproject.toml and install vcm, a conda environment, log and benchmark on every job rule, a caption on
+every report output, and a clean ``snakemake --lint`` and ``snakefmt --check``."""
 
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -8,7 +15,10 @@ import yaml
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
+WORKFLOW = REPO / "workflow"
+ENVS = WORKFLOW / "envs"
 CONDA_TO_PYPI = {"matplotlib-base": "matplotlib", "pytorch": "torch"}
+RULE_HEADER = re.compile(r"^(rule|checkpoint) (\w+):$", re.MULTILINE)
 
 
 def _pins(env_file: Path) -> dict[str, str]:
@@ -28,7 +38,30 @@ def _project_requirements() -> dict[str, Requirement]:
     return {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
 
 
-@pytest.mark.parametrize("env", sorted((REPO / "envs").glob("*.yaml")), ids=lambda p: p.name)
+def _rules() -> list[tuple[Path, str, str]]:
+    """(rule file, rule name, rule text) of every rule and checkpoint of the workflow."""
+    out = []
+    for path in [WORKFLOW / "Snakefile", *sorted((WORKFLOW / "rules").glob("*.smk"))]:
+        text = path.read_text()
+        heads = list(RULE_HEADER.finditer(text))
+        for head in heads:
+            body = text[head.end() :]
+            # the rule ends at the next line that is not indented (code, a comment or another rule)
+            end = re.search(r"^\S", body, re.MULTILINE)
+            out.append((path, head.group(2), body[: end.start()] if end else body))
+    return out
+
+
+def _directive(rule_text: str, name: str) -> str | None:
+    """The text of one directive of a rule (what follows ``name:``, up to the next directive)."""
+    match = re.search(rf"^    {name}:(.*?)(?=^    \w+:|\Z)", rule_text, re.MULTILINE | re.DOTALL)
+    return match.group(1).strip() if match else None
+
+
+JOB_RULES = [(path, name, text) for path, name, text in _rules() if _directive(text, "shell")]
+
+
+@pytest.mark.parametrize("env", sorted(ENVS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_pin_satisfies_the_project_range(env):
     reqs = _project_requirements()
     pins = _pins(env)
@@ -42,8 +75,8 @@ def test_every_pin_satisfies_the_project_range(env):
 
 
 def test_torch_env_covers_every_dependency():
-    missing = set(_project_requirements()) - set(_pins(REPO / "envs" / "torch.yaml"))
-    assert not missing, f"envs/torch.yaml lacks {sorted(missing)}"
+    missing = set(_project_requirements()) - set(_pins(ENVS / "torch.yaml"))
+    assert not missing, f"workflow/envs/torch.yaml lacks {sorted(missing)}"
 
 
 def test_prep_env_covers_what_the_prep_stages_import():
@@ -61,4 +94,106 @@ def test_prep_env_covers_what_the_prep_stages_import():
         "matplotlib",
         "scikit-image",
     }
-    assert needed <= set(_pins(REPO / "envs" / "prep.yaml"))
+    assert needed <= set(_pins(ENVS / "prep.yaml"))
+
+
+@pytest.mark.parametrize("env", sorted(ENVS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_env_installs_this_checkouts_vcm(env):
+    """The post-deploy script builds vcm without isolation, so the env's setuptools must meet build-system."""
+    script = env.with_suffix(".post-deploy.sh")
+    assert script.is_file() and not script.is_symlink(), f"{script.name} missing"
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "pip install --no-deps --no-build-isolation --editable ." in text
+    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    pins = _pins(env)
+    for req in map(Requirement, build):
+        assert req.name in pins and req.specifier.contains(pins[req.name]), f"{env.name}: {req} not pinned"
+
+
+@pytest.mark.parametrize("rule", JOB_RULES, ids=lambda r: r[1])
+def test_every_job_rule_has_a_conda_env_a_log_and_a_benchmark(rule):
+    path, name, text = rule
+    conda = _directive(text, "conda")
+    assert conda, f"rule {name} has no conda env"
+    env = path.parent / re.search(r'"([^"]+)"', conda).group(1)
+    assert env.resolve().parent == ENVS and env.is_file(), f"rule {name}: {env} is not an env of {ENVS}"
+    assert _directive(text, "log"), f"rule {name} has no log"
+    benchmark = _directive(text, "benchmark")
+    assert benchmark and f"{{RESULTS}}/benchmarks/{name}" in benchmark, f"rule {name}: benchmark {benchmark}"
+
+
+def test_rules_that_run_no_job_are_local():
+    for _, name, text in _rules():
+        if not _directive(text, "shell"):
+            assert _directive(text, "localrule") == "True", f"rule {name} aggregates: make it a localrule"
+
+
+def test_prep_env_rules_run_stages_that_need_no_torch():
+    """A stage in the prep environment (no torch, no MONAI) must import without them."""
+    from vcm.cli import STAGES
+
+    modules = set()
+    for _, _, text in JOB_RULES:
+        if "prep.yaml" in _directive(text, "conda"):
+            stage = re.search(r"python -m vcm ([\w-]+)", _directive(text, "shell")).group(1)
+            modules.add(STAGES[stage].partition(":")[0])
+    assert modules
+    code = (
+        "import importlib, sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in ('torch', 'monai'):\n"
+        "            raise ImportError(f'{name} is not in workflow/envs/prep.yaml')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "for module in sys.argv[1:]:\n"
+        "    importlib.import_module(module)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *sorted(modules)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_report_output_has_a_caption():
+    calls = 0
+    for path in [WORKFLOW / "Snakefile", *sorted((WORKFLOW / "rules").glob("*.smk"))]:
+        text = path.read_text()
+        for match in re.finditer(r"\breport\(", text):
+            depth, end = 0, match.end() - 1
+            for end in range(match.end() - 1, len(text)):
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                if depth == 0:
+                    break
+            call = text[match.start() : end + 1]
+            caption = re.search(r'caption="([^"]+)"', call)
+            assert caption, f"{path.name}: report output without caption: {call}"
+            assert (path.parent / caption.group(1)).is_file(), f"{path.name}: {caption.group(1)} missing"
+            calls += 1
+    assert calls >= 10
+
+
+def test_catalog_settings_match_the_layout():
+    settings = yaml.safe_load((REPO / ".snakemake-workflow-catalog.yml").read_text())["usage"]
+    assert settings["software-stack-deployment"]["conda"] is True
+    assert settings["report"] is True
+    assert (WORKFLOW / "Snakefile").is_file() and not (REPO / "Snakefile").exists()
+    assert (REPO / "config" / "README.md").is_file()
+
+
+def test_workflow_is_snakefmt_formatted():
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", "workflow"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint", "--config", f"results={tmp_path / 'results'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -50,17 +50,19 @@ else:
 rule backbone_corpus:
     output:
         BACKBONE_CORPUS,
-    params:
-        settings=section("grid"),
-        grid=CFG["grid"],
-        n=BACKBONE_CORPUS_SUBJECTS,
-    resources:
-        mem_mb=mem_mb("backbone_corpus"),
     log:
         f"{LOGS}/backbone_corpus.log",
     benchmark:
         f"{RESULTS}/benchmarks/backbone_corpus.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
+    resources:
+        mem_mb=mem_mb("backbone_corpus"),
+    params:
+        settings=section("grid"),
+        grid=CFG["grid"],
+        n=BACKBONE_CORPUS_SUBJECTS,
     shell:
         "python -m vcm demo --corpus {output} --n-subjects {params.n} --grid {params.grid}"
         " --workers {threads} > {log} 2>&1"
@@ -76,21 +78,24 @@ rule train_backbone:
         record=f"{BACKBONE_TINY}/training_record.json",
         samples=report(
             f"{BACKBONE_TINY}/samples.png",
+            caption="../report/backbone_samples.rst",
             category="Backbone",
             labels={"figure": "tiny backbone samples"},
         ),
-    params:
-        settings=section("grid"),
-        work=BACKBONE_WORK,
-        out=BACKBONE_TINY,
-        args=BACKBONE_TRAIN_ARGS,
-    resources:
-        mem_mb=mem_mb("train_backbone"),
     log:
         f"{LOGS}/train_backbone.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_backbone.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
+    resources:
+        mem_mb=mem_mb("train_backbone"),
+    params:
+        settings=section("grid"),
+        work=BACKBONE_WORK,
+        out=lambda w, output: os.path.dirname(os.path.dirname(output.autoencoder)),
+        args=BACKBONE_TRAIN_ARGS,
     shell:
         "python -m vcm train-backbone --data {input.corpus} --work-dir {params.work} --out {params.out}"
         " --threads {threads} {params.args} > {log} 2>&1"

@@ -1,7 +1,7 @@
 # Synthetic cohorts: one generate_shard job per shard (DDIM sampling + decode + QC + resampling of failures),
 # then one merge per condition set into cohort.h5 + manifest.csv + qc.csv.
 #
-# Include after model.smk (uses CFG, RESULTS, LOGS, CONFIG_FILE, section(), MODEL_BUNDLE, MODEL_BUNDLE_FILES).
+# Include after model.smk (uses MODEL_BUNDLE_FILES, QC_SEGMENTER_*; shard_settings() is in common.smk).
 # Defines for downstream rules:
 #   COHORTS        every configured cohort's cohort.h5 (for rule all)
 #   COHORT_SHARDS  the shard ids, 00000, 00001, ... (cohort.size / cohort.shard_size, rounded up)
@@ -16,22 +16,6 @@ COHORT_DIR = f"{RESULTS}/cohorts/{{condset}}"
 COHORTS = expand(f"{RESULTS}/cohorts/{{condset}}/cohort.h5", condset=CFG["cohort"]["sets"])
 
 
-def _shard_settings(wildcards):
-    """Rerun trigger of one shard: what its subjects depend on and which subjects it holds. Subjects depend on
-    (seed, index) only, so growing cohort.size reruns no complete shard but the last, partial one."""
-    c = CFG["cohort"]
-    k = int(wildcards.shard)
-    subjects = [k * c["shard_size"], min((k + 1) * c["shard_size"], c["size"])]
-    parts = [
-        {key: value for key, value in c.items() if key not in ("sets", "size", "shard_size", "qc_workers")},
-        subjects,
-        CFG["qc"],
-        CFG["segmentation"],
-        CFG["conditions"],
-    ]
-    return _hashlib.sha256(_json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
 rule generate_shard:
     input:
         dataset=f"{RESULTS}/dataset.h5",
@@ -44,25 +28,28 @@ rule generate_shard:
         # the subject folders next to it are deliberately not outputs: Snakemake deletes a failed job's outputs,
         # and a rerun keeps the subjects that were complete (subject.json) and makes the rest
         f"{COHORT_DIR}/shards/{{shard}}/shard.h5",
-    wildcard_constraints:
-        condset=r"[A-Za-z0-9_.-]+",
-        shard=r"\d{5}",
-    params:
-        settings=_shard_settings,
-        bundle=MODEL_BUNDLE,
-        out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}/shards/{w.shard}",
-        template_dir=f"{RESULTS}/template",
-        segmenter=QC_SEGMENTER_ARG,
-    resources:
-        mem_mb=mem_mb("generate_shard"),
     log:
         f"{LOGS}/generate_shard/{{condset}}_{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/generate_shard/{{condset}}_{{shard}}.tsv"
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+        shard=r"\d{5}",
+    conda:
+        "../envs/torch.yaml"
     # one thread, as train_vcm: parallel one-thread jobs suit a few shared cores; a profile can raise it
     threads: 1
+    resources:
+        mem_mb=mem_mb("generate_shard"),
+    params:
+        settings=shard_settings,
+        config=CONFIG_FILE,
+        bundle=bundle_dir,
+        out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}/shards/{w.shard}",
+        template_dir=template_dir,
+        segmenter=QC_SEGMENTER_ARG,
     shell:
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm generate-shard --config {CONFIG_FILE}"
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm generate-shard --config {params.config}"
         " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
         " --condition-set {wildcards.condset} --shard {wildcards.shard} --template-dir {params.template_dir}"
         " {params.segmenter} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
@@ -75,8 +62,17 @@ rule merge_cohort:
         cohort=f"{COHORT_DIR}/cohort.h5",
         manifest=f"{COHORT_DIR}/manifest.csv",
         qc=f"{COHORT_DIR}/qc.csv",
+    log:
+        f"{LOGS}/merge_cohort/{{condset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/merge_cohort/{{condset}}.tsv"
     wildcard_constraints:
         condset=r"[A-Za-z0-9_.-]+",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_mb("merge_cohort"),
     params:
         settings=_hashlib.sha256(
             _json.dumps(
@@ -84,19 +80,14 @@ rule merge_cohort:
                 sort_keys=True,
             ).encode()
         ).hexdigest()[:16],
+        config=CONFIG_FILE,
         out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}",
-    resources:
-        mem_mb=mem_mb("merge_cohort"),
-    log:
-        f"{LOGS}/merge_cohort/{{condset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/merge_cohort/{{condset}}.tsv"
-    threads: 1
     shell:
-        "python -m vcm merge-cohort --config {CONFIG_FILE} --condition-set {wildcards.condset}"
+        "python -m vcm merge-cohort --config {params.config} --condition-set {wildcards.condset}"
         " --shards {input.shards} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule cohorts:
     input:
         COHORTS,
+    localrule: True

@@ -1,4 +1,5 @@
-# Config validation, the resolved config every stage reads, and the manifest's subjects.
+# Config validation, the resolved config every stage reads, the manifest's subjects, and the functions
+# that rules use as params (rerun triggers, thread counts, folders derived from input files).
 import functools
 import hashlib
 import json
@@ -19,12 +20,6 @@ try:
     CFG = validate_config(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
-
-# Jobs run `python -m vcm` from this checkout, also inside conda envs that do not install vcm
-# (local jobs and SLURM jobs inherit this environment).
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
-PREP_ENV = "../../envs/prep.yaml"
-TORCH_ENV = "../../envs/torch.yaml"
 
 RESULTS = CFG["results"].rstrip("/")
 LOGS = f"{RESULTS}/logs"
@@ -123,3 +118,62 @@ def subject_row(wildcards):
 
 def passed_subjects():
     return list(subjects_table())
+
+
+# --- params functions of the rules (Snakemake's linter keeps functions out of rule files) -----------------
+
+
+def eval_digest(*parts):
+    """Rerun trigger: a short digest of the config values a rule reads."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_settings(wildcards):
+    """Rerun trigger: what one model depends on (not the other condition sets, not the cohort's size)."""
+    parts = [
+        {k: v for k, v in CFG["training"].items() if k != "sizes"},
+        CFG["backbone"],
+        CFG["condition_sets"].get(wildcards.condset),
+        CFG["cohort"]["ddim_steps"],  # previews
+        CFG["conditions"]["lv_labels"],  # previews' LV Dice
+    ]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_settings(wildcards):
+    """Rerun trigger of one shard: what its subjects depend on and which subjects it holds. Subjects depend on
+    (seed, index) only, so growing cohort.size reruns no complete shard but the last, partial one."""
+    c = CFG["cohort"]
+    k = int(wildcards.shard)
+    subjects = [k * c["shard_size"], min((k + 1) * c["shard_size"], c["size"])]
+    parts = [
+        {key: value for key, value in c.items() if key not in ("sets", "size", "shard_size", "qc_workers")},
+        subjects,
+        CFG["qc"],
+        CFG["segmentation"],
+        CFG["conditions"],
+    ]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_threads(wildcards):
+    """A model's time budget is wall-clock, so every model trains at once: the local cores are shared between
+    them (a lone model gets them all: 1.8x the steps of 1 thread on 2 cores); 2 on a cluster (no --cores).
+    Over-subscribing a few cores is worse than sharing them (measured: 2 threads ran 4x slower than 1 on 2 busy
+    cores)."""
+    cores = workflow.global_resources.get("_cores")
+    if cores is None or cores >= 1024:
+        return 2
+    return max(1, cores // max(1, len(MODELS)))
+
+
+# Folders that stages take as arguments, derived from the rule's own input files (not hardcoded prefixes, so
+# they follow the files wherever Snakemake puts them).
+def bundle_dir(wildcards, input):
+    """The bundle folder of the rule's ``bundle`` files (the first is ``<bundle>/models/autoencoder.pt``)."""
+    return os.path.dirname(os.path.dirname(input.bundle[0]))
+
+
+def template_dir(wildcards, input):
+    """The template folder of the rule's ``template_head`` input (``<template>/t1_head.nii.gz``)."""
+    return os.path.dirname(input.template_head)

@@ -8,17 +8,20 @@ rule dataset:
         labels=lambda w: expand(rules.segment.output.labels, subject=passed_subjects()),
     output:
         f"{RESULTS}/dataset.h5",
-    params:
-        settings=section("dataset", "training.sizes", "conditions", "grid"),
-        t2=USE_T2,
-    conda:
-        PREP_ENV
-    resources:
-        mem_mb=mem_mb("dataset"),
     log:
         f"{LOGS}/dataset.log",
     benchmark:
         f"{RESULTS}/benchmarks/dataset.tsv"
+    conda:
+        "../envs/prep.yaml"
+    resources:
+        mem_mb=mem_mb("dataset"),
+    params:
+        settings=section("dataset", "training.sizes", "conditions", "grid"),
+        t2=USE_T2,
+        config=CONFIG_FILE,
+        # the per-subject folders' root (their files are inputs, known only after check_inputs)
+        prep_dir=PREP,
     shell:
-        "python -m vcm dataset --config {CONFIG_FILE} --subjects {input.subjects} --prep-dir {PREP}"
-        " --out {output} > {log} 2>&1"
+        "python -m vcm dataset --config {params.config} --subjects {input.subjects}"
+        " --prep-dir {params.prep_dir} --out {output} > {log} 2>&1"

@@ -1,11 +1,8 @@
 # Evaluation of the trained models, train-on-synthetic/test-on-real, cohort figures and the run summary.
-# Include after model.smk (MODEL_BUNDLE, MODEL_BUNDLE_FILES, MODELS) and the cohort rules (cohort.h5 per set).
+# Include after model.smk (MODEL_BUNDLE_FILES, MODELS) and the cohort rules (cohort.h5 per set).
 #
 # Defines for the lead's `rule all`:
 #   EVAL_TARGETS  every final file of these rules (per-model tables, table.md/html, tstr.csv, figures, summary.md)
-import hashlib as _eval_hashlib
-import json as _eval_json
-
 EVAL_DIR = f"{RESULTS}/eval"
 COHORT_SETS = list(CFG["cohort"]["sets"])
 EVAL_CONDSETS = list(CFG["condition_sets"])
@@ -33,11 +30,6 @@ EVAL_TARGETS = [*EVAL_MODEL_TABLES, *EVAL_TABLES, *COHORT_FIGURES, SUMMARY]  # S
 _MEDICALNET = (CFG.get("evaluation") or {}).get("medicalnet_weights")
 
 
-def _eval_digest(*parts):
-    """Rerun trigger: a short digest of the config values a rule reads."""
-    return _eval_hashlib.sha256(_eval_json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 rule evaluate:
     input:
         model=f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt",
@@ -57,11 +49,21 @@ rule evaluate:
         ),
         subjects=f"{EVAL_DIR}/{{condset}}_n{{size}}_subjects.csv",
         info=f"{EVAL_DIR}/{{condset}}_n{{size}}.json",
+    log:
+        f"{LOGS}/evaluate/{{condset}}_n{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{condset}}_n{{size}}.tsv"
     wildcard_constraints:
         condset=r"[A-Za-z0-9_.-]+",
         size=r"\d+",
+    conda:
+        "../envs/torch.yaml"
+    # One thread (as train_vcm): parallel one-thread jobs use a few shared cores best; a profile may raise it.
+    threads: 1
+    resources:
+        mem_mb=mem_mb("evaluate"),
     params:
-        settings=lambda w: _eval_digest(
+        settings=lambda w: eval_digest(
             CFG.get("evaluation"),
             CFG["cohort"]["ddim_steps"],
             CFG["conditions"],
@@ -69,19 +71,12 @@ rule evaluate:
             CFG["qc"].get("backend"),
             CFG["registration"]["seed"],
         ),
-        bundle=MODEL_BUNDLE,
-        template_dir=f"{RESULTS}/template",
+        config=CONFIG_FILE,
+        bundle=bundle_dir,
+        template_dir=template_dir,
         segmenter=QC_SEGMENTER_ARG,
-    resources:
-        mem_mb=mem_mb("evaluate"),
-    log:
-        f"{LOGS}/evaluate/{{condset}}_n{{size}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{condset}}_n{{size}}.tsv"
-    # One thread (as train_vcm): parallel one-thread jobs use a few shared cores best; a profile may raise it.
-    threads: 1
     shell:
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm evaluate --config {CONFIG_FILE}"
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm evaluate --config {params.config}"
         " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
         " --template-dir {params.template_dir} {params.segmenter} --out {output.table} --threads {threads} > {log} 2>&1"
 
@@ -93,24 +88,36 @@ rule mask_edit:
         bundle=MODEL_BUNDLE_FILES,
         segmenter=QC_SEGMENTER_INPUT,
     output:
-        f"{EVAL_DIR}/mask_edit/{{condset}}_n{{size}}.json",
-    wildcard_constraints:
-        condset=r"[A-Za-z0-9_.-]+",
-        size=r"\d+",
-    params:
-        settings=lambda w: _eval_digest(CFG.get("evaluation"), CFG["cohort"]["ddim_steps"], CFG["conditions"], CFG["qc"].get("backend")),
-        bundle=MODEL_BUNDLE,
-        template_dir=f"{RESULTS}/template",
-        segmenter=QC_SEGMENTER_ARG,
-    resources:
-        mem_mb=mem_mb("evaluate"),
+        report(
+            f"{EVAL_DIR}/mask_edit/{{condset}}_n{{size}}.json",
+            caption="../report/mask_edit.rst",
+            category="Evaluation",
+            subcategory="per model",
+            labels={"model": "{condset} n{size}", "table": "mask edit"},
+        ),
     log:
         f"{LOGS}/mask_edit/{{condset}}_n{{size}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/mask_edit/{{condset}}_n{{size}}.tsv"
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+        size=r"\d+",
+    conda:
+        "../envs/torch.yaml"
     threads: 1
+    resources:
+        mem_mb=mem_mb("evaluate"),
+    params:
+        settings=lambda w: eval_digest(
+            CFG.get("evaluation"), CFG["cohort"]["ddim_steps"], CFG["conditions"], CFG["qc"].get("backend")
+        ),
+        config=CONFIG_FILE,
+        bundle=bundle_dir,
+        # for the atlas backend; the template exists once dataset.h5 does
+        template_dir=f"{RESULTS}/template",
+        segmenter=QC_SEGMENTER_ARG,
     shell:
-        "python -m vcm mask-edit --config {CONFIG_FILE} --dataset {input.dataset} --model {input.model}"
+        "python -m vcm mask-edit --config {params.config} --dataset {input.dataset} --model {input.model}"
         " --bundle {params.bundle} --template-dir {params.template_dir} {params.segmenter}"
         " --out {output} --threads {threads} > {log} 2>&1"
 
@@ -122,19 +129,24 @@ rule tstr:
     output:
         table=f"{EVAL_DIR}/tstr/{{condset}}.csv",
         info=f"{EVAL_DIR}/tstr/{{condset}}.json",
-    wildcard_constraints:
-        condset=r"[A-Za-z0-9_.-]+",
-    params:
-        settings=lambda w: _eval_digest(CFG.get("tstr"), CFG["training"]["sizes"], CFG["conditions"]["lv_labels"]),
-    resources:
-        mem_mb=mem_mb("tstr"),
     log:
         f"{LOGS}/tstr/{{condset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/tstr/{{condset}}.tsv"
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+    conda:
+        "../envs/torch.yaml"
     threads: 1
+    resources:
+        mem_mb=mem_mb("tstr"),
+    params:
+        settings=lambda w: eval_digest(
+            CFG.get("tstr"), CFG["training"]["sizes"], CFG["conditions"]["lv_labels"]
+        ),
+        config=CONFIG_FILE,
     shell:
-        "python -m vcm tstr --config {CONFIG_FILE} --dataset {input.dataset} --cohort {input.cohort}"
+        "python -m vcm tstr --config {params.config} --dataset {input.dataset} --cohort {input.cohort}"
         " --out {output.table} --threads {threads} > {log} 2>&1"
 
 
@@ -156,16 +168,19 @@ rule cohort_figures:
             subcategory="{condset}",
             labels={"cohort": "{condset}", "figure": "QC histograms"},
         ),
-    wildcard_constraints:
-        condset=r"[A-Za-z0-9_.-]+",
-    params:
-        settings=lambda w: _eval_digest(CFG["qc"], CFG["conditions"]["lv_labels"]),
     log:
         f"{LOGS}/cohort_figures/{{condset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/cohort_figures/{{condset}}.tsv"
+    wildcard_constraints:
+        condset=r"[A-Za-z0-9_.-]+",
+    conda:
+        "../envs/prep.yaml"
+    params:
+        settings=lambda w: eval_digest(CFG["qc"], CFG["conditions"]["lv_labels"]),
+        config=CONFIG_FILE,
     shell:
-        "python -m vcm cohort-figures --config {CONFIG_FILE} --cohort {input.cohort}"
+        "python -m vcm cohort-figures --config {params.config} --cohort {input.cohort}"
         " --montage {output.montage} --qc-hist {output.qc_hist} > {log} 2>&1"
 
 
@@ -193,6 +208,9 @@ rule eval_tables:
         f"{LOGS}/eval_tables.log",
     benchmark:
         f"{RESULTS}/benchmarks/eval_tables.tsv"
+    conda:
+        # its stage lives in vcm.evaluate, which imports torch
+        "../envs/torch.yaml"
     shell:
         "python -m vcm eval-tables --eval {input.evals} --tstr {input.tstr}"
         " --md {output.md} --html {output.html} --tstr-out {output.tstr} > {log} 2>&1"
@@ -210,13 +228,19 @@ rule summary:
         segmenter=QC_SEGMENTER_INPUT,
     output:
         report(SUMMARY, caption="../report/summary.rst", category="Summary", labels={"file": "summary.md"}),
-    params:
-        segmenter_json=f"--segmenter-json {RESULTS}/models/qc_segmenter/segmenter.json" if QC_SEGMENTER_INPUT else "",
     log:
         f"{LOGS}/summary.log",
     benchmark:
         f"{RESULTS}/benchmarks/summary.tsv"
+    conda:
+        # reads the models' metadata from vcm.pt with torch
+        "../envs/torch.yaml"
+    params:
+        config=CONFIG_FILE,
+        segmenter_json=(
+            f"--segmenter-json {RESULTS}/models/qc_segmenter/segmenter.json" if QC_SEGMENTER_INPUT else ""
+        ),
     shell:
-        "python -m vcm summary --config {CONFIG_FILE} --dataset {input.dataset} --models {input.models}"
+        "python -m vcm summary --config {params.config} --dataset {input.dataset} --models {input.models}"
         " --eval {input.evals} --tstr {input.tstr} --cohorts {input.cohorts} --mask-edit {input.mask_edits}"
         " {params.segmenter_json} --out {output} > {log} 2>&1"

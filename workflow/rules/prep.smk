@@ -4,16 +4,20 @@
 rule demo_cohort:
     output:
         manifest=f"{RESULTS}/demo/manifest.csv",
-    params:
-        demo=lambda w: CFG["data"]["demo"],
-    conda:
-        PREP_ENV
-    resources:
-        mem_mb=mem_mb("demo_cohort"),
     log:
         f"{LOGS}/demo_cohort.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/demo_cohort.tsv"
+    conda:
+        # the demo world's anatomy (vcm.anatomy) warps with MONAI
+        "../envs/torch.yaml"
+    resources:
+        mem_mb=mem_mb("demo_cohort"),
+    params:
+        demo=lambda w: CFG["data"]["demo"],
+        out_dir=lambda w, output: os.path.dirname(output.manifest),
     shell:
-        "python -m vcm demo --out-dir {RESULTS}/demo --n-subjects {params.demo[n_subjects]}"
+        "python -m vcm demo --out-dir {params.out_dir} --n-subjects {params.demo[n_subjects]}"
         " --seed {params.demo[seed]} --spacing-mm {params.demo[spacing_mm]} > {log} 2>&1"
 
 
@@ -22,14 +26,18 @@ rule template:
         t1_head=f"{RESULTS}/template/t1_head.nii.gz",
         t1_brain=f"{RESULTS}/template/t1_brain.nii.gz",
         labels=f"{RESULTS}/template/labels.nii.gz",
-    conda:
-        PREP_ENV
-    resources:
-        mem_mb=mem_mb("template"),
     log:
         f"{LOGS}/template.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/template.tsv"
+    conda:
+        "../envs/prep.yaml"
+    resources:
+        mem_mb=mem_mb("template"),
+    params:
+        out_dir=lambda w, output: os.path.dirname(output.t1_head),
     shell:
-        "python -m vcm template --out-dir {RESULTS}/template > {log} 2>&1"
+        "python -m vcm template --out-dir {params.out_dir} > {log} 2>&1"
 
 
 checkpoint check_inputs:
@@ -37,16 +45,25 @@ checkpoint check_inputs:
         manifest=MANIFEST,
     output:
         subjects=f"{RESULTS}/inputs/subjects.csv",
-        excluded=f"{RESULTS}/excluded.csv",
-    params:
-        settings=section("segmentation"),
-    conda:
-        PREP_ENV
+        excluded=report(
+            f"{RESULTS}/excluded.csv",
+            caption="../report/excluded.rst",
+            category="Inputs",
+            labels={"table": "excluded subjects"},
+        ),
     log:
         f"{LOGS}/check_inputs.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/check_inputs.tsv"
+    conda:
+        "../envs/prep.yaml"
+    params:
+        settings=section("segmentation"),
+        config=CONFIG_FILE,
+        meta_dir=lambda w, output: os.path.dirname(output.subjects),
     shell:
-        "python -m vcm check-inputs --config {CONFIG_FILE} --manifest {input.manifest}"
-        " --out {output.subjects} --excluded {output.excluded} --meta-dir {RESULTS}/inputs > {log} 2>&1"
+        "python -m vcm check-inputs --config {params.config} --manifest {input.manifest}"
+        " --out {output.subjects} --excluded {output.excluded} --meta-dir {params.meta_dir} > {log} 2>&1"
 
 
 # A condition set that uses the second modality (t2) makes prep register and store it (manifest column t2).
@@ -58,28 +75,37 @@ rule register:
     input:
         t1=lambda w: subject_row(w)["t1"],
         t2=lambda w: [subject_row(w)["t2"]] if USE_T2 else [],
-        template=rules.template.output.t1_head,
+        template_head=rules.template.output.t1_head,
     output:
         t1=f"{PREP}/{{subject}}/t1.nii.gz",
         t2=T2_OUT,
         info=f"{PREP}/{{subject}}/registration.json",
-        png=report(f"{PREP}/{{subject}}/registration.png", category="Registration", subcategory="{subject}"),
-    params:
-        settings=section("grid", "registration", "intensity"),
-        t2=lambda w, input: f"--t2 '{input.t2[0]}'" if USE_T2 else "",
-    conda:
-        PREP_ENV
-    resources:
-        mem_mb=mem_mb("register"),
+        png=report(
+            f"{PREP}/{{subject}}/registration.png",
+            caption="../report/registration.rst",
+            category="Registration",
+            subcategory="{subject}",
+            labels={"subject": "{subject}", "figure": "registration"},
+        ),
     log:
         f"{LOGS}/register/{{subject}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/register/{{subject}}.tsv"
+    conda:
+        "../envs/prep.yaml"
     threads: 1
+    resources:
+        mem_mb=mem_mb("register"),
+    params:
+        settings=section("grid", "registration", "intensity"),
+        config=CONFIG_FILE,
+        t2=lambda w, input: f"--t2 '{input.t2[0]}'" if USE_T2 else "",
+        template_dir=template_dir,
+        out_dir=lambda w, output: os.path.dirname(output.t1),
     shell:
-        "python -m vcm register --config {CONFIG_FILE} --subject {wildcards.subject} --t1 {input.t1:q}"
+        "python -m vcm register --config {params.config} --subject {wildcards.subject} --t1 {input.t1:q}"
         " {params.t2}"
-        " --template-dir {RESULTS}/template --out-dir {PREP}/{wildcards.subject} --threads {threads} > {log} 2>&1"
+        " --template-dir {params.template_dir} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
 
 
 # Per-subject rules read the subject's manifest row from inputs/<subject>.json (written by check_inputs,
@@ -92,26 +118,30 @@ rule segment:
         t1=lambda w: subject_row(w)["t1"],
         registered=rules.register.output.t1,
         info=rules.register.output.info,
-        template=rules.template.output.labels,
+        template_labels=rules.template.output.labels,
         meta=SUBJECT_META,
     output:
         labels=f"{PREP}/{{subject}}/labels.nii.gz",
         volumes=f"{PREP}/{{subject}}/volumes.json",
-    params:
-        settings=section("grid", "segmentation", "conditions"),
-    conda:
-        PREP_ENV
-    resources:
-        mem_mb=mem_mb("segment"),
     log:
         f"{LOGS}/segment/{{subject}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/segment/{{subject}}.tsv"
+    conda:
+        "../envs/prep.yaml"
     threads: 1
+    resources:
+        mem_mb=mem_mb("segment"),
+    params:
+        settings=section("grid", "segmentation", "conditions"),
+        config=CONFIG_FILE,
+        reg_dir=lambda w, input: os.path.dirname(input.registered),
+        template_dir=lambda w, input: os.path.dirname(input.template_labels),
+        out_dir=lambda w, output: os.path.dirname(output.labels),
     shell:
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm segment --config {CONFIG_FILE}"
-        " --subject {wildcards.subject} --t1 {input.t1:q} --meta {input.meta} --reg-dir {PREP}/{wildcards.subject}"
-        " --template-dir {RESULTS}/template --out-dir {PREP}/{wildcards.subject} > {log} 2>&1"
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm segment --config {params.config}"
+        " --subject {wildcards.subject} --t1 {input.t1:q} --meta {input.meta} --reg-dir {params.reg_dir}"
+        " --template-dir {params.template_dir} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 CONDITION_FILES = condition_names(CFG)
@@ -127,17 +157,21 @@ rule conditions:
     output:
         masks=expand(f"{PREP}/{{{{subject}}}}/conditions/{{name}}.nii.gz", name=CONDITION_FILES),
         covariates=f"{PREP}/{{subject}}/conditions/covariates.json",
-    params:
-        settings=section("grid", "conditions", "condition_sets"),
-        t2=lambda w, input: f"--t2 {input.t2[0]}" if USE_T2 else "",
-    conda:
-        PREP_ENV
-    resources:
-        mem_mb=mem_mb("conditions"),
     log:
         f"{LOGS}/conditions/{{subject}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/conditions/{{subject}}.tsv"
+    conda:
+        "../envs/prep.yaml"
+    resources:
+        mem_mb=mem_mb("conditions"),
+    params:
+        settings=section("grid", "conditions", "condition_sets"),
+        config=CONFIG_FILE,
+        t2=lambda w, input: f"--t2 {input.t2[0]}" if USE_T2 else "",
+        out_dir=lambda w, output: os.path.dirname(output.covariates),
     shell:
-        "python -m vcm conditions --config {CONFIG_FILE} --subject {wildcards.subject} --t1 {input.t1}"
+        "python -m vcm conditions --config {params.config} --subject {wildcards.subject} --t1 {input.t1}"
         " --labels {input.labels} --volumes {input.volumes} --meta {input.meta}"
         " {params.t2}"
-        " --out-dir {PREP}/{wildcards.subject}/conditions > {log} 2>&1"
+        " --out-dir {params.out_dir} > {log} 2>&1"
