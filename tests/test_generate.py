@@ -1,4 +1,4 @@
-"""generate-shard and merge-cohort (vcm.generate): seeds, new anatomies, QC retries, resume, merged layout.
+"""generate-shard and merge-cohort (vcm.cohort): seeds, new anatomies, QC retries, resume, merged layout.
 
 A 16³ fake dataset.h5 with FreeSurfer label maps, a tiny random backbone (latent 3×4³), a tiny VCM trained
 for 2 steps by vcm.training, 2 DDIM steps; a fake re-segmentation backend except in the atlas test.
@@ -25,24 +25,14 @@ import yaml
 
 from tests.fixtures import GRID, TINY_VCM, encode, make_bundle, make_labelled_dataset
 from tests.fixtures import SEMANTIC_NAMES as CLASSES
-from vcm.config import load_config, load_schema
+from vcm.cohort.cli import cli, merge_cli
+from vcm.cohort.plan import CohortSettings, noise_seed, shard_ids, shard_range, subject_id
+from vcm.cohort.shard import generate_shard
+from vcm.cohort.sources import DatasetSource, plan_subject, smooth_displacement
+from vcm.cohort.store import SHARD_FILE, merge_cohort
+from vcm.cohort.subjects import SUBJECT_FILE
+from vcm.config import load_config, load_schema, validate_config
 from vcm.errors import StageError
-from vcm.generate import (
-    SHARD_FILE,
-    SUBJECT_FILE,
-    CohortSettings,
-    DatasetSource,
-    cli,
-    generate_shard,
-    merge_cli,
-    merge_cohort,
-    noise_seed,
-    plan_subject,
-    shard_ids,
-    shard_range,
-    smooth_displacement,
-    subject_id,
-)
 from vcm.io import load_nifti
 from vcm.labels import brain_mask, mask_of, semantic_map
 from vcm.training.loop import train
@@ -96,9 +86,8 @@ def gcfg(files) -> dict:
 
 
 def run_cohort(cfg: dict, files: dict, out: Path, segmenter=fake_segmenter, **kwargs) -> list[Path]:
-    s = CohortSettings.from_config(cfg)
     paths = []
-    for k, sid in enumerate(shard_ids(s.size, s.shard_size)):
+    for k, sid in enumerate(shard_ids(cfg)):
         paths.append(
             generate_shard(
                 cfg,
@@ -147,7 +136,7 @@ def cohorts(files, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_shard_ranges_and_seeds():
-    assert shard_ids(5, 2) == ["00000", "00001", "00002"]
+    assert shard_ids(validate_config({"cohort": {"size": 5, "shard_size": 2}})) == ["00000", "00001", "00002"]
     assert list(shard_range(2, 5, 2)) == [4] and list(shard_range(0, 5, 3)) == [0, 1, 2]
     with pytest.raises(StageError, match="makes 3 shards"):
         shard_range(3, 5, 2)
@@ -155,6 +144,25 @@ def test_shard_ranges_and_seeds():
     assert len(seeds) == 150 and all(0 <= s < 2**63 for s in seeds)
     assert noise_seed(0, 7, 1) == noise_seed(0, 7, 1) != noise_seed(1, 7, 1)
     assert subject_id(12) == "syn-00012"
+
+
+def test_shard_ids_are_the_workflows():
+    """The one derivation of the shard ids (the Snakefile's too): cohort.size / shard_size, rounded up."""
+    for size, shard_size in ((1, 1), (4, 2), (5, 2), (32, 16), (33, 16)):
+        cfg = validate_config({"cohort": {"size": size, "shard_size": shard_size}})
+        ids = shard_ids(cfg)
+        assert ids == [f"{k:05d}" for k in range(-(-size // shard_size))]
+        assert [i for k in range(len(ids)) for i in shard_range(k, size, shard_size)] == list(range(size))
+
+
+def test_cohort_settings_read_the_validated_config():
+    """The schema owns the defaults: the settings take them from the validated config, not their own."""
+    cfg = validate_config({})
+    schema = load_schema()["properties"]["cohort"]["properties"]
+    assert CohortSettings.from_config(cfg).ddim_steps == schema["ddim_steps"]["default"]
+    del cfg["cohort"]["ddim_steps"]
+    with pytest.raises(StageError, match="'cohort.ddim_steps' is missing"):
+        CohortSettings.from_config(cfg)
 
 
 def test_smooth_displacement_is_bounded_and_seeded():

@@ -140,8 +140,8 @@ def lattice_displacement(
 
     The lattice is fixed in world space (centred on the origin), so the same draw gives the same field on any
     grid (a subject's native scan and its template-space render); its spacing sets the shortest wavelength
-    (two lattice spacings). :func:`vcm.generate.smooth_displacement` is the cohort's voxel-grid field instead,
-    scaled to a largest displacement.
+    (two lattice spacings). :func:`vcm.cohort.sources.smooth_displacement` is the cohort's voxel-grid field
+    instead, scaled to a largest displacement.
     """
     n = int(np.ceil(extent_mm / lattice_mm)) + 1
     coeffs = rng.normal(0.0, amplitude_mm, size=(3, n, n, n))

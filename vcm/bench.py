@@ -316,9 +316,10 @@ def bench_sample(
     import numpy as np
     import torch
 
+    from vcm.cohort.plan import noise_seed
+    from vcm.cohort.sampler import CohortSampler
     from vcm.config import load_config
     from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
-    from vcm.generate import CohortSampler, noise_seed
     from vcm.models.backbone import load_bundle
     from vcm.models.build import load_model
     from vcm.models.conditions import condition_groups, condition_tensor

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vcm.cohort.store import open_cohort
 from vcm.errors import StageError
 from vcm.labels import FS_LABELS, LATERAL_VENTRICLES, SEMANTIC_CLASSES
 
@@ -217,9 +218,7 @@ class CohortDataset(_H5Dataset):
         transform: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise StageError(f"cohort file not found: {path}")
-        with h5py.File(path, "r") as h5:
+        with open_cohort(path) as h5:
             self._check(path, h5, conditions)
             n = len(h5["subjects"])
             passed = np.asarray(h5["qc/passed"][:], dtype=bool) if "qc/passed" in h5 else np.ones(n, bool)

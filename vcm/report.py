@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from vcm.cohort.store import open_cohort
 from vcm.errors import StageError
 
 __all__ = [
@@ -54,17 +55,6 @@ def _strings(values: np.ndarray) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-def _open_cohort(path: str | Path) -> h5py.File:
-    if not Path(path).is_file():
-        raise StageError(f"cohort file not found: {path}")
-    h5 = h5py.File(path, "r")
-    for key in ("subjects", "image", "label"):
-        if key not in h5:
-            h5.close()
-            raise StageError(f"{path}: no /{key} dataset")
-    return h5
-
-
 def _qc_passed(h5: h5py.File) -> np.ndarray:
     n = len(h5["subjects"])
     return np.asarray(h5["qc/passed"][:], dtype=bool) if "qc/passed" in h5 else np.ones(n, bool)
@@ -90,7 +80,7 @@ def cohort_montage(
     from vcm.labels import mask_of, semantic_map
     from vcm.plots import _planes
 
-    with _open_cohort(cohort) as h5:
+    with open_cohort(cohort) as h5:
         passed = _qc_passed(h5)
         order = [*np.flatnonzero(passed), *np.flatnonzero(~passed)][:n_subjects]
         if not order:
@@ -162,7 +152,7 @@ def qc_histograms(
     from vcm.io import atomic_path
 
     stats = cohort_stats(cohort)
-    with _open_cohort(cohort) as h5:
+    with open_cohort(cohort) as h5:
         passed = _qc_passed(h5)
         metrics = {}
         if "qc" in h5:
@@ -210,7 +200,7 @@ def qc_histograms(
 
 def cohort_stats(cohort: str | Path) -> dict[str, Any]:
     """Size, QC pass rate, attempts, share of new anatomies and mean QC metrics of a cohort."""
-    with _open_cohort(cohort) as h5:
+    with open_cohort(cohort) as h5:
         passed = _qc_passed(h5)
         n = len(passed)
         out: dict[str, Any] = {

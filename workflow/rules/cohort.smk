@@ -4,14 +4,14 @@
 # Include after model.smk (uses MODEL_BUNDLE_FILES, QC_SEGMENTER_*; shard_settings() is in common.smk).
 # Defines for downstream rules:
 #   COHORTS        every configured cohort's cohort.h5 (for rule all)
-#   COHORT_SHARDS  the shard ids, 00000, 00001, ... (cohort.size / cohort.shard_size, rounded up)
+#   COHORT_SHARDS  the shard ids, 00000, 00001, ... (vcm.cohort.plan.shard_ids: the package owns them)
 import hashlib as _hashlib
 import json as _json
-import math as _math
+from vcm.cohort.plan import shard_ids
 
 # The cohort is sampled from the model trained on the largest configured training set.
 COHORT_TRAIN_SIZE = max(CFG["training"]["sizes"])
-COHORT_SHARDS = [f"{k:05d}" for k in range(_math.ceil(CFG["cohort"]["size"] / CFG["cohort"]["shard_size"]))]
+COHORT_SHARDS = shard_ids(CFG)
 COHORT_DIR = f"{RESULTS}/cohorts/{{condset}}"
 COHORTS = expand(f"{RESULTS}/cohorts/{{condset}}/cohort.h5", condset=CFG["cohort"]["sets"])
 

@@ -11,6 +11,7 @@ import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
+from vcm.cohort.plan import shard_range
 from vcm.config import ConfigError, dump_config, validate_config
 from vcm.dataset import condition_names, uses_second_image
 from vcm.grid import Grid
@@ -144,8 +145,8 @@ def shard_settings(wildcards):
     """Rerun trigger of one shard: what its subjects depend on and which subjects it holds. Subjects depend on
     (seed, index) only, so growing cohort.size reruns no complete shard but the last, partial one."""
     c = CFG["cohort"]
-    k = int(wildcards.shard)
-    subjects = [k * c["shard_size"], min((k + 1) * c["shard_size"], c["size"])]
+    r = shard_range(int(wildcards.shard), c["size"], c["shard_size"])
+    subjects = [r.start, r.stop]
     parts = [
         {key: value for key, value in c.items() if key not in ("sets", "size", "shard_size", "qc_workers")},
         subjects,

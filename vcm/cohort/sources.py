@@ -1,0 +1,225 @@
+"""Condition sources: the real subject whose conditions a synthetic subject borrows, or a new anatomy.
+
+A synthetic subject ``i`` takes the label map, conditions and covariates of a real subject of ``dataset.h5``
+(visited in seeded balanced rounds: every source once before any twice). With probability
+``cohort.new_anatomy_fraction`` it gets a **new anatomy** instead: the source's label map warped by a random
+smooth deformation (nearest label), its skull and low-resolution images warped linearly, the LV / brain /
+semantic conditions re-derived from the warped labels, and the LV and brain volumes scaled by the warped /
+original voxel counts. Everything is a function of ``(cohort.seed, i)`` and the dataset only.
+
+:func:`smooth_displacement` is the cohort's voxel-grid field, scaled to a largest displacement;
+:func:`vcm.anatomy.lattice_displacement` is the world-fixed field of the ventricle edits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from scipy import ndimage as ndi
+
+from vcm.cohort.plan import CohortSettings, anatomy_rng, source_order, subject_id
+from vcm.errors import StageError
+from vcm.labels import brain_mask, mask_of, semantic_map
+from vcm.models.conditions import semantic_classes
+
+__all__ = ["DatasetSource", "SubjectPlan", "plan_subject", "smooth_displacement", "warp"]
+
+COVARIATES = ("sex", "age", "lv_volume", "brain_volume")
+
+
+# --- the real subjects -------------------------------------------------------------------------------------
+
+
+class DatasetSource:
+    """Read access to the real subjects of ``dataset.h5`` that lend conditions.
+
+    Args:
+        dataset: ``dataset.h5``.
+        cfg: the validated config (``conditions``).
+    """
+
+    def __init__(self, dataset: str | Path, cfg: Mapping[str, Any]) -> None:
+        if not Path(dataset).is_file():
+            raise StageError(f"dataset not found: {dataset}")
+        self.path = Path(dataset)
+        self.h5 = h5py.File(dataset, "r")
+        for key in ("image", "label", "cond", "covariates", "subjects"):
+            if key not in self.h5:
+                raise StageError(f"{dataset}: no /{key} (rebuild dataset.h5)")
+        if "grid_affine" not in self.h5.attrs:
+            raise StageError(f"{dataset}: no grid_affine attribute (rebuild dataset.h5)")
+        self.subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in self.h5["subjects"][:]]
+        self.names = sorted(self.h5["cond"])
+        self.grid = tuple(int(s) for s in self.h5["image"].shape[2:])
+        self.affine = np.asarray(self.h5.attrs["grid_affine"], dtype=float)
+        self.spacing = float(np.abs(self.affine[:3, :3]).max(axis=0).mean())
+        self.n_semantic = semantic_classes(self.h5)
+        self.image_dtype = self.h5["image"].dtype
+        self.lv_labels = tuple(cfg.get("conditions", {}).get("lv_labels", (4, 43)))
+        self.has_raw = "covariates_raw" in self.h5
+        self.ranges_file = cfg.get("conditions", {}).get("covariate_ranges")
+        self.config_sha256 = str(self.h5.attrs.get("config_sha256", ""))  # which build of the dataset
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def has_split(self, name: str) -> bool:
+        return f"splits/{name}" in self.h5
+
+    def split(self, name: str) -> np.ndarray:
+        if f"splits/{name}" not in self.h5:
+            have = ", ".join(sorted(self.h5["splits"])) if "splits" in self.h5 else "none"
+            raise StageError(f"{self.path}: no split '{name}' (have: {have})")
+        return np.sort(np.asarray(self.h5[f"splits/{name}"][:], dtype=np.int64))
+
+    def source_indices(self, sources: Sequence[str], train_split: str) -> np.ndarray:
+        parts = []
+        for s in sources:
+            parts.append(
+                np.arange(len(self.subjects))
+                if s == "all"
+                else self.split(train_split if s == "train" else "val")
+            )
+        out = np.unique(np.concatenate(parts))
+        if out.size == 0:
+            raise StageError(f"{self.path}: cohort.sources {list(sources)} select no subjects")
+        return out
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.h5[f"cond/{name}"].dtype
+
+    def semantic_class_names(self) -> Any:
+        """The ``classes`` attribute of ``/cond/semantics`` (``[]`` when absent)."""
+        return self.h5["cond/semantics"].attrs.get("classes", [])
+
+    def read(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Label map, conditions (stored dtypes), scaled and raw covariates of real subject ``index``."""
+        label = np.asarray(self.h5["label"][index], dtype=np.uint16)
+        conds = {n: np.asarray(self.h5[f"cond/{n}"][index, 0]) for n in self.names}
+        cov = np.asarray(self.h5["covariates"][index], dtype=np.float32)
+        raw = (
+            np.asarray(self.h5["covariates_raw"][index], dtype=np.float64)
+            if self.has_raw
+            else np.full(4, np.nan)
+        )
+        return label, conds, cov, raw
+
+
+# --- new anatomies -----------------------------------------------------------------------------------------
+
+
+def smooth_displacement(
+    shape: Sequence[int], spacing_mm: float, max_mm: float, smoothness_mm: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A random smooth displacement field (3, *shape) in voxels, largest displacement ``max_mm``.
+
+    Gaussian random vectors on a control grid ``smoothness_mm`` apart, interpolated with cubic B-splines.
+    """
+    shape = tuple(int(s) for s in shape)
+    step = smoothness_mm / spacing_mm  # control-point spacing in voxels
+    coarse = [int(math.ceil((s - 1) / step)) + 3 for s in shape]  # one spare point on each side
+    control = rng.standard_normal((3, *coarse))
+    coords = np.stack(np.meshgrid(*[np.arange(s) / step + 1.0 for s in shape], indexing="ij"))
+    field = np.stack([ndi.map_coordinates(c, coords, order=3, mode="nearest") for c in control])
+    largest = float(np.sqrt((field**2).sum(axis=0)).max())
+    return (field * (max_mm / spacing_mm / max(largest, 1e-12))).astype(np.float32)
+
+
+def warp(volume: np.ndarray, displacement: np.ndarray, order: int) -> np.ndarray:
+    """``volume(x + d(x))``: nearest (``order=0``, labels) or linear (``order=1``, images) resampling."""
+    coords = np.indices(volume.shape, dtype=np.float32) + displacement
+    out = ndi.map_coordinates(volume, coords, order=order, mode="nearest", prefilter=False)
+    return out.astype(volume.dtype, copy=False)
+
+
+def _warp_conditions(
+    conds: Mapping[str, np.ndarray], warped: np.ndarray, disp: np.ndarray, lv_labels: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """The conditions of the warped label map: masks re-derived from it, other maps warped alike."""
+    out = {}
+    for name, x in conds.items():
+        if name == "lv":
+            out[name] = mask_of(warped, lv_labels).astype(x.dtype)
+        elif name == "brain":
+            out[name] = brain_mask(warped).astype(x.dtype)
+        elif name == "semantics":
+            out[name] = semantic_map(warped).astype(x.dtype)
+        elif np.issubdtype(x.dtype, np.integer):
+            out[name] = warp(x, disp, 0)
+        else:  # skull, low-res images: linear, rounded to the stored dtype (what the model will see)
+            out[name] = warp(x.astype(np.float32), disp, 1).astype(x.dtype)
+    return out
+
+
+def _warped_covariates(
+    raw: np.ndarray, label: np.ndarray, warped: np.ndarray, data: DatasetSource
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled and raw covariates of a new anatomy: LV and brain volumes scaled by the voxel counts."""
+    from vcm.prep.conditions import load_ranges, scale_covariates
+
+    if not data.has_raw:
+        raise StageError(
+            f"{data.path}: no /covariates_raw to recompute a new anatomy's volumes (rebuild dataset.h5)"
+        )
+    raw = raw.copy()
+    for k, fn in ((2, lambda lab: mask_of(lab, data.lv_labels)), (3, brain_mask)):
+        before, after = int(fn(label).sum()), int(fn(warped).sum())
+        raw[k] = raw[k] * after / before if before else after * data.spacing**3
+    ranges = load_ranges(_ranges_path(data.ranges_file))
+    scaled, _ = scale_covariates(dict(zip(COVARIATES, raw.tolist(), strict=True)), ranges)
+    return np.asarray(scaled, dtype=np.float32), raw
+
+
+def _ranges_path(path: str | None) -> Path:
+    from vcm.config import REPO_ROOT
+
+    p = Path(path or "resources/covariate_ranges.yaml")
+    return p if p.is_file() or p.is_absolute() else REPO_ROOT / p
+
+
+# --- one subject's plan ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SubjectPlan:
+    """Everything a synthetic subject is made from (a function of the config, the dataset and its index)."""
+
+    index: int
+    source_index: int
+    source_subject: str
+    new_anatomy: bool
+    label: np.ndarray
+    conditions: dict[str, np.ndarray]
+    covariates: np.ndarray
+    covariates_raw: np.ndarray
+
+    @property
+    def subject(self) -> str:
+        return subject_id(self.index)
+
+
+def plan_subject(
+    index: int, settings: CohortSettings, data: DatasetSource, sources: np.ndarray
+) -> SubjectPlan:
+    """The condition source of synthetic subject ``index`` (deterministic in ``(settings.seed, index)``)."""
+    n = len(sources)
+    rnd, pos = divmod(index, n)  # balanced rounds: every source once per round, in a seeded order
+    src = int(sources[source_order(settings.seed, rnd, n)[pos]])
+    rng = anatomy_rng(settings.seed, index)
+    new = bool(rng.random() < settings.new_anatomy_fraction)
+    label, conds, cov, raw = data.read(src)
+    if new:
+        disp = smooth_displacement(
+            label.shape, data.spacing, settings.deform_max_mm, settings.deform_smoothness_mm, rng
+        )
+        warped = warp(label, disp, 0)
+        conds = _warp_conditions(conds, warped, disp, data.lv_labels)
+        cov, raw = _warped_covariates(raw, label, warped, data)
+        label = warped
+    return SubjectPlan(index, src, data.subjects[src], new, label, conds, cov, raw)
