@@ -71,12 +71,13 @@ from tqdm import tqdm
 
 from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
 from vcm.errors import StageError
+from vcm.evaluation.segmenters import Segmenter, make_segmenter
 from vcm.grid import Grid
 from vcm.io import atomic_path, load_nifti, provenance, save_nifti, sha256_file, write_json
 from vcm.labels import brain_mask, mask_of, semantic_map
 from vcm.models.build import load_model
 from vcm.models.conditions import condition_tensor, semantic_classes
-from vcm.qc import QCResult, QCSettings, Segmenter, evaluate, make_segmenter, reference_ranges
+from vcm.qc import QCResult, QCSettings, evaluate, reference_ranges
 
 __all__ = [
     "CohortSampler",

@@ -1085,7 +1085,8 @@ def preview(
     )
     dice_method = "segmenter" if segmenter_path else "atlas" if template_dir is not None else None
     if dice_method is not None:
-        from vcm.qc import QCSettings, make_segmenter
+        from vcm.evaluation.segmenters import make_segmenter
+        from vcm.qc import QCSettings
 
         grid = Grid.from_affine(real.shape[1:], affine)
         segment = make_segmenter({}, QCSettings(backend=dice_method), template_dir, grid, segmenter_path)
