@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from vcm.bench import bench_dag
+from vcm.bench.dag import bench_dag
 
 
 @pytest.mark.workflow
@@ -18,7 +18,7 @@ def test_bench_dag_lists_three_jobs_per_subject(tmp_path):
 
 
 def test_bench_sample_random_demo_networks_naive_equals_production(tmp_path):
-    from vcm.bench import bench_sample
+    from vcm.bench.sampling import bench_sample
 
     r = bench_sample(None, None, None, "lv_brain_skull", 2, 2, 200, "tiny", 1, "cpu", repeats=3)
     assert r["scale"] == "demo" and r["grid"] == [40, 56, 40] and r["latent"] == [3, 10, 14, 10]
@@ -33,7 +33,7 @@ def test_bench_sample_random_demo_networks_naive_equals_production(tmp_path):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_bench_train_reports_each_batch_size(checkpointing):
-    from vcm.bench import bench_train
+    from vcm.bench.train_step import bench_train
 
     r = bench_train("demo", [1, 2], 1, "lv_brain_skull", "tiny", checkpointing, 1, "cpu")
     assert [row["batch_size"] for row in r["batches"]] == [1, 2]
@@ -44,7 +44,7 @@ def test_bench_train_reports_each_batch_size(checkpointing):
 
 def test_bench_train_reports_a_batch_that_does_not_fit_and_goes_on():
     """The CPU allocator's failure is a plain RuntimeError; the row says out of memory and the next batch runs."""
-    from vcm.bench import bench_train
+    from vcm.bench.train_step import bench_train
 
     r = bench_train("demo", [10**9, 1], 1, "lv_brain_skull", "tiny", False, 1, "cpu")
     big, small = r["batches"]
@@ -80,3 +80,13 @@ def test_gpu_script_smoke_on_cpu_writes_every_result(tmp_path):
     assert train["activation_checkpointing"] and [b["batch_size"] for b in train["batches"]] == [2, 2]
     sample = json.loads((tmp_path / "sample_b1.json").read_text())
     assert sample["within_tolerance"] and sample["vcm_parameters_M"] > 40
+
+
+def test_bench_command_line_lists_every_benchmark(capsys):
+    """``python -m vcm.bench --help``: one sub-command per benchmark family, in the documented order."""
+    from vcm.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "{dag,register,sample,train,labels}" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Evaluation (vcm.evaluate): metric values on hand-made volumes, the MS-SSIM scale choice, FID 3D with a
+"""Evaluation (vcm.evaluation): metric values on hand-made volumes, the MS-SSIM scale choice, FID 3D with a
 local MedicalNet-format checkpoint (and the one-line message without one), the per-model stage on a tiny
 backbone and VCM, and the gathered tables."""
 
@@ -18,18 +18,16 @@ from tests.fixtures import TINY_VCM, make_bundle, make_dataset
 from vcm.cli import main
 from vcm.config import load_config
 from vcm.errors import StageError
-from vcm.evaluate import (
-    EvalSettings,
+from vcm.evaluation.fid import fid_3d, load_medicalnet, medicalnet_features
+from vcm.evaluation.metrics import (
     alignment_metrics,
-    evaluate_model,
-    fid_3d,
     image_metrics,
-    load_medicalnet,
-    medicalnet_features,
     ms_ssim_scales,
     ms_ssim_weights,
     skull_dist,
 )
+from vcm.evaluation.run import evaluate_model
+from vcm.evaluation.settings import EvalSettings
 from vcm.latents import bundle_sha256
 from vcm.mask_edit import VARIANTS, edited_masks, mask_edit_check
 from vcm.models.backbone import load_bundle

@@ -10,10 +10,10 @@ import pytest
 from scipy import ndimage as ndi
 
 from vcm.errors import StageError
+from vcm.evaluation.segmenters import make_segmenter
 from vcm.qc import (
     QCSettings,
     evaluate,
-    make_segmenter,
     reference_ranges,
     segmentation_metrics,
     skull_dist,

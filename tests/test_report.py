@@ -12,7 +12,7 @@ import torch
 
 from tests.fixtures import make_cohort, make_real
 from vcm.cli import main
-from vcm.evaluate import summarise
+from vcm.evaluation.tables import summarise
 from vcm.report import cohort_montage, cohort_stats, qc_histograms, qc_thresholds, write_summary
 
 REPO = Path(__file__).resolve().parent.parent

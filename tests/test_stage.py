@@ -35,3 +35,16 @@ def test_configure_runtime_sets_threads_and_device():
         assert configure_runtime(argparse.Namespace(threads=None)) is None
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "eval-tables", "tstr", "mask-edit", "train-segmenter"])
+def test_stage_command_lines_share_the_prologue(stage, capsys):
+    from vcm.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([stage, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python -m vcm {stage} ")
+    assert ("--config CONFIG" in text) == (stage != "eval-tables")
+    assert ("--threads THREADS" in text and "--device DEVICE" in text) == (stage != "eval-tables")

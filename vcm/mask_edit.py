@@ -15,7 +15,6 @@ summary with the share of subjects whose LV volume follows the edits and the mea
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,12 @@ import torch
 from scipy import ndimage as ndi
 
 from vcm.errors import StageError
+from vcm.stage import configure_runtime, stage_parser
+
+__all__ = ["VARIANTS", "cli", "edited_masks", "mask_edit_check", "run_mask_edit", "summarise"]
 
 VARIANTS = ("eroded", "original", "dilated")
+"""The LV mask variants, in the order their volumes should rise."""
 
 
 def edited_masks(lv: np.ndarray, brain: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -76,7 +79,7 @@ def mask_edit_check(
         )
     backbone = load_bundle(bundle, scale_factor=meta.get("scale_factor"), device=device)
     lv_labels = tuple(cfg.get("conditions", {}).get("lv_labels", (4, 43)))
-    steps = int(ddim_steps or cfg.get("cohort", {}).get("ddim_steps", 100))
+    steps = int(ddim_steps or cfg["cohort"]["ddim_steps"])
     with h5py.File(dataset, "r") as h5:
         val = np.sort(np.asarray(h5["splits/val"][:], dtype=np.int64))[:n_subjects]
         if val.size == 0:
@@ -144,14 +147,56 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def run_mask_edit(
+    cfg: Mapping[str, Any],
+    dataset: str | Path,
+    model_path: str | Path,
+    bundle: str | Path,
+    out: str | Path,
+    n_subjects: int = 4,
+    template_dir: str | Path | None = None,
+    segmenter_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """The stage: :func:`mask_edit_check` with the evaluation's settings and segmenter; writes ``out`` (JSON).
+
+    Args:
+        cfg: the validated config (``evaluation``: DDIM steps, seed and segmentation backend).
+        dataset: ``dataset.h5``.
+        model_path: the trained ``vcm.pt``.
+        bundle: the backbone bundle it was trained on.
+        out: the result JSON.
+        n_subjects: first validation subjects.
+        template_dir: the template folder (``atlas`` backend).
+        segmenter_path: ``segmenter.pt`` (``segmenter`` backend).
+        device: where to sample.
+
+    Returns:
+        the result written to ``out``.
+    """
+    from vcm.evaluation.segmenters import make_image_segmenter
+    from vcm.evaluation.settings import EvalSettings
+    from vcm.io import provenance, write_json
+
+    settings = EvalSettings.from_config(cfg)
+    with h5py.File(dataset, "r") as h5:
+        affine = np.asarray(h5.attrs["grid_affine"], dtype=float)
+        shape = h5["image"].shape[2:]
+    segment = make_image_segmenter(cfg, settings.segmentation, template_dir, affine, shape, segmenter_path)
+    result = mask_edit_check(
+        cfg, dataset, model_path, bundle, segment, n_subjects, settings.ddim_steps, settings.seed, device
+    )
+    result["segmentation"] = settings.segmentation
+    result["provenance"] = provenance(None)
+    write_json(out, result)
+    return result
+
+
 def cli(argv: list[str]) -> int:
     """``python -m vcm mask-edit``: does the model follow an edited LV mask?"""
     from vcm.config import load_config
-    from vcm.evaluate import EvalSettings, make_segmenter
-    from vcm.io import provenance, write_json
 
-    parser = argparse.ArgumentParser(prog="python -m vcm mask-edit", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("mask-edit", __doc__, threads=True, device=True)
     parser.add_argument("--dataset", required=True, help="dataset.h5")
     parser.add_argument("--model", required=True, help="vcm.pt")
     parser.add_argument("--bundle", required=True, help="backbone bundle folder")
@@ -159,34 +204,23 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--template-dir", default=None, help="template (atlas backend)")
     parser.add_argument("--subjects", type=int, default=4, help="first N validation subjects")
     parser.add_argument("--out", required=True, help="results/eval/mask_edit/<set>_n<size>.json")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = configure_runtime(args)
     cfg = load_config(args.config)
-    settings = EvalSettings.from_config(cfg)
-    with h5py.File(args.dataset, "r") as h5:
-        affine = np.asarray(h5.attrs["grid_affine"], dtype=float)
-        shape = h5["image"].shape[2:]
-    segment = make_segmenter(cfg, settings.segmentation, args.template_dir, affine, shape, args.segmenter)
-    result = mask_edit_check(
+    result = run_mask_edit(
         cfg,
         args.dataset,
         args.model,
         args.bundle,
-        segment,
+        args.out,
         args.subjects,
-        settings.ddim_steps,
-        settings.seed,
-        torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        args.template_dir,
+        args.segmenter,
+        device,
     )
-    result["segmentation"] = settings.segmentation
-    result["provenance"] = provenance(None)
-    write_json(args.out, result)
     s = result["summary"]
     print(
-        f"mask edit ({s['subjects']} subjects, DDIM-{result['ddim_steps']}, {settings.segmentation}): LV volume follows"
+        f"mask edit ({s['subjects']} subjects, DDIM-{result['ddim_steps']}, {result['segmentation']}): LV volume follows"
         f" the edits in {s['volume_follows_edits']:.0%}; segmented LV x{s['seg_volume_ratio_dilated_to_original']:.2f}"
         f" for a mask x{s['mask_volume_ratio_dilated_to_original']:.2f}; Dice to the edited mask"
         f" {', '.join(f'{v} {d:.3f}' for v, d in s['dice_to_variant'].items())}; added ring darker by"

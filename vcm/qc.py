@@ -2,11 +2,11 @@
 
 Every synthetic image is checked against the conditions it was generated from:
 
-* **alignment** (paper §4): the image is re-segmented with the configured backend (``segmenter``, the default:
-  a U-Net trained on the real training subjects, independent of the condition masks and ~0.1 s a volume;
-  ``atlas``, :func:`~vcm.prep.segmentation.segment_atlas`; ``synthseg``) and the lateral-ventricle mask
-  of that segmentation is compared with the condition's LV mask: Dice, HD95 and ASSD in mm (MONAI metrics,
-  spacing = the grid's);
+* **alignment** (paper §4): the image is re-segmented with the configured backend
+  (:mod:`vcm.evaluation.segmenters`: ``segmenter``, the default: a U-Net trained on the real training
+  subjects, independent of the condition masks and ~0.1 s a volume; ``atlas``; ``synthseg``) and the
+  lateral-ventricle mask of that segmentation is compared with the condition's LV mask: Dice, HD95 and
+  ASSD in mm (MONAI metrics, spacing = the grid's);
 * **skull-dist** where the condition set uses a skull image: the mean squared difference between the
   condition skull image and the synthetic image inside the condition's skull support (where the skull
   image is non-zero), in image intensity units ([0, 1]);
@@ -23,12 +23,10 @@ condition, a structure's median when the structure is absent.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +36,13 @@ import numpy as np
 import torch
 
 from vcm.errors import StageError
+from vcm.evaluation.segmenters import BACKENDS
 from vcm.labels import SEMANTIC_CLASSES, mask_of
 
 __all__ = [
     "QCResult",
     "QCSettings",
-    "Segmenter",
     "evaluate",
-    "make_segmenter",
     "reference_ranges",
     "segmentation_metrics",
     "skull_dist",
@@ -54,12 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Segmenter = Callable[[np.ndarray, Path], np.ndarray]
-"""``segmenter(image, image_path) -> FreeSurfer label map`` on the same grid; ``image_path`` is the image
-written as NIfTI (with the grid affine) for backends that read files."""
-
 SEGMENTATION_METRICS = ("dice", "hd95", "assd")
-BACKENDS = ("segmenter", "atlas", "synthseg")
 CLASS_NAMES: tuple[str, ...] = tuple(SEMANTIC_CLASSES)
 
 
@@ -279,77 +271,3 @@ def evaluate(
         if settings.intensity_outliers_max is not None and outside.sum() > settings.intensity_outliers_max:
             reasons.append("intensity outside the real range: " + ", ".join(np.asarray(names)[outside]))
     return QCResult(metrics, not reasons, reasons)
-
-
-# --- re-segmentation backends ------------------------------------------------------------------------------
-
-
-def _atlas(
-    image: np.ndarray, path: Path, template_dir: str | Path, grid: Any, transform: str, seed: int
-) -> np.ndarray:
-    from vcm.prep.segmentation import segment_atlas
-
-    return segment_atlas(path, template_dir, grid, transform, seed)
-
-
-def make_segmenter(
-    cfg: Mapping[str, Any],
-    settings: QCSettings,
-    template_dir: str | Path | None,
-    grid: Any,
-    segmenter_path: str | Path | None = None,
-) -> Segmenter:
-    """The configured re-segmentation backend as a :data:`Segmenter` on ``grid``.
-
-    Args:
-        cfg: the validated config (``segmentation``, ``registration.seed``).
-        settings: QC settings (``backend``).
-        template_dir: the template folder (``t1_head.nii.gz``, ``labels.nii.gz``), needed by ``atlas``.
-        grid: the :class:`~vcm.grid.Grid` of the synthetic images.
-        segmenter_path: ``segmenter.pt``, needed by ``segmenter``.
-    """
-    seg_cfg = cfg.get("segmentation", {})
-    if settings.backend == "segmenter":
-        from vcm.models.segmenter import load_segmenter
-
-        if segmenter_path is None:
-            raise StageError("QC backend segmenter needs the trained QC segmenter (--segmenter segmenter.pt)")
-        return load_segmenter(segmenter_path, grid.affine)
-    if settings.backend == "atlas":
-        if template_dir is None or not (Path(template_dir) / "labels.nii.gz").is_file():
-            raise StageError(
-                f"QC backend atlas needs the template folder (labels.nii.gz); got {template_dir}"
-            )
-        transform = seg_cfg.get("atlas", {}).get("transform", "SyN")
-        seed = int(cfg.get("registration", {}).get("seed", 0))
-        # a partial of a module-level function pickles, so generate-shard can run it in worker processes
-        return functools.partial(_atlas, template_dir=template_dir, grid=grid, transform=transform, seed=seed)
-
-    s = seg_cfg.get("synthseg", {})
-
-    def synthseg(image: np.ndarray, path: Path) -> np.ndarray:
-        import ants
-
-        from vcm.prep.registration import read_ants
-        from vcm.prep.segmentation import run_synthseg
-
-        with tempfile.TemporaryDirectory(prefix="vcm_qc_synthseg_", dir=path.parent) as tmp:
-            seg_path, _ = run_synthseg(
-                path,
-                tmp,
-                s.get("command", "mri_synthseg"),
-                s.get("robust", False),
-                s.get("threads", 1),
-                s.get("cpu", True),
-                list(s.get("extra_args", [])),
-            )
-            # SynthSeg writes 1 mm isotropic: back onto the grid, nearest label
-            on_grid = ants.apply_transforms(
-                fixed=grid.reference_image(),
-                moving=read_ants(seg_path),
-                transformlist=[],
-                interpolator="genericLabel",
-            )
-            return np.rint(on_grid.numpy()).astype(np.uint16)
-
-    return synthseg

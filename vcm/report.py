@@ -285,7 +285,7 @@ def write_summary(
         out: the markdown file.
         dataset: ``dataset.h5``.
         models: the models' ``vcm.pt`` (their ``loss.png`` and preview are linked when present).
-        eval_csvs: per-model evaluation tables (:mod:`vcm.evaluate`).
+        eval_csvs: per-model evaluation tables (:mod:`vcm.evaluation`).
         tstr_csv: the gathered TSTR table.
         cohorts: ``cohort.h5`` files (their ``cohort_montage.png`` / ``qc_hist.png`` are linked when present).
         figures: any other figures to link.
@@ -296,7 +296,7 @@ def write_summary(
         the text written.
     """
     from vcm import __version__
-    from vcm.evaluate import display_table, markdown_table, tstr_display
+    from vcm.evaluation.tables import display_table, markdown_table, tstr_display
     from vcm.io import git_sha, write_text
 
     out = Path(out)

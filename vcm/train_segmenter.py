@@ -8,7 +8,6 @@ per class, LV Dice with its bootstrap 95 % interval) and the time per volume on 
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from vcm.errors import StageError
 from vcm.io import provenance, write_json
 from vcm.models.segmenter import SegmenterSpec, label_mapping, load_segmenter, qc_classes, save_segmenter
 from vcm.segtrain import evaluate_dice, train_network, transforms
+from vcm.stage import configure_runtime, stage_parser
 from vcm.stats import bootstrap_ci
 
 __all__ = ["SegmenterSettings", "cli", "train_segmenter"]
@@ -83,7 +83,7 @@ def train_segmenter(
     dataset: str | Path,
     out: str | Path,
     settings: SegmenterSettings | None = None,
-    device: str = "cpu",
+    device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train, score on the validation subjects, write ``segmenter.pt`` and ``segmenter.json``; return the report."""
@@ -138,25 +138,15 @@ def cli(argv: list[str]) -> int:
     """``python -m vcm train-segmenter``: the QC segmenter from the real training subjects."""
     from vcm.config import load_config
 
-    parser = argparse.ArgumentParser(
-        prog="python -m vcm train-segmenter", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("train-segmenter", __doc__, threads=True, device=True)
     parser.add_argument("--dataset", required=True, help="dataset.h5")
     parser.add_argument("--out", required=True, help="segmenter.pt (segmenter.json goes beside it)")
     parser.add_argument("--steps", type=int, default=None, help="override qc.segmenter.steps")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = configure_runtime(args)
     cfg = load_config(args.config)
     report = train_segmenter(
-        cfg,
-        args.dataset,
-        args.out,
-        SegmenterSettings.from_config(cfg, steps=args.steps),
-        args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        cfg, args.dataset, args.out, SegmenterSettings.from_config(cfg, steps=args.steps), device
     )
     lv = report["lv_dice"]
     print(

@@ -24,7 +24,6 @@ LV Dice 0.75 on the 4 validation subjects when trained on 20 real subjects).
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from vcm.data import CohortDataset, RealDataset, n_classes
 from vcm.errors import StageError
 from vcm.labels import SEMANTIC_CLASSES
 from vcm.segtrain import evaluate_dice, train_network, transforms
+from vcm.stage import configure_runtime, stage_parser
 from vcm.stats import bootstrap_ci
 
 __all__ = ["ARMS", "TstrSettings", "cli", "run_tstr"]
@@ -156,38 +156,12 @@ def run_tstr(
             details[name] = {"n_train": 0, "n_total": synthetic.n_total}
             logger.warning("TSTR %s: no training subjects (no synthetic subject passed QC)", name)
             continue
-        augment.set_random_state(settings.seed)
-        net, info = train_network(ds, settings, n_fg, device, desc=f"tstr {name}", progress=progress)
-        scores = evaluate_dice(net, val, n_fg, device)
-        dice = np.asarray(scores["dice"])
-        low, high = bootstrap_ci(dice, seed=settings.seed)
-        rows.append(
-            {
-                "train_data": name,
-                "source": _source(name, cohort, settings),
-                "n_train": len(ds),
-                "labels": settings.labels,
-                "steps": info["steps"],
-                "seconds": info["seconds"],
-                "final_loss": info["final_loss"],
-                "n_val": len(val),
-                "dice_mean": float(dice.mean()),
-                "dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
-                "dice_ci_low": low,
-                "dice_ci_high": high,
-            }
-        )
-        details[name] = {**info, **scores, "n_train": len(ds)}
+        augment.set_random_state(settings.seed)  # every arm sees the same flips
+        source = _source(name, cohort, settings)
+        row, details[name] = _train_arm(name, source, ds, val, settings, n_fg, device, progress)
+        rows.append(row)
         if name == "synthetic":
             details[name]["n_total"] = synthetic.n_total
-        logger.info(
-            "TSTR %s: Dice %.3f [%.3f, %.3f] on %d real validation subjects",
-            name,
-            dice.mean(),
-            low,
-            high,
-            len(val),
-        )
     table = pd.DataFrame(rows)
     out = Path(out)
     write_json(
@@ -206,6 +180,47 @@ def run_tstr(
     return table
 
 
+def _train_arm(
+    name: str,
+    source: str,
+    ds: Any,
+    val: RealDataset,
+    settings: TstrSettings,
+    n_fg: int,
+    device: torch.device | str,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one arm's network on ``ds`` and score it on ``val``: its table row and the details for the JSON
+    (training info, per-subject and per-class Dice)."""
+    net, info = train_network(ds, settings, n_fg, device, desc=f"tstr {name}", progress=progress)
+    scores = evaluate_dice(net, val, n_fg, device)
+    dice = np.asarray(scores["dice"])
+    low, high = bootstrap_ci(dice, seed=settings.seed)
+    row = {
+        "train_data": name,
+        "source": source,
+        "n_train": len(ds),
+        "labels": settings.labels,
+        "steps": info["steps"],
+        "seconds": info["seconds"],
+        "final_loss": info["final_loss"],
+        "n_val": len(val),
+        "dice_mean": float(dice.mean()),
+        "dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
+        "dice_ci_low": low,
+        "dice_ci_high": high,
+    }
+    logger.info(
+        "TSTR %s: Dice %.3f [%.3f, %.3f] on %d real validation subjects",
+        name,
+        dice.mean(),
+        low,
+        high,
+        len(val),
+    )
+    return row, {**info, **scores, "n_train": len(ds)}
+
+
 def _source(arm: str, cohort: str | Path, settings: TstrSettings) -> str:
     set_name = Path(cohort).parent.name
     return {"synthetic": set_name, "real": settings.real_split}.get(arm, f"{settings.real_split}+{set_name}")
@@ -215,22 +230,17 @@ def cli(argv: list[str]) -> int:
     """``python -m vcm tstr``: train on synthetic, test on real."""
     from vcm.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m vcm tstr", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("tstr", __doc__, threads=True, device=True)
     parser.add_argument("--dataset", required=True, help="dataset.h5")
     parser.add_argument("--cohort", required=True, help="cohort.h5")
     parser.add_argument("--out", required=True, help="results/eval/tstr/<set>.csv")
     parser.add_argument("--steps", type=int, default=None, help="override tstr.steps")
     parser.add_argument("--minutes", type=float, default=None, help="override tstr.minutes")
     parser.add_argument("--labels", choices=("lv", "semantics"), default=None, help="override tstr.labels")
-    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = configure_runtime(args)
     cfg = load_config(args.config)
     settings = TstrSettings.from_config(cfg, steps=args.steps, minutes=args.minutes, labels=args.labels)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     table = run_tstr(cfg, args.dataset, args.cohort, args.out, settings, device)
     for r in table.to_dict("records"):
         if not r["n_train"]:

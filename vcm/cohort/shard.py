@@ -43,11 +43,12 @@ from vcm.cohort.subjects import (
     write_subject,
 )
 from vcm.errors import StageError
+from vcm.evaluation.segmenters import Segmenter, make_segmenter
 from vcm.grid import Grid
 from vcm.io import provenance, sha256_file
 from vcm.labels import mask_of, semantic_map
 from vcm.models.build import load_model
-from vcm.qc import QCResult, QCSettings, Segmenter, evaluate, make_segmenter, reference_ranges
+from vcm.qc import QCResult, QCSettings, evaluate, reference_ranges
 from vcm.stage import resolve_device
 
 __all__ = ["generate_shard"]

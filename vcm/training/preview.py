@@ -203,7 +203,8 @@ def _lv_segmenter(
     method = "segmenter" if segmenter_path else "atlas" if template_dir is not None else None
     if method is None:
         return None, None
-    from vcm.qc import QCSettings, make_segmenter
+    from vcm.evaluation.segmenters import make_segmenter
+    from vcm.qc import QCSettings
 
     grid = Grid.from_affine(val.real.shape[1:], val.affine)
     return method, make_segmenter({}, QCSettings(backend=method), template_dir, grid, segmenter_path)

@@ -209,7 +209,7 @@ rule eval_tables:
     benchmark:
         f"{RESULTS}/benchmarks/eval_tables.tsv"
     conda:
-        # its stage lives in vcm.evaluate, which imports torch
+        # its stage lives in vcm.evaluation, which imports torch
         "../envs/torch.yaml"
     shell:
         "python -m vcm eval-tables --eval {input.evals} --tstr {input.tstr}"

@@ -1,0 +1,105 @@
+"""The ``dag`` benchmark: how long ``snakemake -n`` takes to build the DAG of a large manifest.
+
+Every subject points at one real T1 through a symlink and the input-check checkpoint's outputs are written
+beforehand, so the dry run lists the whole per-subject DAG (register, segment, conditions) and the cohort's
+shard jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from vcm.bench.common import REPO
+
+__all__ = ["add_parser", "bench_dag", "run"]
+
+
+def bench_dag(
+    n_subjects: int, t1: Path, cohort_size: int = 10_000, profile: str | None = "profiles/slurm"
+) -> dict:
+    """Time a dry run over ``n_subjects`` (all pointing at one real T1 through symlinks) and a cohort of
+    ``cohort_size`` volumes (``cohort.shard_size`` 16 per shard), with ``profile`` (None: the local default)."""
+    from vcm.prep.inputs import write_subject_meta
+
+    with tempfile.TemporaryDirectory(prefix="vcm_dag_") as tmp:
+        root = Path(tmp)
+        (root / "t1").mkdir()
+        rows = []
+        for i in range(n_subjects):
+            link = root / "t1" / f"s{i:05d}.nii.gz"
+            link.symlink_to(t1.resolve())
+            rows.append({"subject": f"s{i:05d}", "t1": str(link), "age": 60.0, "sex": "F"})
+        manifest = root / "manifest.csv"
+        pd.DataFrame(rows).to_csv(manifest, index=False)
+        results = root / "results"
+        (results / "inputs").mkdir(parents=True)
+        time.sleep(0.05)  # the checkpoint's outputs must be newer than the manifest
+        pd.DataFrame(rows).to_csv(results / "inputs" / "subjects.csv", index=False)
+        write_subject_meta(pd.DataFrame(rows), results / "inputs")
+        pd.DataFrame(columns=["subject", "t1", "reason"]).to_csv(results / "excluded.csv", index=False)
+        cfg = root / "config.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "results": str(results),
+                    "data": {"manifest": str(manifest)},
+                    "cohort": {"size": cohort_size, "shard_size": 16},
+                }
+            )
+        )
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        cmd = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--configfile", str(cfg)]
+        cmd += ["--profile", profile] if profile else []
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        if proc.returncode != 0:
+            raise SystemExit(f"dry run failed:\n{proc.stderr[-2000:]}")
+        counts = {
+            line.split()[0]: int(line.split()[-1])
+            for line in proc.stdout.splitlines()
+            if line.split()[:1] in (["register"], ["segment"], ["conditions"], ["generate_shard"])
+        }
+        shards = counts.pop("generate_shard", 0)
+        jobs = sum(counts.values())
+    return {
+        "subjects": n_subjects,
+        "cohort_size": cohort_size,
+        "shard_jobs": shards,
+        "profile": profile or "default",
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
+        "per_subject_jobs": jobs,
+    }
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``dag`` sub-command and its options."""
+    dag = sub.add_parser("dag", help="dry-run time for a large manifest")
+    dag.add_argument("--subjects", type=int, default=1000)
+    dag.add_argument("--t1", type=Path, default=REPO / "results" / "demo" / "sub-001" / "t1.nii.gz")
+    dag.add_argument("--cohort-size", type=int, default=10_000, help="synthetic volumes (16 per shard)")
+    dag.add_argument("--profile", default="profiles/slurm", help="profile of the dry run ('' for none)")
+    return dag
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the benchmark of the parsed ``args`` and print its one line."""
+    r = bench_dag(args.subjects, args.t1, args.cohort_size, args.profile or None)
+    print(
+        f"snakemake -n --profile {r['profile']} for {r['subjects']} subjects ({r['per_subject_jobs']} "
+        f"per-subject jobs) and {r['cohort_size']} volumes ({r['shard_jobs']} shard jobs): {r['seconds']} s wall, {r['cpu_seconds']} s CPU (wall includes waiting for other processes' cores)"
+    )

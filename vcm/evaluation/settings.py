@@ -1,0 +1,72 @@
+"""The evaluation's settings: the config's ``evaluation`` section as one typed object.
+
+The schema (``workflow/schemas/config.schema.yaml``) owns the defaults; :meth:`EvalSettings.from_config`
+reads a validated config (:func:`vcm.config.load_config` / :func:`~vcm.config.validate_config`) and resolves
+the two keys that defer to other sections (``ddim_steps`` to ``cohort.ddim_steps``, ``segmentation`` to
+``qc.backend``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vcm.config import section_values
+from vcm.errors import StageError
+from vcm.evaluation.segmenters import BACKENDS
+
+__all__ = ["EvalSettings"]
+
+
+@dataclass
+class EvalSettings:
+    """Evaluation settings, from the config's ``evaluation`` section (absent keys take these defaults).
+
+    Args:
+        subjects: evaluate the first N validation subjects (``None``: all of them).
+        ddim_steps: DDIM steps (default ``cohort.ddim_steps``).
+        seed: validation subject ``i`` of ``dataset.h5`` starts from the noise of seed ``seed * 1_000_003 + i``
+            (the previews' scheme: the same subject gets the same noise in previews and evaluation).
+        batch_size: subjects sampled together.
+        segmentation: segmenter of the synthetic images, ``segmenter`` (the QC U-Net), ``atlas`` or
+            ``synthseg``; ``None`` uses the cohort QC's (``qc.backend``).
+        ssim_kernel: SSIM window, voxels (Gaussian).
+        ssim_sigma: SSIM Gaussian sigma, voxels.
+        ms_ssim_scales: MS-SSIM scales; ``None`` picks the most (up to 5) that the grid allows.
+        medicalnet_weights: local MedicalNet checkpoint for FID 3D; ``None`` skips FID 3D.
+    """
+
+    subjects: int | None = None
+    ddim_steps: int | None = None
+    seed: int = 0
+    batch_size: int = 4
+    segmentation: str | None = None
+    ssim_kernel: int = 7
+    ssim_sigma: float = 1.5
+    ms_ssim_scales: int | None = None
+    medicalnet_weights: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> EvalSettings:
+        """Read ``cfg["evaluation"]`` of a validated config (and ``cohort.ddim_steps``, ``qc.backend`` where
+        it defers to them); ``overrides`` that are not ``None`` win.
+
+        Raises:
+            StageError: an unknown key, an unknown segmentation backend or an even SSIM window.
+        """
+        values = section_values(cfg, "evaluation", set(cls.__dataclass_fields__), overrides)
+        if values.get("ddim_steps") is None:
+            values["ddim_steps"] = int(cfg["cohort"]["ddim_steps"])
+        out = cls(**values)
+        if out.segmentation is None:
+            out.segmentation = cfg["qc"]["backend"]
+        if out.segmentation not in BACKENDS:
+            raise StageError(
+                f"config key 'evaluation.segmentation': expected {', '.join(BACKENDS)}, got {out.segmentation!r}"
+            )
+        if out.ssim_kernel < 1 or out.ssim_kernel % 2 == 0:
+            raise StageError(
+                f"config key 'evaluation.ssim_kernel': expected an odd size >= 1, got {out.ssim_kernel}"
+            )
+        return out
