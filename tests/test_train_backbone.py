@@ -1,18 +1,23 @@
-"""Tests of the tiny-backbone trainer (vcm.train_backbone) on a 16³ fake corpus with toy networks."""
+"""Tests of the tiny-backbone trainer (vcm.backbone_training) on a 16³ fake corpus with toy networks."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from vcm import train_backbone as tb
+from vcm.backbone_training.autoencoder import LATENTS_FILE
+from vcm.backbone_training.cli import cli
+from vcm.backbone_training.loop import StageLoop
+from vcm.backbone_training.samples import sample_images
 from vcm.errors import StageError
 from vcm.models.backbone import AUTOENCODER_FILE, DIFFUSION_FILE, NETWORK_FILE, load_bundle
+from vcm.training.checkpoints import FINAL, LATEST, STALE_SUFFIX
 
 GRID = (16, 16, 16)
 
@@ -80,8 +85,8 @@ def read_losses(path) -> list[dict[str, str]]:
 
 def test_loss_falls_on_a_tiny_overfit(corpus_file, tmp_path):
     """Autoencoder L1 and diffusion MSE both drop well below their start on the toy corpus."""
-    code = tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "40", "--ae-lr", "3e-3", "--dm-steps", "40",
-                       "--dm-lr", "2e-3", "--no-samples"))  # fmt: skip
+    code = cli(argv(corpus_file, tmp_path, "--ae-steps", "40", "--ae-lr", "3e-3", "--dm-steps", "40",
+                    "--dm-lr", "2e-3", "--no-samples"))  # fmt: skip
     assert code == 0
     ae_rows = read_losses(tmp_path / "work/ae/losses.csv")
     dm_rows = read_losses(tmp_path / "work/ldm/losses.csv")
@@ -99,13 +104,13 @@ def test_loss_falls_on_a_tiny_overfit(corpus_file, tmp_path):
 
 
 def test_bundle_loads_back_in_float32_and_has_the_right_shapes(corpus_file, tmp_path):
-    assert tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "2", "--dm-steps", "2")) == 0
+    assert cli(argv(corpus_file, tmp_path, "--ae-steps", "2", "--dm-steps", "2")) == 0
     bundle = tmp_path / "bundle"
     for rel in (AUTOENCODER_FILE, DIFFUSION_FILE):  # shipped small: float16 on disk
         state = torch.load(bundle / rel, weights_only=True)
         assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     network = json.loads((bundle / NETWORK_FILE).read_text())
-    latents = torch.load(tmp_path / "work" / tb.LATENTS_FILE, weights_only=True)["latents"]
+    latents = torch.load(tmp_path / "work" / LATENTS_FILE, weights_only=True)["latents"]
     assert latents["train"].shape == (10, 3, 8, 8, 8)  # 5 images + their flips
     assert network["scale_factor"] == pytest.approx(1 / float(latents["train"].std()), rel=1e-6)
     assert network["grid"] == list(GRID)
@@ -119,12 +124,12 @@ def test_bundle_loads_back_in_float32_and_has_the_right_shapes(corpus_file, tmp_
         eps = backbone.eps(torch.randn(2, 3, 8, 8, 8), torch.tensor([10, 900]), torch.rand(2, 1, 4))
         assert eps.shape == (2, 3, 8, 8, 8)
         assert backbone.decode(mu).shape == (2, 1, *GRID)
-    images = tb.sample_images(backbone, torch.rand(4), seeds=(0, 1), ddim_steps=2)
+    images = sample_images(backbone, torch.rand(4), seeds=(0, 1), ddim_steps=2)
     assert images.shape == (2, 1, *GRID) and 0 <= images.min() and images.max() <= 1
     for name in ("samples.png", "loss_autoencoder.png", "loss_diffusion.png"):
         assert (bundle / name).stat().st_size > 0
     (bundle / "samples.png").unlink()
-    assert tb.cli(argv(corpus_file, tmp_path, "--samples-only")) == 0
+    assert cli(argv(corpus_file, tmp_path, "--samples-only")) == 0
     assert (bundle / "samples.png").stat().st_size > 0
 
 
@@ -133,22 +138,22 @@ def test_resume_reproduces_an_uninterrupted_run(corpus_file, tmp_path, monkeypat
     bitwise the same weights as a run that was never interrupted (CPU, one thread, deterministic kernels:
     tolerance 0)."""
     steps = ["--ae-steps", "9", "--dm-steps", "9", "--ae-crop", "8,12,8", "--no-samples"]
-    assert tb.cli(argv(corpus_file, tmp_path / "straight", *steps)) == 0
+    assert cli(argv(corpus_file, tmp_path / "straight", *steps)) == 0
 
-    save = tb._Stage.checkpoint
+    save = StageLoop.checkpoint
 
     def interrupt_after_step_6(self):
         save(self)
         if self.name == "ldm" and self.step == 6:
             raise KeyboardInterrupt  # a killed job: the checkpoint of step 6 is on disk
 
-    monkeypatch.setattr(tb._Stage, "checkpoint", interrupt_after_step_6)
+    monkeypatch.setattr(StageLoop, "checkpoint", interrupt_after_step_6)
     with pytest.raises(KeyboardInterrupt):
-        tb.cli(argv(corpus_file, tmp_path / "resumed", *steps))
-    ckpt = torch.load(tmp_path / "resumed/work/ldm" / tb.CHECKPOINT_LATEST, weights_only=True)
+        cli(argv(corpus_file, tmp_path / "resumed", *steps))
+    ckpt = torch.load(tmp_path / "resumed/work/ldm" / LATEST, weights_only=True)
     assert ckpt["step"] == 6
-    monkeypatch.setattr(tb._Stage, "checkpoint", save)
-    assert tb.cli(argv(corpus_file, tmp_path / "resumed", *steps)) == 0
+    monkeypatch.setattr(StageLoop, "checkpoint", save)
+    assert cli(argv(corpus_file, tmp_path / "resumed", *steps)) == 0
 
     rows = read_losses(tmp_path / "resumed/work/ldm/losses.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 10))
@@ -160,28 +165,43 @@ def test_resume_reproduces_an_uninterrupted_run(corpus_file, tmp_path, monkeypat
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (rel, k)
-    a = torch.load(tmp_path / "straight/work/ldm" / tb.CHECKPOINT_FINAL, weights_only=True)["modules"]
-    b = torch.load(tmp_path / "resumed/work/ldm" / tb.CHECKPOINT_FINAL, weights_only=True)["modules"]
+    a = torch.load(tmp_path / "straight/work/ldm" / FINAL, weights_only=True)["modules"]
+    b = torch.load(tmp_path / "resumed/work/ldm" / FINAL, weights_only=True)["modules"]
     for k in a["diffusion"]:  # the float32 training weights too, not only the float16 bundle
         assert torch.equal(a["diffusion"][k], b["diffusion"][k]), k
 
 
-def test_a_finished_stage_is_not_retrained_and_other_networks_are_refused(corpus_file, tmp_path):
+def test_a_finished_stage_is_not_retrained_and_other_networks_start_over(corpus_file, tmp_path, caplog):
+    """A rerun with the same networks trains nothing; one with other networks (the project's one checkpoint
+    policy, vcm.training.checkpoints) sets the old checkpoints aside as ``.stale`` with a warning and trains
+    from scratch."""
     steps = ["--ae-steps", "2", "--dm-steps", "2", "--no-samples"]
-    assert tb.cli(argv(corpus_file, tmp_path, *steps)) == 0
+    assert cli(argv(corpus_file, tmp_path, *steps)) == 0
     before = (tmp_path / "work/ae/losses.csv").read_text()
-    assert tb.cli(argv(corpus_file, tmp_path, *steps)) == 0
+    assert cli(argv(corpus_file, tmp_path, *steps)) == 0
     assert (tmp_path / "work/ae/losses.csv").read_text() == before
-    with pytest.raises(StageError, match="other network definitions"):
-        tb.cli(argv(corpus_file, tmp_path, *steps, "--latent-channels", "4"))
+    old_final = torch.load(tmp_path / "work/ae" / FINAL, weights_only=True)
+
+    with caplog.at_level(logging.WARNING, logger="vcm.training.checkpoints"):
+        assert cli(argv(corpus_file, tmp_path, *steps, "--latent-channels", "4")) == 0
+    for stage in ("ae", "ldm"):
+        for name in (FINAL, LATEST):
+            assert (tmp_path / "work" / stage / (name + STALE_SUFFIX)).is_file(), (stage, name)
+    assert "belongs to other settings" in caplog.text and "training from scratch" in caplog.text
+    rows = read_losses(tmp_path / "work/ae/losses.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2]  # a fresh start, not a resume of the old run
+    new_final = torch.load(tmp_path / "work/ae" / FINAL, weights_only=True)
+    assert new_final["signature"] != old_final["signature"]
+    assert json.loads((tmp_path / "bundle" / NETWORK_FILE).read_text())["autoencoder"]["latent_channels"] == 4
+    assert load_bundle(tmp_path / "bundle").latent_channels == 4
 
 
 def test_bad_inputs_are_one_line_errors(corpus_file, tmp_path):
     with pytest.raises(StageError, match="not found"):
-        tb.cli(argv(tmp_path / "missing.h5", tmp_path, "--ae-steps", "1", "--dm-steps", "1"))
+        cli(argv(tmp_path / "missing.h5", tmp_path, "--ae-steps", "1", "--dm-steps", "1"))
     with pytest.raises(StageError, match="budget"):
-        tb.cli(argv(corpus_file, tmp_path, "--dm-steps", "1"))
+        cli(argv(corpus_file, tmp_path, "--dm-steps", "1"))
     with pytest.raises(StageError, match="not divisible"):
-        tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--ae-crop", "8,7,8"))
+        cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--ae-crop", "8,7,8"))
     with pytest.raises(StageError, match="one value per level"):
-        tb.cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--dm-attention", "true"))
+        cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--dm-attention", "true"))

@@ -23,7 +23,7 @@ STAGES: dict[str, str] = {
     "conditions": "vcm.prep.conditions:cli",
     "dataset": "vcm.dataset:cli",
     "manifest": "vcm.intake.cli:cli",
-    "train-backbone": "vcm.train_backbone:cli",
+    "train-backbone": "vcm.backbone_training.cli:cli",
     "train-segmenter": "vcm.train_segmenter:cli",
     "preview": "vcm.training.cli:preview_cli",
     "encode-latents": "vcm.latents:cli",

@@ -1,7 +1,9 @@
-"""Pictures people would rather look at than read: 3-plane views with overlays, training loss curves."""
+"""Pictures people would rather look at than read: 3-plane views with overlays, montages of 3-plane views,
+training loss curves."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from vcm.io import atomic_path  # noqa: E402
 
-__all__ = ["loss_curve", "three_plane"]
+__all__ = ["loss_curve", "three_plane", "three_plane_montage"]
 
 
 def _planes(vol: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -70,7 +72,54 @@ def three_plane(
     plt.close(fig)
 
 
-def loss_curve(path: str | Path, steps: Sequence[int], loss: Sequence[float], title: str) -> None:
+def three_plane_montage(
+    path: str | Path, panels: Sequence[tuple[str, np.ndarray]], title: str, per_row: int = 2
+) -> None:
+    """Save a PNG of the central axial, coronal and sagittal slices of several volumes, ``per_row`` a row.
+
+    Args:
+        path: the PNG to write (atomically).
+        panels: (label, volume) pairs; volumes of one shape, intensities in [0, 1] (shown on that range).
+        title: figure title.
+        per_row: volumes per row of the figure.
+    """
+    rows = math.ceil(len(panels) / per_row)
+    vol0 = panels[0][1]
+    widths = [vol0.shape[0], vol0.shape[0], vol0.shape[1]] * per_row
+    fig, axes = plt.subplots(
+        rows,
+        3 * per_row,
+        figsize=(2.1 * per_row * 3 * 0.9, 2.3 * rows),
+        gridspec_kw={"width_ratios": widths},
+        squeeze=False,
+    )
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for n, (label, vol) in enumerate(panels):
+        r, c = divmod(n, per_row)
+        i, j, k = (s // 2 for s in vol.shape)
+        for p, plane in enumerate(_planes(vol, (i, j, k))):
+            axes[r, 3 * c + p].imshow(
+                plane, origin="lower", cmap="gray", vmin=0, vmax=1, interpolation="nearest"
+            )
+        axes[r, 3 * c].set_title(label, fontsize=8, loc="left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+def loss_curve(
+    path: str | Path,
+    steps: Sequence[int],
+    loss: Sequence[float],
+    title: str,
+    *,
+    label: str = "loss",
+    held_out: tuple[Sequence[int], Sequence[float]] | None = None,
+    held_out_label: str = "held-out loss",
+) -> None:
     """Save a PNG of a training loss per step (log scale) with its running mean over about 1/50 of the run.
 
     Args:
@@ -78,13 +127,18 @@ def loss_curve(path: str | Path, steps: Sequence[int], loss: Sequence[float], ti
         steps: the step of each loss value.
         loss: the loss values (positive).
         title: figure title.
+        label: the legend's name of ``loss``.
+        held_out: optional (steps, values) of a held-out loss, drawn as points over the training loss.
+        held_out_label: the legend's name of ``held_out``.
     """
     steps_a, loss_a = np.asarray(steps), np.asarray(loss)
     window = max(1, len(loss_a) // 50)
     smooth = np.convolve(loss_a, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps_a, loss_a, lw=0.5, alpha=0.4, label="loss")
+    ax.plot(steps_a, loss_a, lw=0.5, alpha=0.4, label=label)
     ax.plot(steps_a[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    if held_out is not None and len(held_out[0]):
+        ax.plot(*held_out, "o-", color="C3", ms=3, lw=1, label=held_out_label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
