@@ -98,4 +98,4 @@ rule train_backbone:
         args=BACKBONE_TRAIN_ARGS,
     shell:
         "python -m vcm train-backbone --data {input.corpus} --work-dir {params.work} --out {params.out}"
-        " --threads {threads} {params.args} > {log} 2>&1"
+        " --threads {threads} --device auto {params.args} > {log} 2>&1"
