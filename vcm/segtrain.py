@@ -62,7 +62,8 @@ def appearance_augmentation() -> list[Any]:
 
     A segmenter that has seen only sharp scans loses LV Dice on the smoother images an autoencoder decodes
     (``python -m vcm.bench labels``: real vs reconstruction); blurring a training image by up to about one
-    latent voxel's worth teaches it the anatomy rather than the sharpness of the edges.
+    latent voxel's worth is meant to teach it the anatomy rather than the sharpness of the edges. Off by
+    default: on the demo it did not raise the LV Dice of real or reconstructed images (docs/benchmarks.md).
     """
     from monai.transforms import (
         RandAdjustContrastd,

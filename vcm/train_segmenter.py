@@ -51,7 +51,7 @@ class SegmenterSettings:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
     flip: bool = True
-    augment: bool = True
+    augment: bool = False
     seed: int = 0
     num_workers: int = 0
 
