@@ -180,6 +180,48 @@ def adni_download(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def adni_series_download(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ADNI download of NIfTIs only (no dcm2niix needed) for the series choice; see each note."""
+    top = tmp_path_factory.mktemp("adni_series") / "download"
+
+    def nifti(ptid: str, series: str, date: str, image_id: str, seed: int = 0) -> Path:
+        folder = top / "ADNI" / ptid / series / f"{date}_09_00_00.0" / image_id
+        return write_nifti(folder / f"ADNI_{ptid}_MR_{image_id}.nii.gz", seed=seed)
+
+    # 0001: the raw MPRAGE, the archive's preprocessed version of it (sorts first by name), two
+    # reformats, two post-contrast series and a localizer, all the same day.
+    for series, image_id in [
+        ("MPR__GradWarp__B1_Correction__N3__Scaled", "I1001"),
+        ("MPRAGE", "I1002"),
+        ("MPRAGE_MPR_Cor", "I1003"),
+        ("MPR_Cor", "I1004"),
+        ("Axial_T1_Post", "I1005"),
+        ("T1+C", "I1006"),
+        ("Localizer", "I1000"),
+    ]:
+        nifti("003_S_0001", series, "2010-01-05", image_id)
+    # 0002: only the preprocessed version was downloaded: taken, as the fallback.
+    nifti("003_S_0002", "MPR__GradWarp__B1_Correction__N3__Scaled", "2010-02-01", "I2001")
+    # 0003: only a reformat and a post-contrast T1.
+    nifti("003_S_0003", "MPRAGE_MPR_Cor", "2010-03-01", "I3001")
+    nifti("003_S_0003", "Axial_T1_Post", "2010-03-01", "I3002")
+    # 0004: DX empty at baseline, DX_bl CN.
+    nifti("003_S_0004", "MPRAGE", "2010-04-01", "I4001")
+    # 0005: ADNI3's sagittal acquisition, which is not a reformat.
+    nifti("003_S_0005", "Accelerated_Sagittal_MPRAGE", "2017-05-02", "I5001")
+    rows = [
+        ("003_S_0001", "bl", "2010-01-04", "CN", "CN", 70.0, "Male"),
+        ("003_S_0002", "bl", "2010-02-01", "CN", "CN", 71.0, "Female"),
+        ("003_S_0003", "bl", "2010-03-01", "CN", "CN", 72.0, "Male"),
+        ("003_S_0004", "bl", "2010-04-01", "CN", "", 73.0, "Female"),
+        ("003_S_0005", "bl", "2017-05-01", "CN", "CN", 74.0, "Male"),
+    ]
+    columns = ["PTID", "VISCODE", "EXAMDATE", "DX_bl", "DX", "AGE", "PTGENDER"]
+    pd.DataFrame(rows, columns=columns).to_csv(top / "ADNIMERGE.csv", index=False)
+    return top
+
+
+@pytest.fixture(scope="session")
 def bids_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BIDS dataset; see each participant's note."""
     root = tmp_path_factory.mktemp("bids") / "ds"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -199,3 +200,20 @@ def test_nothing_kept_writes_report_only(adni_download: Path, tmp_path: Path) ->
     assert not out.exists()
     report = pd.read_csv(tmp_path / "none_intake.csv")
     assert (report["status"] == "dropped").all() and len(report) == 9
+
+
+def test_documented_relative_folders_resolve_in_the_pipeline(
+    adni_download: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented command, with relative folders, run from a folder that is not the manifest's."""
+    from vcm.prep.inputs import read_manifest
+
+    monkeypatch.chdir(tmp_path)  # the repository root: resources/ and results/ below it
+    root = os.path.relpath(adni_download, tmp_path)
+    argv = ["--source", "adni", "--root", root, "--out", "resources/manifest.csv"]
+    assert cli([*argv, "--nifti-dir", "results/intake/nifti"]) == 0
+    manifest = read_manifest("resources/manifest.csv")  # resolves relative paths against resources/
+    assert len(manifest) == 3 and "002_S_0001" in set(manifest["subject"])  # a converted DICOM series
+    assert all(Path(p).is_file() for p in manifest["t1"]), list(manifest["t1"])
+    monkeypatch.chdir(tmp_path / "resources")  # the same manifest read from elsewhere
+    assert all(Path(p).is_file() for p in read_manifest("manifest.csv")["t1"])

@@ -9,6 +9,7 @@ each participant is or is not in the manifest. This module holds what they share
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -21,6 +22,30 @@ import pandas as pd
 
 from vcm.errors import StageError
 from vcm.io import write_text
+
+__all__ = [
+    "CONVERSION_FAILED",
+    "DEFAULTS",
+    "MANIFEST_COLUMNS",
+    "NO_DEMOGRAPHICS",
+    "NO_DIAGNOSIS",
+    "NO_SCAN_AT_VISIT",
+    "NO_T1",
+    "REASONS",
+    "SERIES_PREFERENCES",
+    "UNREADABLE",
+    "WRONG_DIAGNOSIS",
+    "Outcome",
+    "check_volume",
+    "manifest_frame",
+    "natural_key",
+    "parse_sex",
+    "report_frame",
+    "report_path",
+    "resolve_settings",
+    "summary",
+    "write_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +68,7 @@ REASONS = (
 )
 
 MANIFEST_COLUMNS = ["subject", "t1", "age", "sex"]
+SERIES_PREFERENCES = ("raw", "preprocessed", "any")
 
 # The `intake` section of config/config.yaml; docs/intake_config.yaml documents each key.
 DEFAULTS: dict[str, Any] = {
@@ -55,6 +81,14 @@ DEFAULTS: dict[str, Any] = {
     "session": "first",
     "series_pattern": r"mp-?rage|mpr|ir-?f?spgr|t1",
     "series_exclude": r"locali[sz]er|scout|calibration|survey|flair",
+    # Reformats of the T1 into another plane: MPRAGE_MPR_Cor, MPR_Sag, Ax_Reformat (not Sagittal_3D_...).
+    "series_reformat": r"reformat|(?<![a-z0-9])mpr[_ -]?(?:cor|sag|tra|ax)(?![a-z])"
+    r"|(?<![a-z0-9])(?:cor|sag|tra|ax)[_ -]?mpr(?![a-z])",
+    # Post-contrast T1s: Axial_T1_Post, T1+C, T1_C+, T1_GAD.
+    "series_contrast": r"(?<![a-z])(?:post|gad|gado|gadolinium)(?![a-z])|\+ ?c(?![a-z])|(?<![a-z])c ?\+",
+    # The archive's preprocessed versions: MPR__GradWarp__B1_Correction__N3__Scaled, MT1__N3m.
+    "series_preprocessed": r"gradwarp|b1[_ -]?correction|(?<![a-z0-9])n3m?(?![a-z0-9])|scaled",
+    "series_preference": "raw",
     "date_tolerance_days": 180,
     "sex_codes": {"0": "F", "1": "M"},
     "dcm2niix": "dcm2niix",
@@ -75,7 +109,8 @@ class Outcome:
         detail: one human-readable line saying what was found.
         series: the chosen series (ADNI series description, BIDS file name).
         path: the chosen source (ADNI image folder or NIfTI, BIDS NIfTI).
-        t1: the NIfTI written to the manifest.
+        skipped: ADNI: the series not taken, ``<description>[/<image id>]: <why>`` joined by ``; ``.
+        t1: the NIfTI written to the manifest, as an absolute path.
         visit: ADNI VISCODE or BIDS session of the chosen scan.
         scan_date: ADNI scan date (YYYY-MM-DD).
         diagnosis: the diagnosis the filter saw.
@@ -89,6 +124,7 @@ class Outcome:
     detail: str = ""
     series: str = ""
     path: str = ""
+    skipped: str = ""
     t1: str = ""
     visit: str = ""
     scan_date: str = ""
@@ -102,8 +138,13 @@ class Outcome:
         self.status, self.reason, self.detail = "dropped", reason, detail
         return self
 
-    def keep(self, t1: Path, detail: str = "") -> Outcome:
-        self.status, self.reason, self.t1, self.detail = "kept", "", str(t1), detail
+    def keep(self, t1: str | Path, detail: str = "") -> Outcome:
+        """Mark kept with the NIfTI ``t1`` and return self.
+
+        ``t1`` is made absolute: the pipeline resolves a relative manifest path against the manifest's
+        folder, not the working directory this ran in, so only an absolute path means the same to both.
+        """
+        self.status, self.reason, self.t1, self.detail = "kept", "", os.path.abspath(t1), detail
         return self
 
 
@@ -145,7 +186,18 @@ def resolve_settings(section: Mapping[str, Any] | None, overrides: Mapping[str, 
         ) from None
     if settings["date_tolerance_days"] < 0:
         raise StageError("intake.date_tolerance_days: must be >= 0")
-    for key in ("series_pattern", "series_exclude"):
+    if settings["series_preference"] not in SERIES_PREFERENCES:
+        raise StageError(
+            f"intake.series_preference: '{settings['series_preference']}' is not one of "
+            f"{', '.join(SERIES_PREFERENCES)}"
+        )
+    for key in (
+        "series_pattern",
+        "series_exclude",
+        "series_reformat",
+        "series_contrast",
+        "series_preprocessed",
+    ):
         try:
             re.compile(settings[key] or "")
         except re.error as err:
@@ -167,13 +219,6 @@ def parse_sex(value: Any, codes: Mapping[str, str]) -> str | None:
     if text in codes:
         return codes[text]
     return {"m": "M", "male": "M", "f": "F", "female": "F"}.get(text.lower())
-
-
-def matches_series(description: str, pattern: str | None, exclude: str | None) -> bool:
-    """Whether a series description is a T1 (``pattern``) and not excluded; both are case-insensitive."""
-    if pattern and not re.search(pattern, description, re.IGNORECASE):
-        return False
-    return not (exclude and re.search(exclude, description, re.IGNORECASE))
 
 
 def check_volume(path: Path) -> str | None:

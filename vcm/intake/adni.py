@@ -3,31 +3,30 @@
 The image archive lays a download out as ``ADNI/<PTID>/<series description>/<YYYY-MM-DD_HH_MM_SS.0>/
 <image id>/`` holding a DICOM series (``*.dcm``) or a NIfTI. For each participant folder:
 
-1. keep the series whose description matches ``series_pattern`` and not ``series_exclude``
-   (else *no T1 series*);
+1. keep the series whose description matches ``series_pattern`` and none of ``series_exclude``,
+   ``series_reformat`` (``MPRAGE_MPR_Cor``), ``series_contrast`` (``Axial_T1_Post``) (else *no T1
+   series*; see :mod:`vcm.intake.series`);
 2. choose the scan date: ``baseline`` the earliest, ``latest`` the latest, or a VISCODE (``m12``): the
    scan whose nearest ADNIMERGE visit has that VISCODE (else *no scan at visit*);
 3. match the scan to the participant's ADNIMERGE row (by PTID) with the nearest EXAMDATE, within
    ``date_tolerance_days`` (else *no demographics*); age at scan = baseline ``AGE`` + (scan date -
    baseline EXAMDATE) / 365.25, sex from ``PTGENDER``;
 4. filter on the diagnosis at that visit (``DX`` unless ``diagnosis_column`` says otherwise; *wrong
-   diagnosis* / *no diagnosis*);
+   diagnosis* / *no diagnosis*, with a hint when ``DX_bl`` has the value ``DX`` lacks);
 5. convert a DICOM series with dcm2niix (JSON sidecar kept) or use the NIfTI in place, and check the
-   image reads as 3-D (*conversion failed* / *unreadable*); if several T1 series were taken that day
-   (MPRAGE and its repeat), the next is tried before dropping the participant.
+   image reads as 3-D (*conversion failed* / *unreadable*); the T1 series of that day are tried in the
+   order of ``series_preference`` (raw before the archive's preprocessed versions by default), originals
+   before repeats, before dropping the participant.
 
-The diagnosis is filtered after the scan is chosen: with ``visit: latest``, a participant who was CN at
-baseline and has converted since is dropped rather than silently swapped for an older scan.
+The report's ``skipped`` column lists the series not taken and why. The diagnosis is filtered after the
+scan is chosen: with ``visit: latest``, a participant who was CN at baseline and has converted since is
+dropped rather than silently swapped for an older scan.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,22 @@ from vcm.intake import (
     WRONG_DIAGNOSIS,
     Outcome,
     check_volume,
-    matches_series,
     natural_key,
     parse_sex,
 )
+from vcm.intake.dcm2niix import Dcm2niix
+from vcm.intake.series import candidate_key, why_not_t1, why_passed_over
+
+__all__ = [
+    "Scan",
+    "adni_root",
+    "collect",
+    "find_adnimerge",
+    "find_scans",
+    "intake_participant",
+    "materialise",
+    "read_adnimerge",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +67,6 @@ PTID_RE = re.compile(r"^\d{3}_S_\d{4}$")
 DATE_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:_|$)")
 REQUIRED_COLUMNS = ("PTID", "VISCODE", "EXAMDATE", "AGE", "PTGENDER")
 DEFAULT_DIAGNOSIS_COLUMN = "DX"
-DCM2NIIX_TIMEOUT_S = 600  # a 3-D T1 converts in seconds; this only stops a hung process
 
 
 @dataclass(frozen=True)
@@ -134,81 +144,6 @@ def read_adnimerge(path: Path, diagnosis_column: str | None) -> pd.DataFrame:
     return frame
 
 
-class Dcm2niix:
-    """Convert DICOM series to NIfTI with dcm2niix, writing into ``nifti_dir`` atomically.
-
-    dcm2niix writes into a temporary folder next to the final files; the image is checked there and
-    renamed into place, so a failed or interrupted conversion never leaves a file under the final name.
-    """
-
-    def __init__(self, exe: str, nifti_dir: str | Path, overwrite: bool = False) -> None:
-        self.exe, self.nifti_dir, self.overwrite = exe, Path(nifti_dir), overwrite
-        self._resolved: str | None = None
-
-    def _executable(self) -> str:
-        # Resolved on first use: a download of NIfTIs only does not need dcm2niix installed.
-        if self._resolved is None:
-            self._resolved = shutil.which(self.exe)
-            if self._resolved is None:
-                raise StageError(
-                    f"intake.dcm2niix: '{self.exe}' not found (install dcm2niix or set its path)"
-                )
-        return self._resolved
-
-    def convert(self, dicom_dir: Path, name: str) -> tuple[Path | None, str]:
-        """Convert one series to ``<nifti_dir>/<name>.nii.gz`` (+ ``.json``).
-
-        Returns:
-            (the NIfTI, a note) on success, (None, why it failed) on failure.
-        """
-        target = self.nifti_dir / f"{name}.nii.gz"
-        sidecar = self.nifti_dir / f"{name}.json"
-        if not self.overwrite and target.is_file() and sidecar.is_file() and check_volume(target) is None:
-            return target, "reused an earlier conversion"
-        exe = self._executable()
-        self.nifti_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.nifti_dir))
-        try:
-            cmd = [exe, "-z", "y", "-b", "y", "-f", name, "-o", str(tmp), str(dicom_dir)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DCM2NIIX_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                return None, f"dcm2niix timed out after {DCM2NIIX_TIMEOUT_S} s"
-            outputs = sorted(tmp.glob("*.nii.gz"))
-            if proc.returncode != 0 or not outputs:
-                return (
-                    None,
-                    f"dcm2niix exit {proc.returncode}: {_dcm2niix_message(proc.stdout + proc.stderr)}",
-                )
-            # Several outputs mean several series or echoes in one folder: take the unsuffixed one only.
-            chosen = tmp / f"{name}.nii.gz"
-            if not chosen.is_file():
-                if len(outputs) != 1:
-                    names = ", ".join(p.name for p in outputs)
-                    return None, f"dcm2niix wrote {len(outputs)} images ({names}), expected one"
-                chosen = outputs[0]
-            problem = check_volume(chosen)
-            if problem:
-                return None, f"dcm2niix output {problem}"
-            json_out = chosen.with_name(chosen.name[: -len(".nii.gz")] + ".json")
-            note = ""
-            if json_out.is_file():
-                os.replace(json_out, sidecar)  # sidecar first: a NIfTI under the final name has its JSON
-            else:
-                note = "dcm2niix wrote no JSON sidecar"
-            os.replace(chosen, target)
-            return target, note
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _dcm2niix_message(output: str) -> str:
-    """The most telling line of dcm2niix's output: an error if any, else the last line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if re.search(r"error|no valid|unable|failed", line, re.IGNORECASE)]
-    return ((errors or lines or ["no output"])[0])[:300]
-
-
 def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """(DICOM files, NIfTI files) directly in an image folder."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
@@ -249,6 +184,103 @@ def _first_value(rows: pd.DataFrame, column: str) -> Any:
     return values.iloc[0] if len(values) else None
 
 
+def _t1_scans(scans: list[Scan], settings: dict) -> tuple[list[Scan], dict[str, str]]:
+    """The T1 candidates, and the other series' descriptions with why each is not one."""
+    t1, others = [], {}
+    for scan in scans:
+        why = why_not_t1(scan.description, settings)
+        if why is None:
+            t1.append(scan)
+        else:
+            others.setdefault(scan.description, why)
+    return t1, others
+
+
+def _choose_date(t1: list[Scan], rows: pd.DataFrame, settings: dict) -> tuple[pd.Timestamp | None, str]:
+    """The scan date asked for by ``visit``, or (None, why there is none)."""
+    dates = sorted({s.scan_date for s in t1})
+    visit = settings["visit"]
+    if visit.lower() in ("baseline", "latest"):
+        return (dates[0] if visit.lower() == "baseline" else dates[-1]), ""
+    # A VISCODE: among the scan dates matched to that visit, the closest to its EXAMDATE.
+    matched = [(d, *_nearest_visit(rows, d)) for d in dates]
+    at_visit = [
+        (days, d)
+        for d, row, days in matched
+        if str(row["VISCODE"]).lower() == visit.lower() and days <= settings["date_tolerance_days"]
+    ]
+    if not at_visit:
+        seen = ", ".join(f"{d:%Y-%m-%d}~{row['VISCODE']}" for d, row, _ in matched)
+        return None, f"no T1 scan at visit {visit} (scans: {seen})"
+    return min(at_visit)[1], ""
+
+
+def _demographics(outcome: Outcome, rows: pd.DataFrame, date: pd.Timestamp, settings: dict) -> str:
+    """Set the outcome's age and sex at ``date``; return why they cannot be set ('' when they are)."""
+    baseline = rows[rows["VISCODE"] == "bl"]
+    baseline = baseline if len(baseline) else rows.iloc[:1]  # no bl row: the earliest visit stands in
+    base_age = baseline["AGE"].iloc[0]
+    base_age = _first_value(rows, "AGE") if pd.isna(base_age) else base_age  # AGE repeats on every row
+    sex = parse_sex(_first_value(rows, "PTGENDER"), settings["sex_codes"])
+    missing = [
+        name for name, value in (("AGE", base_age), ("PTGENDER", sex)) if value is None or pd.isna(value)
+    ]
+    if missing:
+        return f"ADNIMERGE has no usable {' or '.join(missing)}"
+    outcome.age = float(base_age) + (date - baseline["EXAMDATE"].iloc[0]).days / 365.25
+    outcome.sex = sex
+    return ""
+
+
+def _diagnosis_problem(
+    outcome: Outcome, row: pd.Series, rows: pd.DataFrame, settings: dict
+) -> tuple[str, str]:
+    """(drop reason, detail) when the diagnosis at the matched visit is not kept, else ('', '')."""
+    column = settings["diagnosis_column"] or DEFAULT_DIAGNOSIS_COLUMN
+    diagnosis = row.get(column)
+    outcome.diagnosis = "" if diagnosis is None or pd.isna(diagnosis) else str(diagnosis)
+    wanted = {d.upper() for d in settings["diagnosis"]}
+    if not wanted:
+        return "", ""
+    if not outcome.diagnosis:
+        detail = f"diagnosis column '{column}' is empty at visit {outcome.visit} ({row['EXAMDATE']:%Y-%m-%d})"
+        # DX is often empty where DX_bl (the baseline diagnosis, on every row) is not: say so.
+        baseline = _first_value(rows, "DX_bl") if column != "DX_bl" and "DX_bl" in rows else None
+        if baseline is not None and str(baseline).strip():
+            keeps = str(baseline).upper() in wanted
+            detail += f"; DX_bl is {baseline}" + (": --diagnosis-column DX_bl would keep it" if keeps else "")
+        return NO_DIAGNOSIS, detail
+    if outcome.diagnosis.upper() not in wanted:
+        return WRONG_DIAGNOSIS, f"{column}={outcome.diagnosis} at visit {outcome.visit}"
+    return "", ""
+
+
+def _take_first_usable(
+    outcome: Outcome, candidates: list[Scan], skipped: list[str], settings: dict, converter: Dcm2niix
+) -> Outcome:
+    """Keep the first candidate that converts or reads; drop with the failures if none does."""
+    failures: list[tuple[Scan, str, str]] = []  # (scan, drop reason, why)
+    for position, scan in enumerate(candidates):
+        path, reason, note = materialise(scan, outcome.participant, converter)
+        if path is None:
+            failures.append((scan, reason, note))
+            continue
+        outcome.series, outcome.path = scan.description, str(scan.path.resolve())
+        skipped = [f"{s.description}/{s.image_id}: {r}, see detail" for s, r, _ in failures] + skipped
+        skipped += [
+            f"{s.description}/{s.image_id}: {why_passed_over(s.description, scan.description, settings)}"
+            for s in candidates[position + 1 :]
+        ]
+        outcome.skipped = "; ".join(skipped)
+        tried = "; ".join(f"{s.description}/{s.image_id}: {r}, {why}" for s, r, why in failures)
+        return outcome.keep(path, "; ".join(filter(None, [note, tried and f"earlier failed: {tried}"])))
+    # Report the first (preferred) series and the reason it failed.
+    first, reason, _ = failures[0]
+    outcome.series, outcome.path = first.description, str(first.path.resolve())
+    outcome.skipped = "; ".join(skipped)
+    return outcome.drop(reason, "; ".join(f"{s.description}/{s.image_id}: {why}" for s, _, why in failures))
+
+
 def intake_participant(
     ptid: str, scans: list[Scan], skipped: list[str], rows: pd.DataFrame, settings: dict, converter: Dcm2niix
 ) -> Outcome:
@@ -263,11 +295,9 @@ def intake_participant(
         converter: the dcm2niix wrapper.
     """
     outcome = Outcome(ptid)
-    t1 = [
-        s
-        for s in scans
-        if matches_series(s.description, settings["series_pattern"], settings["series_exclude"])
-    ]
+    t1, not_t1 = _t1_scans(scans, settings)
+    not_taken = [f"{description}: {why}" for description, why in sorted(not_t1.items())]
+    outcome.skipped = "; ".join(not_taken)
     if not t1:
         found = sorted({s.description for s in scans})
         detail = f"series found: {', '.join(found)}" if found else "no image folders"
@@ -277,27 +307,13 @@ def intake_participant(
     rows = rows[rows["EXAMDATE"].notna()].sort_values("EXAMDATE", kind="stable")
     if rows.empty:
         return outcome.drop(NO_DEMOGRAPHICS, "PTID not in ADNIMERGE (or no EXAMDATE)")
-
-    tolerance = settings["date_tolerance_days"]
-    dates = sorted({s.scan_date for s in t1})
-    visit = settings["visit"]
-    if visit.lower() in ("baseline", "latest"):
-        date = dates[0] if visit.lower() == "baseline" else dates[-1]
-    else:
-        # A VISCODE: among the scan dates matched to that visit, the closest to its EXAMDATE.
-        matched = [(d, *_nearest_visit(rows, d)) for d in dates]
-        at_visit = [
-            (days, d)
-            for d, row, days in matched
-            if str(row["VISCODE"]).lower() == visit.lower() and days <= tolerance
-        ]
-        if not at_visit:
-            seen = ", ".join(f"{d:%Y-%m-%d}~{row['VISCODE']}" for d, row, _ in matched)
-            return outcome.drop(NO_SCAN_AT_VISIT, f"no T1 scan at visit {visit} (scans: {seen})")
-        date = min(at_visit)[1]
+    date, why = _choose_date(t1, rows, settings)
+    if date is None:
+        return outcome.drop(NO_SCAN_AT_VISIT, why)
     outcome.scan_date = f"{date:%Y-%m-%d}"
 
     row, days = _nearest_visit(rows, date)
+    tolerance = settings["date_tolerance_days"]
     if days > tolerance:
         return outcome.drop(
             NO_DEMOGRAPHICS,
@@ -305,53 +321,19 @@ def intake_participant(
             f"(nearest {row['VISCODE']} {row['EXAMDATE']:%Y-%m-%d})",
         )
     outcome.visit = str(row["VISCODE"])
-    baseline = rows[rows["VISCODE"] == "bl"]
-    baseline = baseline if len(baseline) else rows.iloc[:1]  # no bl row: the earliest visit stands in
-    base_age = baseline["AGE"].iloc[0]
-    base_age = _first_value(rows, "AGE") if pd.isna(base_age) else base_age  # AGE repeats on every row
-    sex = parse_sex(_first_value(rows, "PTGENDER"), settings["sex_codes"])
-    missing = [
-        name for name, value in (("AGE", base_age), ("PTGENDER", sex)) if value is None or pd.isna(value)
-    ]
-    if missing:
-        return outcome.drop(NO_DEMOGRAPHICS, f"ADNIMERGE has no usable {' or '.join(missing)}")
-    outcome.age = float(base_age) + (date - baseline["EXAMDATE"].iloc[0]).days / 365.25
-    outcome.sex = sex
+    why = _demographics(outcome, rows, date, settings)
+    if why:
+        return outcome.drop(NO_DEMOGRAPHICS, why)
+    reason, why = _diagnosis_problem(outcome, row, rows, settings)
+    if reason:
+        return outcome.drop(reason, why)
 
-    column = settings["diagnosis_column"] or DEFAULT_DIAGNOSIS_COLUMN
-    diagnosis = row.get(column)
-    outcome.diagnosis = "" if diagnosis is None or pd.isna(diagnosis) else str(diagnosis)
-    wanted = {d.upper() for d in settings["diagnosis"]}
-    if wanted:
-        if not outcome.diagnosis:
-            return outcome.drop(
-                NO_DIAGNOSIS, f"{column} empty at visit {outcome.visit} ({row['EXAMDATE']:%Y-%m-%d})"
-            )
-        if outcome.diagnosis.upper() not in wanted:
-            return outcome.drop(WRONG_DIAGNOSIS, f"{column}={outcome.diagnosis} at visit {outcome.visit}")
-
-    # The T1 series of that day, originals before repeats; fall back to the next if one fails.
+    # The T1 series of that day in order of preference; the next is tried if one fails.
     candidates = sorted(
         (s for s in t1 if s.scan_date == date),
-        key=lambda s: (
-            "repeat" in s.description.lower(),
-            natural_key(s.description),
-            s.folder_date,
-            natural_key(s.image_id),
-        ),
+        key=lambda s: (candidate_key(s.description, settings), s.folder_date, natural_key(s.image_id)),
     )
-    failures: list[tuple[Scan, str, str]] = []  # (scan, drop reason, why)
-    for scan in candidates:
-        path, reason, note = materialise(scan, ptid, converter)
-        if path is not None:
-            outcome.series, outcome.path = scan.description, str(scan.path.resolve())
-            tried = "; ".join(f"{s.description}/{s.image_id}: {r}, {why}" for s, r, why in failures)
-            return outcome.keep(path, "; ".join(filter(None, [note, tried and f"earlier failed: {tried}"])))
-        failures.append((scan, reason, note))
-    # Report the first (preferred) series and the reason it failed.
-    first, reason, _ = failures[0]
-    outcome.series, outcome.path = first.description, str(first.path.resolve())
-    return outcome.drop(reason, "; ".join(f"{s.description}/{s.image_id}: {why}" for s, _, why in failures))
+    return _take_first_usable(outcome, candidates, not_taken, settings, converter)
 
 
 def collect(settings: dict[str, Any]) -> list[Outcome]:

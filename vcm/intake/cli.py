@@ -1,7 +1,9 @@
-"""``python -m vcm manifest``: write the manifest and the intake report from ADNI or BIDS.
+"""Write the manifest (subject, t1, age, sex) and <stem>_intake.csv from an ADNI download or a BIDS dataset.
 
-Settings come from the ``intake`` section of ``--config`` (see docs/intake_config.yaml); each flag
-overrides its key. Relative paths are relative to the working directory.
+``python -m vcm manifest``. Settings come from the ``intake`` section of ``--config`` (see
+docs/intake_config.yaml); each flag overrides its key. Relative paths given are relative to the working
+directory; the manifest's ``t1`` paths are written absolute, so the pipeline finds them wherever it reads
+the manifest from.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from vcm.errors import StageError
-from vcm.intake import DEFAULTS, resolve_settings, summary, write_outputs
+from vcm.intake import DEFAULTS, SERIES_PREFERENCES, resolve_settings, summary, write_outputs
+from vcm.stage import stage_parser
+
+__all__ = ["build_parser", "cli", "load_section"]
 
 
 def load_section(path: str | Path) -> dict[str, Any]:
@@ -47,12 +52,9 @@ def _sex_codes(text: str) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    p = argparse.ArgumentParser(
-        prog="python -m vcm manifest",
-        description="Write the manifest (subject, t1, age, sex) and <stem>_intake.csv from an ADNI download "
-        "or a BIDS dataset. Flags override the config's intake section.",
-    )
-    p.add_argument("--config", help="YAML config whose 'intake' section gives the settings")
+    # --config is optional here: every setting can be given as a flag instead.
+    p = stage_parser("manifest", __doc__, config=False)
+    p.add_argument("--config", help="YAML config whose 'intake' section gives the settings (flags override)")
     p.add_argument("--source", choices=["adni", "bids"], help=f"input layout (default {d['source']})")
     p.add_argument("--root", help="ADNI download folder (holding <PTID>/ or ADNI/<PTID>/) or BIDS root")
     p.add_argument("--adnimerge", help="ADNIMERGE.csv (default: in or next to --root)")
@@ -71,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--series-pattern", help=f"ADNI T1 series regex, case-insensitive (default '{d['series_pattern']}')"
     )
     p.add_argument("--series-exclude", help=f"ADNI series excluded (default '{d['series_exclude']}')")
+    p.add_argument("--series-reformat", help="ADNI reformats excluded, regex ('' keeps them)")
+    p.add_argument("--series-contrast", help="ADNI post-contrast series excluded, regex ('' keeps them)")
+    p.add_argument("--series-preprocessed", help="ADNI: regex telling the archive's preprocessed series")
+    p.add_argument(
+        "--series-preference",
+        choices=SERIES_PREFERENCES,
+        help=f"ADNI: which of a day's T1 series is tried first (default {d['series_preference']})",
+    )
     p.add_argument("--date-tolerance-days", type=float, help="ADNI: max days scan to EXAMDATE (default 180)")
     p.add_argument("--sex-codes", type=_sex_codes, help="numeric sex codes, e.g. 1=M,2=F (default 0=F,1=M)")
     p.add_argument("--dcm2niix", help="dcm2niix executable (default: dcm2niix on PATH)")
