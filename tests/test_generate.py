@@ -321,6 +321,64 @@ def test_failing_qc_is_retried_with_fresh_seeds_and_flagged(files, gcfg, tmp_pat
         np.testing.assert_array_equal(h5["attempts/kept"][:], [False, True] * 3)
 
 
+def test_a_copy_of_a_real_training_image_is_flagged_and_leaves_the_passed_set(
+    files, gcfg, tmp_path, monkeypatch
+):
+    """A sampler that returns a real training subject verbatim: every attempt is a possible copy of it, is
+    resampled, and the subject leaves the passed set; qc.csv and cohort.h5 name the real subject."""
+    from vcm.cohort.sampler import CohortSampler
+
+    gcfg["cohort"].update(size=2, shard_size=2)
+    gcfg["qc"].update(max_tries=2)
+    with h5py.File(files["dataset"]) as h5:
+        real = np.asarray(h5["image"][1, 0], np.float32)  # sub-01, of the training split train_4
+    drawn = CohortSampler.sample
+
+    def copying(self, conditions, covariates, seeds, progress=None):
+        images = drawn(self, conditions, covariates, seeds, progress)
+        images[0] = real  # the batch's first sample is a copy; the other is the model's own
+        return images
+
+    monkeypatch.setattr(CohortSampler, "sample", copying)
+    shard = run_cohort(gcfg, files, tmp_path)[0]
+    merge_cohort(gcfg, [shard], tmp_path)
+    with h5py.File(tmp_path / "cohort.h5") as h5:
+        assert h5["qc/passed"][:].tolist() == [False, True]  # the copy failed every try
+        assert h5["qc/attempts"][:].tolist() == [2, 1]
+        assert h5["privacy/possible_copy"][:].tolist() == [True, False]
+        assert h5["privacy/nearest_real"].asstr()[0] == "sub-01" and h5["privacy/nearest_index"][0] == 1
+        assert h5["privacy/nearest_similarity"][0] == pytest.approx(1.0, abs=1e-4)
+        assert h5["privacy/nearest_similarity"][1] < 0.9
+        assert 0 <= h5["privacy/nearest_label_dice"][0] <= h5["privacy/max_label_dice"][0] <= 1
+        assert h5["privacy_reference/subjects"].asstr()[:].tolist() == [f"sub-{i:02d}" for i in range(4)]
+        baseline = h5["privacy_reference/nearest_real"].asstr()[:].tolist()
+        assert all(n != f"sub-{i:02d}" for i, n in enumerate(baseline))  # never itself
+        assert h5["privacy_reference"].attrs["max_similarity"] == 0.9
+    qc = pd.read_csv(tmp_path / "qc.csv")
+    assert list(qc.columns[-6:]) == [
+        "nearest_real",
+        "nearest_index",
+        "nearest_similarity",
+        "nearest_label_dice",
+        "max_label_dice",
+        "possible_copy",
+    ]
+    copies = qc[qc["subject"] == "syn-00000"]
+    assert len(copies) == 2 and copies["possible_copy"].all() and (copies["nearest_real"] == "sub-01").all()
+    assert copies["reasons"].str.startswith("possible copy of sub-01").all()
+    assert not qc[qc["subject"] == "syn-00001"]["possible_copy"].any()
+    record = json.loads((tmp_path / "shards" / "00000" / "syn-00000" / SUBJECT_FILE).read_text())
+    assert record["privacy"]["possible_copy"] and not record["passed"]
+
+    # the screen off: nothing recorded, the copy passes as QC alone decides
+    gcfg["qc"]["privacy"] = {"enabled": False}
+    off = tmp_path / "off"
+    merge_cohort(gcfg, run_cohort(gcfg, files, off), off)
+    with h5py.File(off / "cohort.h5") as h5:
+        assert "privacy" not in h5 and "privacy_reference" not in h5 and h5["qc/passed"][:].all()
+    assert "possible_copy" not in pd.read_csv(off / "qc.csv").columns
+
+
 def picky_segmenter(image: np.ndarray, path: Path) -> np.ndarray:
     """Fails some attempts, decided by the image alone (the same in every run); pickles, so it runs in the
     QC worker processes as the atlas backend does."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import h5py
 import matplotlib.image as mpimg
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,7 +16,15 @@ import torch
 from tests.fixtures import make_cohort, make_real
 from vcm.cli import main
 from vcm.evaluation.tables import summarise
-from vcm.report import cohort_montage, cohort_stats, qc_histograms, qc_thresholds, write_summary
+from vcm.report import (
+    cohort_montage,
+    cohort_stats,
+    privacy_histogram,
+    privacy_stats,
+    qc_histograms,
+    qc_thresholds,
+    write_summary,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -189,3 +200,49 @@ def test_summary_without_results_yet(tmp_path):
         and "_not evaluated_" in text
         and "_no cohorts_" in text
     )
+
+
+def _with_privacy(cohort: Path, folder: Path) -> Path:
+    """A copy of the fixture cohort with a privacy screen: subject 2 a possible copy of sub-01."""
+    folder.mkdir(parents=True)
+    path = folder / "cohort.h5"
+    shutil.copy(cohort, path)
+    with h5py.File(path, "a") as h5:
+        h5["privacy/nearest_similarity"] = [0.70, 0.72, 0.99, 0.75, 0.74, 0.71]
+        h5["privacy/possible_copy"] = [False, False, True, False, False, False]
+        h5["privacy/nearest_real"] = np.array(
+            ["sub-00", "sub-01", "sub-01", "sub-02", "sub-00", "sub-01"], object
+        )
+        h5["privacy_reference/similarity"] = [0.78, 0.80, 0.76, 0.80]
+        h5["privacy_reference"].attrs["max_similarity"] = 0.9
+    return path
+
+
+def test_privacy_screen_figure_and_summary(tmp_path, run, capsys):
+    cohort = _with_privacy(run["cohort"], tmp_path / "cohorts" / "lv")
+    stats = privacy_histogram(cohort, cohort.parent / "privacy_hist.png")
+    assert stats == privacy_stats(cohort)
+    assert stats["n"] == 6 and stats["flagged"] == 1 and stats["max"] == pytest.approx(0.99)
+    assert stats["median"] == pytest.approx(0.73) and stats["baseline_max"] == pytest.approx(0.80)
+    assert (cohort.parent / "privacy_hist.png").stat().st_size > 10_000
+    text = write_summary(tmp_path / "summary.md", cohorts=[cohort])
+    assert "### Privacy screen" in text
+    assert "| lv | 0.730 / 0.990 | 1 / 6 | 0.790 / 0.800 (4 subjects) | 0.9 |" in text
+    assert "[privacy_hist](cohorts/lv/privacy_hist.png) |" in text
+    # without a screen: a figure that says so, no table
+    assert privacy_histogram(run["cohort"], tmp_path / "off.png") is None and (tmp_path / "off.png").is_file()
+    assert privacy_stats(run["cohort"]) is None
+    assert "Privacy screen" not in write_summary(tmp_path / "summary_off.md", cohorts=[run["cohort"]])
+    args = ["cohort-figures", "--config", str(REPO / "config" / "config.yaml"), "--cohort", str(cohort)]
+    out = tmp_path / "cli"
+    args += [
+        "--montage",
+        str(out / "m.png"),
+        "--qc-hist",
+        str(out / "q.png"),
+        "--privacy-hist",
+        str(out / "p.png"),
+    ]
+    out.mkdir()
+    assert main(args) == 0 and (out / "p.png").is_file()
+    assert "p.png: 1 possible copies" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """Pictures people would rather look at than read: 3-plane views with overlays, montages of 3-plane views,
-training loss curves."""
+training loss curves, the privacy screen's similarity histograms."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from vcm.io import atomic_path  # noqa: E402
 
-__all__ = ["loss_curve", "three_plane", "three_plane_montage"]
+__all__ = ["loss_curve", "similarity_histogram", "three_plane", "three_plane_montage"]
 
 
 def _planes(vol: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -147,4 +147,50 @@ def loss_curve(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def similarity_histogram(
+    path: str | Path,
+    synthetic: np.ndarray | None,
+    baseline: np.ndarray | None,
+    threshold: float | None,
+    title: str,
+) -> None:
+    """Save a PNG of the synthetic subjects' nearest-real similarities beside the real-to-real baseline.
+
+    Args:
+        path: the PNG to write (atomically).
+        synthetic: each synthetic subject's similarity to its nearest real training subject (``None``: the
+            privacy screen was off, said in the figure).
+        baseline: each real training subject's similarity to its nearest other one.
+        threshold: the possible-copy threshold, drawn as a dashed line.
+        title: figure title.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    if synthetic is None:
+        ax.text(0.5, 0.5, "privacy screen off (qc.privacy.enabled)", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        groups = [
+            ("real to nearest other real", baseline, "tab:blue"),
+            ("synthetic to nearest real", synthetic, "tab:orange"),
+        ]
+        finite = [np.asarray(v, float)[np.isfinite(v)] for _, v, _ in groups if v is not None]
+        values = np.concatenate([*finite, [threshold]] if threshold is not None else finite)
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        bins = np.linspace(lo - 0.01, min(1.0, hi) + 0.01, 31)
+        for label, v, colour in groups:
+            if v is not None:
+                v = np.asarray(v, float)
+                ax.hist(v[np.isfinite(v)], bins=bins, alpha=0.6, color=colour, label=f"{label} ({v.size})")
+        if threshold is not None:
+            ax.axvline(threshold, color="k", ls="--", lw=1, label=f"possible copy > {threshold:g}")
+        ax.set_xlabel("intensity correlation inside the brain")
+        ax.set_ylabel("subjects")
+        ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)

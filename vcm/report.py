@@ -1,11 +1,14 @@
 """What a person looks at after a run: cohort figures and ``results/summary.md``.
 
 * ``python -m vcm cohort-figures``: per synthetic cohort, ``cohort_montage.png`` (3-plane views of a few
-  synthetic subjects with their label map overlaid and the LV condition outlined) and ``qc_hist.png``
-  (histograms of every QC metric, passed and failed subjects apart, with the pass rate);
+  synthetic subjects with their label map overlaid and the LV condition outlined), ``qc_hist.png``
+  (histograms of every QC metric, passed and failed subjects apart, with the pass rate) and
+  ``privacy_hist.png`` (each synthetic subject's similarity to its nearest real training subject beside the
+  real-to-real baseline, :mod:`vcm.privacy`);
 * ``python -m vcm summary``: ``results/summary.md``, the run in one page: dataset size and splits, the
   trained models (steps, final loss, time, loss curve and preview), the evaluation table (controlled vs
-  uncontrolled), the TSTR Dice, each cohort's size and QC pass rate, and links to every figure.
+  uncontrolled), the TSTR Dice, each cohort's size and QC pass rate, its privacy screen, and links to every
+  figure.
 
 ``snakemake --report results/report.html`` gathers the same figures and tables into one HTML file (the
 rules wrap them in ``report()`` with captions from ``workflow/report/``).
@@ -25,7 +28,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from vcm.cohort.store import open_cohort
+from vcm.cohort.store import open_cohort, read_privacy
 from vcm.errors import StageError
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "cohort_montage",
     "cohort_stats",
     "figures_cli",
+    "privacy_histogram",
+    "privacy_stats",
     "qc_histograms",
     "qc_thresholds",
     "write_summary",
@@ -221,6 +226,66 @@ def cohort_stats(cohort: str | Path) -> dict[str, Any]:
     return out
 
 
+def privacy_stats(cohort: str | Path) -> dict[str, Any] | None:
+    """The privacy screen of a cohort in numbers (``None`` when it was off): the synthetic subjects' nearest-real
+    similarity (median, max), how many were flagged, the real-to-real baseline (median, max), the threshold."""
+    screen = read_privacy(cohort)
+    if screen is None:
+        return None
+    sim, base = screen["similarity"], screen["baseline"]
+
+    def stat(fn: Any, v: np.ndarray) -> float:
+        return float(fn(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
+
+    return {
+        "n": len(sim),
+        "median": stat(np.median, sim),
+        "max": stat(np.max, sim),
+        "flagged": int(np.sum(screen["possible_copy"])),
+        "baseline_n": len(base),
+        "baseline_median": stat(np.median, base),
+        "baseline_max": stat(np.max, base),
+        "max_similarity": screen["max_similarity"],
+    }
+
+
+def privacy_histogram(cohort: str | Path, out: str | Path) -> dict[str, Any] | None:
+    """The synthetic subjects' nearest-real similarities beside the real-to-real baseline (a note when the
+    screen was off).
+
+    Returns:
+        :func:`privacy_stats`.
+    """
+    from vcm.plots import similarity_histogram
+
+    screen = read_privacy(cohort)
+    stats = privacy_stats(cohort)
+    title = f"{Path(cohort).parent.name}: privacy screen"
+    if screen is None or stats is None:
+        similarity_histogram(out, None, None, None, title)
+        return None
+    title += f", {stats['flagged']} of {stats['n']} possible copies"
+    similarity_histogram(out, screen["similarity"], screen["baseline"], screen["max_similarity"], title)
+    return stats
+
+
+def _privacy_rows(cohorts: Sequence[str | Path]) -> list[str]:
+    lines = [
+        "| cohort | nearest-real similarity: median / max | possible copies | real-to-real baseline: "
+        "median / max | threshold |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for path in cohorts:
+        p = privacy_stats(path)
+        if p is not None:
+            lines.append(
+                f"| {Path(path).parent.name} | {p['median']:.3f} / {p['max']:.3f} | {p['flagged']} / {p['n']} "
+                f"| {p['baseline_median']:.3f} / {p['baseline_max']:.3f} ({p['baseline_n']} subjects) "
+                f"| {p['max_similarity']:g} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
 # --- summary.md ----------------------------------------------------------------------------------------------
 
 
@@ -266,6 +331,41 @@ def _model_rows(models: Sequence[str | Path], base: Path) -> list[str]:
             f"| {' '.join(figures) or '–'} |"
         )
     return lines
+
+
+def _cohort_section(cohorts: Sequence[str | Path], base: Path) -> list[str]:
+    """The cohorts' table (size, QC, figures) and their privacy screens, for ``summary.md``."""
+    parts: list[str] = []
+    if cohorts:
+        lines = [
+            "| cohort | subjects | QC passed | mean attempts | new anatomies | mean QC Dice | figures |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for path in cohorts:
+            s = cohort_stats(path)
+            folder = Path(path).parent
+            links = [
+                f"[{f.stem}]({_link(f, base)})"
+                for f in (folder / "cohort_montage.png", folder / "qc_hist.png", folder / "privacy_hist.png")
+                if f.is_file()
+            ]
+            dice = s.get("dice_mean")
+            lines.append(
+                f"| {folder.name} | {s['n']} | {s['passed']} / {s['n']} ({100 * s['pass_rate']:.0f} %) "
+                f"| {s.get('attempts_mean', float('nan')):.2f} | {s.get('new_anatomy', '–')} "
+                f"| {f'{dice:.3f}' if dice is not None and np.isfinite(dice) else '–'} | {' '.join(links) or '–'} |"
+            )
+        parts.append("\n".join(lines) + "\n")
+        privacy = _privacy_rows(cohorts)
+        if privacy:
+            parts.append(
+                "### Privacy screen\n\nEach synthetic subject's intensity correlation inside the brain with its "
+                "nearest real training subject, beside each real training subject's with its nearest other one; "
+                "a possible copy fails QC (`vcm.privacy`).\n\n" + "\n".join(privacy) + "\n"
+            )
+    else:
+        parts.append("_no cohorts_\n")
+    return parts
 
 
 def write_summary(
@@ -370,28 +470,7 @@ def write_summary(
         parts.append("_not run_\n")
 
     parts.append("## Cohorts and QC\n")
-    if cohorts:
-        lines = [
-            "| cohort | subjects | QC passed | mean attempts | new anatomies | mean QC Dice | figures |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for path in cohorts:
-            s = cohort_stats(path)
-            folder = Path(path).parent
-            links = [
-                f"[{f.stem}]({_link(f, base)})"
-                for f in (folder / "cohort_montage.png", folder / "qc_hist.png")
-                if f.is_file()
-            ]
-            dice = s.get("dice_mean")
-            lines.append(
-                f"| {folder.name} | {s['n']} | {s['passed']} / {s['n']} ({100 * s['pass_rate']:.0f} %) "
-                f"| {s.get('attempts_mean', float('nan')):.2f} | {s.get('new_anatomy', '–')} "
-                f"| {f'{dice:.3f}' if dice is not None and np.isfinite(dice) else '–'} | {' '.join(links) or '–'} |"
-            )
-        parts.append("\n".join(lines) + "\n")
-    else:
-        parts.append("_no cohorts_\n")
+    parts.extend(_cohort_section(cohorts, base))
 
     if figures:
         parts.append("## Figures\n")
@@ -424,6 +503,7 @@ def figures_cli(argv: list[str]) -> int:
     parser.add_argument("--cohort", required=True, help="cohort.h5")
     parser.add_argument("--montage", required=True, help="cohort_montage.png")
     parser.add_argument("--qc-hist", required=True, help="qc_hist.png")
+    parser.add_argument("--privacy-hist", default=None, help="privacy_hist.png (the privacy screen)")
     parser.add_argument("--subjects", type=int, default=6, help="subjects in the montage")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
@@ -431,6 +511,9 @@ def figures_cli(argv: list[str]) -> int:
     thresholds = qc_thresholds(cfg.get("qc", {}))
     shown = cohort_montage(args.cohort, args.montage, args.subjects, lv_labels)
     stats = qc_histograms(args.cohort, args.qc_hist, thresholds)
+    if args.privacy_hist is not None:
+        screen = privacy_histogram(args.cohort, args.privacy_hist)
+        print(f"{args.privacy_hist}: " + (f"{screen['flagged']} possible copies" if screen else "screen off"))
     print(
         f"{args.montage}: {len(shown)} subjects; {args.qc_hist}: {stats['passed']} / {stats['n']} passed QC "
         f"({100 * stats['pass_rate']:.0f} %)"

@@ -4,8 +4,9 @@
 load the control module and its backbone (:func:`_load_control`), check that the dataset fits them
 (:func:`_check_inputs`), sign what a subject depends on (:func:`_signature`), then :class:`_ShardRun` plans
 batches of subjects (:func:`~vcm.cohort.sources.plan_subject`), samples them
-(:class:`~vcm.cohort.sampler.CohortSampler`), QCs them (:mod:`vcm.qc`) on worker threads while the next batch
-samples, retries a failing sample from the next attempt's seed and writes each finished subject's folder
+(:class:`~vcm.cohort.sampler.CohortSampler`), QCs them (:mod:`vcm.qc`) and screens them for copies of the real
+training subjects (:mod:`vcm.privacy`) on worker threads while the next batch samples, retries a failing
+sample (a possible copy included) from the next attempt's seed and writes each finished subject's folder
 (:mod:`vcm.cohort.subjects`). ``shard.h5`` comes last (:func:`vcm.cohort.store.write_shard`): a shard folder
 without it is incomplete, and a rerun keeps the complete subjects whose signature matches.
 """
@@ -48,6 +49,7 @@ from vcm.grid import Grid
 from vcm.io import provenance, sha256_file
 from vcm.labels import mask_of, semantic_map
 from vcm.models.build import load_model
+from vcm.privacy import PrivacyResult, PrivacySettings, RealSubjects
 from vcm.qc import QCResult, QCSettings, evaluate, reference_ranges
 from vcm.stage import resolve_device
 
@@ -98,6 +100,7 @@ def generate_shard(
     start = time.perf_counter()
     settings = CohortSettings.from_config(cfg)
     qc_settings = QCSettings.from_config(cfg)
+    privacy = PrivacySettings.from_config(cfg)
     device = resolve_device(device)
     out_dir = Path(out_dir)
     indices = shard_range(int(shard), settings.size, settings.shard_size)
@@ -106,6 +109,7 @@ def generate_shard(
     try:
         wanted, train_split = _check_inputs(data, control, dataset, model_path)
         grid = Grid.from_affine(data.grid, data.affine)
+        screen = _privacy_screen(privacy, dataset, data, train_split)
         run = _ShardRun(
             out_dir,
             data,
@@ -115,7 +119,8 @@ def generate_shard(
             seg_fn=segmenter or make_segmenter(cfg, qc_settings, template_dir, grid, segmenter_path),
             ranges=reference_ranges(dataset, data.split(train_split), qc_settings.intensity_percentiles),
             uses_skull="skull" in wanted,
-            signature=_signature(cfg, settings, qc_settings, control, segmenter_path, data, condset),
+            signature=_signature(cfg, settings, qc_settings, privacy, control, segmenter_path, data, condset),
+            privacy=screen,
             device=device,
             stop_after=stop_after,
         )
@@ -133,7 +138,10 @@ def generate_shard(
         if not run.run(sampler, indices, f"shard {int(shard):05d}", progress):
             return None
         attrs = _shard_attrs(cfg, control, model_path, dataset, condset, shard, device, start, run)
-        return write_shard(out_dir, indices, data.names, data, run.signature, attrs, run.ranges, qc_settings)
+        baseline = (privacy, screen[1].baseline()) if screen is not None else None
+        return write_shard(
+            out_dir, indices, data.names, data, run.signature, attrs, run.ranges, qc_settings, baseline
+        )
     finally:
         data.close()
 
@@ -189,10 +197,21 @@ def _check_inputs(
     return wanted, train_split
 
 
+def _privacy_screen(
+    privacy: PrivacySettings, dataset: str | Path, data: DatasetSource, train_split: str
+) -> tuple[PrivacySettings, RealSubjects] | None:
+    """The privacy screen's settings and the model's real training subjects (``None`` when it is off)."""
+    if not privacy.enabled:
+        return None
+    split = data.split(train_split)
+    return privacy, RealSubjects.from_dataset(dataset, split, privacy.spacing_mm, data.spacing)
+
+
 def _signature(
     cfg: Mapping[str, Any],
     settings: CohortSettings,
     qc_settings: QCSettings,
+    privacy: PrivacySettings,
     control: _Control,
     segmenter_path: str | Path | None,
     data: DatasetSource,
@@ -203,6 +222,7 @@ def _signature(
         "format": FORMAT_VERSION,
         "cohort": settings.signature_parts(),
         "qc": asdict(qc_settings),
+        "privacy": asdict(privacy),
         "segmentation": cfg.get("segmentation"),
         "conditions": cfg.get("conditions"),
         "model": control.model_sha,
@@ -273,6 +293,7 @@ class _ShardRun:
         ranges: Mapping[str, np.ndarray],
         uses_skull: bool,
         signature: str,
+        privacy: tuple[PrivacySettings, RealSubjects] | None,
         device: torch.device,
         stop_after: int | None,
     ) -> None:
@@ -280,6 +301,8 @@ class _ShardRun:
         self.settings, self.qc_settings = settings, qc_settings
         self.seg_fn, self.ranges, self.uses_skull = seg_fn, ranges, uses_skull
         self.signature, self.device, self.stop_after = signature, device, stop_after
+        self.privacy = privacy
+        self.label_dice: dict[int, np.ndarray] = {}  # per subject, its label map's Dice with each real one
         self.pending: deque[_Job] = deque()
         self.plans: dict[int, SubjectPlan] = {}
         self.tries: dict[int, list[Attempt]] = {}  # touched only by _check(), one batch at a time
@@ -374,8 +397,11 @@ class _ShardRun:
             seg = segment(image, work) if procs is None else procs.submit(segment, image, work).result()
             seg = np.asarray(seg, dtype=np.uint16)
         result = self._qc(plan, image, seg)
+        screen = self._screen(plan, image)
+        if screen is not None and screen.possible_copy:  # fails like any QC check, so it is resampled
+            result = QCResult(result.metrics, False, [*result.reasons, screen.reason])
         attempts = self.tries.setdefault(i, [])  # one subject is never checked twice at once
-        attempts.append(Attempt(a, seed, result, image, seg))
+        attempts.append(Attempt(a, seed, result, image, seg, screen))
         logger.info(
             "%s attempt %d of %d: %s",
             plan.subject,
@@ -387,6 +413,7 @@ class _ShardRun:
         )
         if result.passed or a + 1 >= self.qc_settings.max_tries:
             write_subject(folder, plan, self.tries.pop(i), self.signature, self.data.affine, self.device)
+            self.label_dice.pop(i, None)
             return None
         return (i, a + 1)
 
@@ -404,6 +431,15 @@ class _ShardRun:
             conds["skull"].astype(np.float32) if self.uses_skull else None,
             data.lv_labels,
         )
+
+    def _screen(self, plan: SubjectPlan, image: np.ndarray) -> PrivacyResult | None:
+        """The privacy screen of a sample (``None`` when off); its label map's Dice is computed once."""
+        if self.privacy is None:
+            return None
+        settings, reals = self.privacy
+        if plan.index not in self.label_dice:
+            self.label_dice[plan.index] = reals.label_dices(plan.label)
+        return reals.screen(image, self.label_dice[plan.index], settings.max_similarity)
 
     def _settle(self, batch: Sequence[_Job], outcomes: Sequence[_Job | None]) -> None:
         """Book a checked batch: retries go first, so a subject finishes before new ones start."""

@@ -9,9 +9,14 @@ the report) go through :func:`write_shard`, :func:`merge_cohort`, :func:`open_co
 ``/new_anatomy``, ``/qc/<metric>``, ``/qc/passed``, ``/qc/attempts``; also ``/index``, ``/seg``,
 ``/source_index``, ``/covariates_raw``, ``/intensity/<structure>`` (the image's median intensity per semantic
 class, next to ``/qc_reference/{low,high}``, the real range) and ``/attempts/<field>``, one row per QC
-attempt; provenance attributes. Volumes are gzip-compressed one subject per chunk, without timestamps, so that
+attempt; with the privacy screen (:mod:`vcm.privacy`) on, ``/privacy/<field>`` per subject (its kept
+attempt's nearest real training subject: ``nearest_real``, ``nearest_index``, ``nearest_similarity``,
+``nearest_label_dice``, ``max_label_dice``, ``possible_copy``), the same fields per attempt under
+``/attempts``, and the real-to-real baseline ``/privacy_reference/{subjects,nearest_real,similarity}`` (its
+attributes: the settings); provenance attributes. Volumes are gzip-compressed one subject per chunk, without timestamps, so that
 the same content makes the same datasets. Beside ``cohort.h5``: ``manifest.csv`` (one row per subject: NIfTI
-paths relative to the manifest, source, seed, covariates, QC) and ``qc.csv`` (one row per attempt).
+paths relative to the manifest, source, seed, covariates, QC) and ``qc.csv`` (one row per attempt, the privacy
+fields last).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from vcm.cohort.plan import CohortSettings, subject_id
 from vcm.cohort.subjects import read_record, read_volume, volume_path
 from vcm.errors import StageError
 from vcm.io import atomic_path, provenance
+from vcm.privacy import PRIVACY_FIELDS
 
 if TYPE_CHECKING:
     from vcm.cohort.sources import DatasetSource
+    from vcm.privacy import PrivacyBaseline, PrivacySettings
     from vcm.qc import QCSettings
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "SHARD_FILE",
     "merge_cohort",
     "open_cohort",
+    "read_privacy",
     "read_qc_summary",
     "write_shard",
 ]
@@ -64,6 +72,9 @@ _SHARD_INFO = (
     "slurm_array_task_id",
     "vcm_git_sha",
 )
+# datasets stored once, not per subject or attempt: the merge copies them from the first shard
+_REFERENCES = ("qc_reference", "privacy_reference")
+_PRIVACY_DTYPES = {"nearest_real": object, "nearest_index": np.int64, "possible_copy": bool}
 
 
 # --- readers -----------------------------------------------------------------------------------------------
@@ -96,6 +107,21 @@ def read_qc_summary(path: str | Path) -> dict[str, Any]:
             "samples": int(attempts.sum()),
             "dice_median": float(np.nanmedian(dice)),
             "sampling_seconds_per_sample": h5.attrs.get("sampling_seconds_per_sample", "?"),
+        }
+
+
+def read_privacy(path: str | Path) -> dict[str, Any] | None:
+    """The privacy screen of a ``cohort.h5`` (``None`` when it was off): per subject ``similarity``,
+    ``possible_copy`` and ``nearest_real``; the real-to-real ``baseline`` similarities; ``max_similarity``."""
+    with open_cohort(path) as h5:
+        if "privacy" not in h5 or "privacy_reference" not in h5:
+            return None
+        return {
+            "similarity": h5["privacy/nearest_similarity"][:],
+            "possible_copy": h5["privacy/possible_copy"][:],
+            "nearest_real": list(h5["privacy/nearest_real"].asstr()[:]),
+            "baseline": h5["privacy_reference/similarity"][:],
+            "max_similarity": float(h5["privacy_reference"].attrs["max_similarity"]),
         }
 
 
@@ -132,6 +158,7 @@ def write_shard(
     attrs: Mapping[str, str],
     ranges: Mapping[str, np.ndarray],
     qc_settings: QCSettings,
+    privacy: tuple[PrivacySettings, PrivacyBaseline] | None = None,
 ) -> Path:
     """``shard.h5`` from the complete subject folders of ``indices`` (atomically).
 
@@ -144,6 +171,7 @@ def write_shard(
         attrs: provenance attributes.
         ranges: the QC reference intensity ranges (``low``, ``high``, ``classes``).
         qc_settings: the QC settings, stored as JSON.
+        privacy: the privacy screen's settings and real-to-real baseline (``None``: the screen was off).
 
     Returns:
         the ``shard.h5`` path.
@@ -158,6 +186,8 @@ def write_shard(
         _put(h5, "qc_reference/low", ranges["low"], np.float64)
         _put(h5, "qc_reference/high", ranges["high"], np.float64)
         h5["qc_reference"].attrs["classes"] = [str(c) for c in ranges["classes"]]
+        if privacy is not None:
+            _write_privacy_reference(h5, *privacy)
         h5.attrs["grid_affine"] = data.affine
         h5.attrs["grid_shape"] = list(data.grid)
         h5.attrs["grid_spacing_mm"] = data.spacing
@@ -193,11 +223,30 @@ def _write_volumes(
         conds["semantics"].attrs["classes"] = data.semantic_class_names()
 
 
+def _write_privacy_reference(h5: h5py.File, settings: PrivacySettings, baseline: PrivacyBaseline) -> None:
+    """The real-to-real baseline of the privacy screen, its settings as attributes."""
+    _put(h5, "privacy_reference/subjects", np.array(baseline.subjects, dtype=object))
+    _put(h5, "privacy_reference/nearest_real", np.array(baseline.nearest_real, dtype=object))
+    _put(h5, "privacy_reference/similarity", baseline.similarity, np.float64)
+    for key, value in asdict(settings).items():
+        h5["privacy_reference"].attrs[key] = value
+
+
+def _write_privacy(h5: h5py.File, records: Sequence[Mapping], tries: Sequence[Mapping]) -> None:
+    """The kept attempts' privacy screens under ``/privacy``, every attempt's under ``/attempts``."""
+    for name in PRIVACY_FIELDS:
+        dtype = _PRIVACY_DTYPES.get(name, np.float64)
+        for key, rows in ((f"privacy/{name}", [r["privacy"] for r in records]), (f"attempts/{name}", tries)):
+            values = [row[name] if dtype is not np.float64 else _nan(row[name]) for row in rows]
+            _put(h5, key, np.array(values, dtype=object) if dtype is object else values, dtype)
+
+
 def _write_records(h5: h5py.File, records: Sequence[Mapping]) -> None:
     """The per-subject fields of ``subject.json``, and one row per QC attempt under ``/attempts``."""
     metrics = sorted({k for r in records for k in r["qc"]})
     tries = [t for r in records for t in r["tries"]]
-    try_keys = sorted({k for t in tries for k in t} - {"attempt", "seed", "passed", "kept", "reasons"})
+    special = {"attempt", "seed", "passed", "kept", "reasons", *PRIVACY_FIELDS}
+    try_keys = sorted({k for t in tries for k in t} - special)
     _put(h5, "covariates", [r["covariates"] for r in records], np.float32)
     _put(h5, "covariates_raw", [r["covariates_raw"] for r in records], np.float64)
     h5["covariates"].attrs["order"] = list(COVARIATES)
@@ -218,6 +267,8 @@ def _write_records(h5: h5py.File, records: Sequence[Mapping]) -> None:
     _put(h5, "attempts/reasons", np.array([t["reasons"] for t in tries], dtype=object))
     for m in try_keys:
         _put(h5, f"attempts/{m}", [_nan(t.get(m)) for t in tries], np.float64)
+    if records and all("privacy" in r for r in records):
+        _write_privacy(h5, records, tries)
 
 
 # --- merge -------------------------------------------------------------------------------------------------
@@ -312,14 +363,15 @@ def _ranges_text(index: np.ndarray) -> str:
 
 
 def _copy_datasets(out: h5py.File, opened: Sequence[tuple[Path, h5py.File]], n: int) -> None:
-    """Every dataset of the shards, concatenated (``/qc_reference`` once), volumes one subject at a time."""
+    """Every dataset of the shards, concatenated (the references once), volumes one subject at a time."""
     first = opened[0][1]
     keys: list[str] = []
     first.visititems(lambda k, o: keys.append(k) if isinstance(o, h5py.Dataset) else None)
-    per_subject = [k for k in keys if not k.startswith(("attempts/", "qc_reference/"))]
+    once = tuple(f"{group}/" for group in _REFERENCES)
+    per_subject = [k for k in keys if not k.startswith(("attempts/", *once))]
     for key in keys:
         src = first[key]
-        if key.startswith("qc_reference/"):
+        if key.startswith(once):
             out.create_dataset(key, data=src[:], track_times=False)
             continue
         total = n if key in per_subject else sum(h5[key].shape[0] for _, h5 in opened)
@@ -337,8 +389,9 @@ def _copy_datasets(out: h5py.File, opened: Sequence[tuple[Path, h5py.File]], n: 
                 block = part[s : s + (1 if part.ndim > 2 else part.shape[0])]
                 ds[at : at + len(block)] = block
                 at += len(block)
-    for name, value in first["qc_reference"].attrs.items():
-        out["qc_reference"].attrs[name] = value
+    for group in _REFERENCES:
+        for name, value in first[group].attrs.items() if group in first else ():
+            out[group].attrs[name] = value
 
 
 def _merged_attrs(cfg: Mapping[str, Any], opened: Sequence[tuple[Path, h5py.File]], n: int) -> dict[str, Any]:
@@ -415,7 +468,9 @@ def _manifest_rows(path: Path, h5: h5py.File, out_dir: Path) -> list[dict[str, A
 def _attempt_rows(h5: h5py.File) -> list[dict[str, Any]]:
     """Rows of ``qc.csv``, one per QC attempt of a shard (attempts counted from 1)."""
     a = h5["attempts"]
-    fields = sorted(k for k in a if k not in ("index", "attempt", "seed", "passed", "kept", "reasons"))
+    special = ("index", "attempt", "seed", "passed", "kept", "reasons", *PRIVACY_FIELDS)
+    fields = sorted(k for k in a if k not in special)
+    privacy = [k for k in PRIVACY_FIELDS if k in a]
     return [
         {
             "subject": subject_id(int(a["index"][j])),
@@ -426,6 +481,13 @@ def _attempt_rows(h5: h5py.File) -> list[dict[str, Any]]:
             "kept": bool(a["kept"][j]),
             **{m: float(a[m][j]) for m in fields},
             "reasons": a["reasons"].asstr()[j],
+            **{k: _privacy_value(a[k], j) for k in privacy},
         }
         for j in range(a["index"].shape[0])
     ]
+
+
+def _privacy_value(ds: h5py.Dataset, j: int) -> Any:
+    if ds.dtype.kind == "O":
+        return ds.asstr()[j]
+    return ds[j].item()

@@ -1,8 +1,8 @@
 """A synthetic subject's folder ``syn-<i:05d>/``: its NIfTIs and ``subject.json``, the completion mark.
 
 The label map and conditions are written when the subject is planned; the kept attempt's ``image`` and
-``seg`` (the QC re-segmentation) when it is finished, then ``subject.json`` (source, seeds, covariates, QC of
-every attempt), atomically and last: a folder without it is incomplete and is redone. A rerun keeps a complete
+``seg`` (the QC re-segmentation) when it is finished, then ``subject.json`` (source, seeds, covariates, QC and
+privacy screen (:mod:`vcm.privacy`) of every attempt), atomically and last: a folder without it is incomplete and is redone. A rerun keeps a complete
 folder whose settings signature matches. All volumes carry the grid affine.
 """
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from vcm.cohort.sources import SubjectPlan
+    from vcm.privacy import PrivacyResult
     from vcm.qc import QCResult
 
 __all__ = [
@@ -41,18 +42,21 @@ __all__ = [
 
 SUBJECT_FILE = "subject.json"
 # the layout of subject.json and shard.h5; part of the settings signature, so a new format remakes subjects
-FORMAT_VERSION = 1
+# (2: the privacy screen of every attempt)
+FORMAT_VERSION = 2
 
 
 @dataclass
 class Attempt:
-    """One sample of a subject and its QC."""
+    """One sample of a subject, its QC and its privacy screen (``None`` when ``qc.privacy.enabled`` is off;
+    a possible copy is one of ``qc``'s failed checks)."""
 
     attempt: int
     seed: int
     qc: QCResult
     image: np.ndarray
     seg: np.ndarray
+    privacy: PrivacyResult | None = None
 
     def rank(self) -> tuple[int, float]:
         """Fewest failed checks first, then the highest LV Dice."""
@@ -140,6 +144,7 @@ def write_subject(
         "covariates": plan.covariates.tolist(),
         "covariates_raw": plan.covariates_raw.tolist(),
         "qc": kept.qc.metrics,
+        **({"privacy": kept.privacy.record()} if kept.privacy is not None else {}),
         "tries": [
             {
                 "attempt": t.attempt,
@@ -148,6 +153,7 @@ def write_subject(
                 "kept": t is kept,
                 "reasons": "; ".join(t.qc.reasons),
                 **t.qc.metrics,
+                **(t.privacy.record() if t.privacy is not None else {}),
             }
             for t in attempts
         ],

@@ -19,7 +19,9 @@ MASK_EDITS = expand(
 TSTR_TABLES = expand(f"{EVAL_DIR}/tstr/{{condset}}.csv", condset=COHORT_SETS)
 COHORT_FILES = expand(f"{RESULTS}/cohorts/{{condset}}/cohort.h5", condset=COHORT_SETS)
 COHORT_FIGURES = expand(
-    f"{RESULTS}/cohorts/{{condset}}/{{figure}}.png", condset=COHORT_SETS, figure=["cohort_montage", "qc_hist"]
+    f"{RESULTS}/cohorts/{{condset}}/{{figure}}.png",
+    condset=COHORT_SETS,
+    figure=["cohort_montage", "qc_hist", "privacy_hist"],
 )
 EVAL_TABLES = [f"{EVAL_DIR}/table.md", f"{EVAL_DIR}/table.html", f"{EVAL_DIR}/tstr.csv"]
 SUMMARY = f"{RESULTS}/summary.md"
@@ -168,6 +170,13 @@ rule cohort_figures:
             subcategory="{condset}",
             labels={"cohort": "{condset}", "figure": "QC histograms"},
         ),
+        privacy_hist=report(
+            f"{RESULTS}/cohorts/{{condset}}/privacy_hist.png",
+            caption="../report/privacy_hist.rst",
+            category="Cohorts",
+            subcategory="{condset}",
+            labels={"cohort": "{condset}", "figure": "privacy screen"},
+        ),
     log:
         f"{LOGS}/cohort_figures/{{condset}}.log",
     benchmark:
@@ -181,7 +190,8 @@ rule cohort_figures:
         config=CONFIG_FILE,
     shell:
         "python -m vcm cohort-figures --config {params.config} --cohort {input.cohort}"
-        " --montage {output.montage} --qc-hist {output.qc_hist} > {log} 2>&1"
+        " --montage {output.montage} --qc-hist {output.qc_hist} --privacy-hist {output.privacy_hist}"
+        " > {log} 2>&1"
 
 
 rule eval_tables:
