@@ -14,8 +14,9 @@ condition set's cohort. For each subject (global index ``i``):
    CUDA only, the full-resolution passes (condition encoder, decoder) in chunks of ``cohort.decode_chunk``
    samples so that a 24 GB GPU suffices at the BrainLDM grid. The initial noise of attempt ``a`` comes from
    a seed derived from ``(cohort.seed, i, a)`` only.
-3. **QC** (:mod:`vcm.qc`): re-segmentation, LV Dice/HD95/ASSD, skull-dist, per-structure intensities. A
-   failing sample is regenerated from the next attempt's seed, up to ``qc.max_tries`` samples; a subject
+3. **QC** (:mod:`vcm.qc`): re-segmentation, LV Dice/HD95/ASSD, skull-dist, per-structure intensities; then
+   the privacy screen (:mod:`vcm.privacy`): a sample whose brain correlates with a real training subject's
+   above ``qc.privacy.max_similarity`` is a possible copy and fails like a QC failure. A failing sample is regenerated from the next attempt's seed, up to ``qc.max_tries`` samples; a subject
    that never passes keeps its best attempt (fewest failed checks, then highest Dice) with
    ``passed = False``.
 
