@@ -55,3 +55,74 @@ def test_load_config_reports_missing_file_and_bad_yaml(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"grid": "demo", "qc": {"dice_min": 0.8}}))
     assert load_config(good)["qc"]["dice_min"] == 0.8
+
+
+# --- settings read the validated config; their field defaults are the schema's ------------------------------
+
+
+def _settings_classes():
+    from vcm.evaluation.settings import EvalSettings
+    from vcm.privacy import PrivacySettings
+    from vcm.qc import QCSettings
+    from vcm.train_segmenter import SegmenterSettings
+    from vcm.training.settings import Settings
+    from vcm.tstr import TstrSettings
+
+    preview = {"preview_subjects": "preview.subjects", "preview_ddim_steps": "preview.ddim_steps"}
+    return [
+        (EvalSettings, "evaluation", {}),
+        (TstrSettings, "tstr", {}),
+        (SegmenterSettings, "qc.segmenter", {}),
+        (QCSettings, "qc", {}),
+        (PrivacySettings, "qc.privacy", {}),
+        (Settings, "training", {**preview, "preview_seed": "preview.seed"}),
+    ]
+
+
+def _at(node, path):
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize(
+    ("cls", "section", "renamed"), _settings_classes(), ids=lambda x: getattr(x, "__name__", x)
+)
+def test_settings_defaults_are_the_schema_defaults(cls, section, renamed):
+    import dataclasses
+
+    schema_defaults = _at(validate_config({}), section)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        expected = _at(schema_defaults, renamed.get(f.name, f.name))
+        assert (list(default) if isinstance(default, tuple) else default) == expected, f"{section}.{f.name}"
+    read = cls.from_config(validate_config({}))  # every field read from the config, none re-defaulted
+    for f in dataclasses.fields(cls):
+        value = getattr(read, f.name)
+        expected = _at(schema_defaults, renamed.get(f.name, f.name))
+        if expected is not None:  # None defers to another key (cohort.ddim_steps, qc.backend, ...)
+            assert (list(value) if isinstance(value, tuple) else value) == expected, f"{section}.{f.name}"
+
+
+def test_unknown_keys_are_the_schemas_to_reject():
+    from vcm.config import section_values
+    from vcm.tstr import TstrSettings
+
+    with pytest.raises(ConfigError, match="unknown key 'step' under 'tstr'"):
+        validate_config({"tstr": {"step": 3}})
+    cfg = validate_config({})
+    with pytest.raises(
+        TypeError, match=r"config key 'tstr\.augment' is missing: validate the config"
+    ):  # a config that skipped validation
+        TstrSettings.from_config({**cfg, "tstr": {}})
+    with pytest.raises(TypeError, match="'tstr.labels' is in the schema but not a field"):
+        section_values(
+            cfg, "tstr", ["steps"], read_elsewhere=[k for k in cfg["tstr"] if k not in ("steps", "labels")]
+        )
+    assert section_values(
+        cfg,
+        "qc.segmenter",
+        ["steps", "lr"],
+        {"lr": None, "steps": 5},
+        read_elsewhere=set(cfg["qc"]["segmenter"]) - {"steps", "lr"},
+    ) == {"steps": 5, "lr": cfg["qc"]["segmenter"]["lr"]}

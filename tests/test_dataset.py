@@ -7,6 +7,7 @@ import pytest
 
 from vcm.config import validate_config
 from vcm.dataset import build_dataset, make_splits
+from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import save_nifti, write_json
@@ -96,3 +97,42 @@ def test_build_dataset_leaves_nothing_when_a_subject_is_missing(tmp_path, rng):
     with pytest.raises(FileNotFoundError):
         build_dataset(cfg, tmp_path / "subjects.csv", tmp_path / "prep", tmp_path / "dataset.h5")
     assert not any(p.name.startswith(".dataset") or p.name == "dataset.h5" for p in tmp_path.iterdir())
+
+
+def test_dataset_file_reads_what_build_dataset_wrote(tmp_path, rng):
+    cfg = validate_config(
+        {
+            "grid": {"shape": [8, 10, 8], "spacing_mm": 20},
+            "training": {"sizes": [2]},
+            "dataset": {"val_size": 2},
+        }
+    )
+    grid = Grid.from_config(cfg["grid"])
+    _fake_prep(tmp_path / "prep", ["a", "b", "c", "d"], grid, rng)
+    pd.DataFrame({"subject": ["a", "b", "c", "d"]}).to_csv(tmp_path / "subjects.csv", index=False)
+    out = build_dataset(cfg, tmp_path / "subjects.csv", tmp_path / "prep", tmp_path / "dataset.h5")
+    with DatasetFile(out) as data:
+        assert len(data) == 4 and data.subjects() == ["a", "b", "c", "d"]
+        val = data.split("val")
+        assert data.split_sizes() == {"train_2": 2, "val": 2} and list(val) == sorted(val)
+        assert data.subjects(val) == [["a", "b", "c", "d"][i] for i in val] and data.subjects(1) == ["b"]
+        assert data.grid_shape == (8, 10, 8) and data.spacing_mm == 20
+        np.testing.assert_allclose(data.affine, grid.affine)
+        assert data.images(val).shape == (2, 1, 8, 10, 8) and data.labels(1)[3, 3, 3] == 5
+        assert data.conditions("lv", val).dtype == np.uint8 and data.condition_dtype("skull") == np.float16
+        assert data.covariates(3)[1] == pytest.approx(0.3) and data.covariates_raw(val).shape == (2, 4)
+        assert data.n_semantic == 8 and data.semantic_classes()[0] == "background"
+        assert len(data.config_sha256) == 64
+        with pytest.raises(StageError, match=r"no split 'train_9' \(have: train_2, val\)"):
+            data.split("train_9")
+        with pytest.raises(StageError, match="no condition 't2' for the model"):
+            data.require_conditions(["lv", "t2"], needed_by="the model")
+    with pytest.raises(StageError, match="dataset not found"):
+        DatasetFile(tmp_path / "none.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(StageError, match="not an HDF5 file"):
+        DatasetFile(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5["x"] = 1
+    with pytest.raises(StageError, match="no /image dataset"):
+        DatasetFile(tmp_path / "other.h5")

@@ -16,7 +16,7 @@ import yaml
 
 from tests.fixtures import TINY_VCM, make_bundle, make_dataset
 from vcm.cli import main
-from vcm.config import load_config
+from vcm.config import load_config, validate_config
 from vcm.errors import StageError
 from vcm.evaluation.fid import fid_3d, load_medicalnet, medicalnet_features
 from vcm.evaluation.metrics import (
@@ -174,14 +174,16 @@ def test_settings_follow_the_qc_segmentation_backend():
     cfg["qc"]["backend"] = "atlas"
     assert EvalSettings.from_config(cfg).segmentation == "atlas"
     assert (
-        EvalSettings.from_config({**cfg, "evaluation": {"segmentation": "synthseg"}}).segmentation
+        EvalSettings.from_config(
+            validate_config({**cfg, "evaluation": {"segmentation": "synthseg"}})
+        ).segmentation
         == "synthseg"
     )
     assert EvalSettings.from_config(cfg).ddim_steps == cfg["cohort"]["ddim_steps"]
     with pytest.raises(StageError, match="'evaluation.ssim_kernel': expected an odd size"):
         EvalSettings.from_config(cfg, ssim_kernel=8)
     with pytest.raises(StageError, match="unknown key 'kernel' under 'evaluation'"):
-        EvalSettings.from_config({**cfg, "evaluation": {"kernel": 7}})
+        EvalSettings.from_config(validate_config({**cfg, "evaluation": {"kernel": 7}}))
 
 
 # --- the stage on a tiny backbone ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from tests.fixtures import encode, make_bundle, make_encoded
 from vcm.errors import StageError
-from vcm.latents import bundle_sha256, flip_lr
+from vcm.latents import LatentsFile, bundle_sha256, flip_lr
 from vcm.models.backbone import load_bundle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,3 +63,13 @@ def test_missing_dataset_is_one_line(tmp_path, files):
     with pytest.raises(StageError, match="dataset not found"):
         encode(tmp_path / "missing.h5", files["bundle"], tmp_path / "l.h5")
     assert not (tmp_path / "l.h5").exists()
+
+
+def test_latents_file_reads_what_encode_wrote(tmp_path, files):
+    with LatentsFile(files["latents"]) as encoded, h5py.File(files["dataset"]) as ds:
+        assert len(encoded) == 6 and encoded.subjects() == [s.decode() for s in ds["subjects"][:]]
+        assert encoded.bundle_sha256 == bundle_sha256(files["bundle"])
+        mu, sigma = encoded.posteriors(np.array([1, 3]))
+        assert mu.shape == sigma.shape == (2, 2, 3, 4, 4, 4) and mu.dtype == np.float32
+    with pytest.raises(StageError, match="latents not found"):
+        LatentsFile(tmp_path / "none.h5")

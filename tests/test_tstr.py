@@ -11,7 +11,7 @@ import yaml
 
 from tests.fixtures import make_cohort, make_real
 from vcm.cli import main
-from vcm.config import load_config
+from vcm.config import load_config, validate_config
 from vcm.errors import StageError
 from vcm.tstr import TstrSettings, run_tstr
 
@@ -79,8 +79,8 @@ def test_settings_errors(tcfg):
     with pytest.raises(StageError, match="'tstr.labels': expected lv or semantics"):
         TstrSettings.from_config(tcfg, labels="tissue")
     with pytest.raises(StageError, match="unknown key 'step' under 'tstr'"):
-        TstrSettings.from_config({**tcfg, "tstr": {"step": 3}})
-    assert TstrSettings.from_config({**tcfg, "tstr": {"steps": 7}}).steps == 7
+        TstrSettings.from_config(validate_config({**tcfg, "tstr": {"step": 3}}))
+    assert TstrSettings.from_config(validate_config({**tcfg, "tstr": {"steps": 7}})).steps == 7
 
 
 def test_cli_prints_both_rows_and_one_line_errors(tmp_path, files, capsys):

@@ -7,13 +7,14 @@ and every ``python -m vcm`` stage validate against it through :func:`validate_co
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from vcm.errors import ConfigError, StageError
+from vcm.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -97,18 +98,46 @@ def dump_config(cfg: dict[str, Any]) -> str:
 
 
 def section_values(
-    cfg: dict[str, Any], section: str, known: set[str], overrides: dict[str, Any]
+    cfg: Mapping[str, Any],
+    section: str,
+    fields: Collection[str],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    read_elsewhere: Collection[str] = (),
 ) -> dict[str, Any]:
-    """The keys of ``cfg[section]`` for a stage's settings dataclass whose fields are ``known``, with the
-    ``overrides`` that are not ``None`` on top.
+    """The values of a validated config's ``section`` for a settings dataclass, with ``overrides`` on top.
+
+    One policy for unknown keys: the schema rejects them when the config is validated (:func:`validate_config`
+    raises a :class:`~vcm.errors.ConfigError` naming the key), and fills in every default. So the section of a
+    validated config holds exactly the dataclass's ``fields`` (and the keys ``read_elsewhere``, which other
+    settings read); anything else means that the schema and the dataclass disagree, or that the config was
+    not validated: a programming error, not a user's.
+
+    Args:
+        cfg: the validated config.
+        section: a dotted path to the section (``tstr``, ``qc.segmenter``).
+        fields: the dataclass's fields that the section holds.
+        overrides: values that win over the config's (command-line options); ``None`` values are ignored.
+        read_elsewhere: keys of the section that are not these settings' (sub-sections, keys of other stages).
 
     Raises:
-        StageError: one line naming a key of the section that is not a field.
+        TypeError: the section lacks a field or holds a key that is not one.
     """
-    section_cfg = dict(cfg.get(section) or {})
-    unknown = sorted(set(section_cfg) - known)
-    if unknown:
-        raise StageError(
-            f"config: unknown key '{unknown[0]}' under '{section}' (allowed: {', '.join(sorted(known))})"
+    node: Any = cfg
+    for part in section.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if not isinstance(node, Mapping):
+        raise TypeError(
+            f"config section '{section}' is missing: validate the config (vcm.config.validate_config)"
         )
-    return {**section_cfg, **{k: v for k, v in overrides.items() if v is not None}}
+    keys = set(node) - set(read_elsewhere)
+    missing, extra = sorted(set(fields) - keys), sorted(keys - set(fields))
+    if missing:
+        raise TypeError(
+            f"config key '{section}.{missing[0]}' is missing: validate the config (vcm.config.validate_config), "
+            "which fills in the schema's defaults"
+        )
+    if extra:
+        raise TypeError(f"config key '{section}.{extra[0]}' is in the schema but not a field of its settings")
+    values = {k: node[k] for k in fields}
+    return {**values, **{k: v for k, v in (overrides or {}).items() if v is not None}}

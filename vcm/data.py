@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vcm.cohort.store import open_cohort
+from vcm.dataset_store import DatasetFile, open_dataset
 from vcm.errors import StageError
 from vcm.labels import FS_LABELS, LATERAL_VENTRICLES, SEMANTIC_CLASSES
 
@@ -92,7 +93,13 @@ def _strings(values: np.ndarray) -> list[str]:
 
 
 class _H5Dataset(Dataset):
-    """Shared lazy reading of ``/image``, ``/label``, ``/cond/*`` and ``/covariates`` rows of one HDF5 file."""
+    """Shared lazy reading of ``/image``, ``/label``, ``/cond/*`` and ``/covariates`` rows of one HDF5 file.
+
+    The rows and the layout they share are the contracts' (:mod:`vcm.cohort.store`, :mod:`vcm.dataset_store`);
+    a subclass names the contract's opener as ``_open``.
+    """
+
+    _open: Callable[[Path], h5py.File]
 
     def __init__(
         self,
@@ -117,7 +124,7 @@ class _H5Dataset(Dataset):
     def _file(self) -> h5py.File:
         if self._h5 is None or self._pid != os.getpid():
             # a handle inherited through fork is not safe to use: open a fresh one in this process
-            self._h5 = h5py.File(self.path, "r")
+            self._h5 = type(self)._open(self.path)
             self._pid = os.getpid()
         return self._h5
 
@@ -208,6 +215,8 @@ class CohortDataset(_H5Dataset):
         StageError: the file is missing or lacks the datasets asked for.
     """
 
+    _open = staticmethod(open_cohort)
+
     def __init__(
         self,
         path: str | Path,
@@ -252,6 +261,8 @@ class RealDataset(_H5Dataset):
         StageError: the file or the split is missing.
     """
 
+    _open = staticmethod(open_dataset)
+
     def __init__(
         self,
         path: str | Path,
@@ -262,17 +273,13 @@ class RealDataset(_H5Dataset):
         transform: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise StageError(f"dataset file not found: {path}")
-        with h5py.File(path, "r") as h5:
-            self._check(path, h5, conditions)
+        with DatasetFile(path) as data:
+            data.require("subjects", "label")
+            data.require_conditions(conditions)
             if split is None:
-                rows = np.arange(len(h5["subjects"]))
+                rows = np.arange(len(data))
             elif isinstance(split, str):
-                if f"splits/{split}" not in h5:
-                    have = ", ".join(sorted(h5["splits"])) if "splits" in h5 else "none"
-                    raise StageError(f"{path}: no split '{split}' (have: {have})")
-                rows = np.sort(np.asarray(h5[f"splits/{split}"][:], dtype=np.int64))
+                rows = data.split(split)
             else:
                 rows = np.asarray(split, dtype=np.int64)
         super().__init__(path, rows, label_map, lv_labels, conditions, transform)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
+from vcm.dataset_store import DatasetFile
 from vcm.labels import LATERAL_VENTRICLES, mask_dice, mask_of
 from vcm.stats import bootstrap_ci
 
@@ -30,12 +30,12 @@ def _summary(values: list[float]) -> dict[str, Any]:
 def _validation(
     dataset: str | Path, n: int | None
 ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
-    with h5py.File(dataset, "r") as h5:
-        val = np.sort(np.asarray(h5["splits/val"][:], dtype=np.int64))[:n]
-        subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][val]]
-        images = np.asarray(h5["image"][val][:, 0], dtype=np.float32)
-        labels = np.asarray(h5["label"][val])
-        affine = np.asarray(h5.attrs["grid_affine"], dtype=float)
+    with DatasetFile(dataset) as data:
+        val = data.split("val")[:n]
+        subjects = data.subjects(val)
+        images = np.asarray(data.images(val)[:, 0], dtype=np.float32)
+        labels = data.labels(val)
+        affine = data.affine
     return val, subjects, images, labels, affine
 
 

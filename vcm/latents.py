@@ -15,6 +15,8 @@ Layout::
     attrs          provenance, ``bundle_sha256`` (see :func:`bundle_sha256`), ``flip_axis`` (0),
                    ``downsample_factor``, ``dataset``
 
+The one module that opens ``latents.h5``: :func:`write_latents` writes it, :class:`LatentsFile` reads it.
+
 A diffusion latent is then ``(mu + sigma * n) * scale_factor`` with ``n ~ N(0, I)`` drawn at every step, or
 ``mu * scale_factor`` for a backbone whose U-Net was trained on posterior means (the bundle's
 ``latent_sampling``; the tiny backbone's).
@@ -22,7 +24,6 @@ A diffusion latent is then ``(mu + sigma * n) * scale_factor`` with ``n ~ N(0, I
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import time
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from vcm.errors import StageError
 
-__all__ = ["FLIP_AXIS", "bundle_sha256", "cli", "encode_dataset", "flip_lr", "write_latents"]
+__all__ = ["FLIP_AXIS", "LatentsFile", "bundle_sha256", "cli", "encode_dataset", "flip_lr", "write_latents"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,47 +134,84 @@ def write_latents(
     return Path(out)
 
 
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class LatentsFile:
+    """Read access to one ``latents.h5`` (a context manager).
+
+    Args:
+        path: the file.
+
+    Raises:
+        StageError: the file is missing or has no ``/mu`` or ``/sigma``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StageError(f"latents not found: {path} (run encode-latents)")
+        self.h5 = h5py.File(self.path, "r")
+        for key in ("mu", "sigma"):
+            if key not in self.h5:
+                self.h5.close()
+                raise StageError(f"{path}: no /{key} dataset (rerun encode-latents)")
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self) -> LatentsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return int(self.h5["mu"].shape[0])
+
+    def subjects(self) -> list[str] | None:
+        """The dataset's subject ids the latents were encoded from (``None`` when not recorded)."""
+        if "subjects" not in self.h5:
+            return None
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in self.h5["subjects"][:]]
+
+    @property
+    def bundle_sha256(self) -> str:
+        """The digest of the backbone bundle that encoded them (``""`` when not recorded)."""
+        return str(self.h5.attrs.get("bundle_sha256", ""))
+
+    def posteriors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``mu`` and ``sigma`` (float32, n x 2 x C x h x w x d) of the sorted ``rows``."""
+        return (
+            np.asarray(self.h5["mu"][rows], dtype=np.float32),
+            np.asarray(self.h5["sigma"][rows], dtype=np.float32),
+        )
 
 
 def cli(argv: list[str]) -> int:
     """``python -m vcm encode-latents``: encode every image of ``dataset.h5`` and its flip, once."""
     from vcm.config import dump_config, load_config
+    from vcm.dataset_store import DatasetFile
     from vcm.io import provenance
     from vcm.models.backbone import load_bundle
+    from vcm.stage import configure_runtime, stage_parser
 
-    parser = argparse.ArgumentParser(prog="python -m vcm encode-latents", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("encode-latents", __doc__, threads=True, device=True)
     parser.add_argument("--dataset", required=True, help="dataset.h5")
     parser.add_argument("--bundle", required=True, help="backbone bundle folder")
     parser.add_argument("--out", required=True, help="latents.h5 to write")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = configure_runtime(args)
     cfg = load_config(args.config)
-    device = _device(args.device)
     backbone = load_bundle(args.bundle, scale_factor=cfg["backbone"]["scale_factor"], device=device)
-    if not Path(args.dataset).is_file():
-        raise StageError(f"dataset not found: {args.dataset}")
     start = time.perf_counter()
-    with h5py.File(args.dataset, "r") as h5:
-        if "image" not in h5:
-            raise StageError(f"{args.dataset}: no /image dataset")
-        images = h5["image"]
-        grid = tuple(images.shape[2:])
+    with DatasetFile(args.dataset) as data:
+        grid = data.grid_shape
         factor = backbone.downsample_factor
         if any(s % factor for s in grid):
             raise StageError(
                 f"image grid {grid} is not divisible by the autoencoder's downsampling factor {factor}"
             )
-        subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][:]]
-        mu, sigma = encode_dataset(backbone, images, args.batch_size, device)
+        subjects = data.subjects()
+        mu, sigma = encode_dataset(backbone, data.lazy_images, args.batch_size, device)
     attrs = provenance(
         dump_config(cfg),
         bundle=str(args.bundle),

@@ -19,11 +19,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.stage import configure_runtime, stage_parser
 
@@ -69,7 +69,7 @@ def mask_edit_check(
     from vcm.labels import mask_dice, mask_of
     from vcm.models.backbone import load_bundle
     from vcm.models.build import load_model
-    from vcm.models.conditions import condition_tensor, semantic_classes
+    from vcm.models.conditions import condition_tensor
 
     model, meta = load_model(model_path, device)
     names = [n for g in meta["condition_groups"] for n, _ in g]
@@ -78,17 +78,17 @@ def mask_edit_check(
             f"{model_path}: its condition set has no lv mask to edit (conditions: {', '.join(names)})"
         )
     backbone = load_bundle(bundle, scale_factor=meta.get("scale_factor"), device=device)
-    lv_labels = tuple(cfg.get("conditions", {}).get("lv_labels", (4, 43)))
+    lv_labels = tuple(cfg["conditions"]["lv_labels"])
     steps = int(ddim_steps or cfg["cohort"]["ddim_steps"])
-    with h5py.File(dataset, "r") as h5:
-        val = np.sort(np.asarray(h5["splits/val"][:], dtype=np.int64))[:n_subjects]
+    with DatasetFile(dataset) as data:
+        val = data.split("val")[:n_subjects]
         if val.size == 0:
             raise StageError(f"{dataset}: /splits/val is empty: no subject to edit")
-        subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][val]]
-        n_sem = semantic_classes(h5)
-        stored = {n: np.asarray(h5[f"cond/{n}"][val]) for n in names}
-        brain = h5["cond/brain"][val][:, 0] > 0 if "cond/brain" in h5 else None
-        cov = torch.from_numpy(np.asarray(h5["covariates"][val], dtype=np.float32)).unsqueeze(1).to(device)
+        subjects = data.subjects(val)
+        n_sem = data.n_semantic
+        stored = {n: data.conditions(n, val) for n in names}
+        brain = data.conditions("brain", val)[:, 0] > 0 if data.has_condition("brain") else None
+        cov = torch.from_numpy(data.covariates(val)).unsqueeze(1).to(device)
     factor = backbone.downsample_factor
     grid = stored["lv"].shape[2:]
     latent = (backbone.latent_channels, *(s // factor for s in grid))
@@ -179,9 +179,8 @@ def run_mask_edit(
     from vcm.io import provenance, write_json
 
     settings = EvalSettings.from_config(cfg)
-    with h5py.File(dataset, "r") as h5:
-        affine = np.asarray(h5.attrs["grid_affine"], dtype=float)
-        shape = h5["image"].shape[2:]
+    with DatasetFile(dataset) as data:
+        affine, shape = data.affine, data.grid_shape
     segment = make_image_segmenter(cfg, settings.segmentation, template_dir, affine, shape, segmenter_path)
     result = mask_edit_check(
         cfg, dataset, model_path, bundle, segment, n_subjects, settings.ddim_steps, settings.seed, device

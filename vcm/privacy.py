@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
+from vcm.config import section_values
+from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.labels import SEMANTIC_CLASSES, brain_mask, semantic_map
 
@@ -61,7 +62,7 @@ _N_CLASSES = len(SEMANTIC_CLASSES)
 
 @dataclass
 class PrivacySettings:
-    """The config's ``qc.privacy`` section (absent keys take these defaults, as the schema's).
+    """The validated config's ``qc.privacy`` section (the field defaults are the schema's).
 
     Args:
         enabled: screen every sample; ``False`` records nothing.
@@ -76,8 +77,7 @@ class PrivacySettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> PrivacySettings:
-        section = dict((cfg.get("qc") or {}).get("privacy") or {})
-        out = cls(**{k: v for k, v in section.items() if k in cls.__dataclass_fields__})
+        out = cls(**section_values(cfg, "qc.privacy", set(cls.__dataclass_fields__)))
         if not 0 < float(out.max_similarity) <= 1:
             raise StageError(
                 f"config key 'qc.privacy.max_similarity': expected (0, 1], got {out.max_similarity}"
@@ -188,10 +188,10 @@ class RealSubjects:
         """The real subjects ``index`` of ``dataset.h5`` (``/image``, ``/label``), read one at a time."""
         factor = PrivacySettings(spacing_mm=spacing_mm).factor(grid_spacing_mm)
         index = np.sort(np.asarray(index, dtype=np.int64))
-        with h5py.File(dataset, "r") as h5:
-            names = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][:]]
-            images = np.stack([coarsen_image(h5["image"][int(i), 0], factor) for i in index])
-            labels = np.stack([coarsen_labels(h5["label"][int(i)], factor) for i in index])
+        with DatasetFile(dataset) as h5:
+            names = h5.subjects()
+            images = np.stack([coarsen_image(h5.images([int(i)])[0, 0], factor) for i in index])
+            labels = np.stack([coarsen_labels(h5.labels([int(i)])[0], factor) for i in index])
         return cls([names[int(i)] for i in index], index, images, labels, factor)
 
     def similarities(self, image: np.ndarray) -> np.ndarray:

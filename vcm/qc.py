@@ -27,14 +27,15 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
+from vcm.config import section_values
+from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.evaluation.segmenters import BACKENDS
 from vcm.labels import SEMANTIC_CLASSES, mask_of
@@ -57,7 +58,7 @@ CLASS_NAMES: tuple[str, ...] = tuple(SEMANTIC_CLASSES)
 
 @dataclass
 class QCSettings:
-    """QC thresholds, from the config's ``qc`` section (absent keys take these defaults).
+    """QC thresholds, from the config's ``qc`` section (the field defaults are the schema's).
 
     Args:
         dice_min: minimum LV Dice between the re-segmentation and the condition mask.
@@ -88,10 +89,9 @@ class QCSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> QCSettings:
-        section = dict(cfg.get("qc", {}))
-        known = set(cls.__dataclass_fields__)
-        section.pop("segmenter", None)  # the segmenter's training settings (vcm.train_segmenter)
-        out = cls(**{k: v for k, v in section.items() if k in known})
+        """Read ``cfg["qc"]`` of a validated config (``qc.segmenter`` is :mod:`vcm.train_segmenter`'s)."""
+        names = [f.name for f in fields(cls)]
+        out = cls(**section_values(cfg, "qc", names, read_elsewhere=("segmenter", "privacy")))
         out.intensity_percentiles = tuple(float(p) for p in out.intensity_percentiles)  # type: ignore[assignment]
         if out.max_tries < 1:
             raise StageError(f"config key 'qc.max_tries': expected >= 1, got {out.max_tries}")
@@ -196,16 +196,12 @@ def reference_ranges(
     index = np.sort(np.asarray(index, dtype=np.int64))
     if index.size == 0:
         raise StageError(f"{dataset}: no real subjects to measure intensity ranges on")
-    with h5py.File(dataset, "r") as h5:
-        classes = h5["cond/semantics"].attrs.get("classes") if "cond/semantics" in h5 else None
-        names = (
-            [c.decode() if isinstance(c, bytes) else str(c) for c in classes][1:]
-            if classes is not None
-            else list(CLASS_NAMES)
-        )
+    with DatasetFile(dataset) as data:
+        classes = data.semantic_classes()
+        names = classes[1:] if classes is not None else list(CLASS_NAMES)
         medians = np.stack(
             [
-                structure_medians(h5["image"][int(i), 0], h5["cond/semantics"][int(i), 0], len(names))
+                structure_medians(data.images(int(i))[0], data.conditions("semantics", int(i))[0], len(names))
                 for i in index
             ]
         )

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from vcm.cohort.store import open_cohort, read_privacy
+from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 
 __all__ = [
@@ -406,15 +407,10 @@ def write_summary(
 
     parts.append("## Dataset\n")
     if dataset is not None and Path(dataset).is_file():
-        with h5py.File(dataset, "r") as h5:
-            n = len(h5["subjects"])
-            shape = tuple(h5["image"].shape[2:])
-            spacing = h5.attrs.get("grid_spacing_mm")
-            splits = {k: len(v) for k, v in h5["splits"].items()} if "splits" in h5 else {}
-            conds = sorted(h5["cond"]) if "cond" in h5 else []
-        grid = f"{'×'.join(map(str, shape))} grid" + (
-            f" at {float(spacing):g} mm" if spacing is not None else ""
-        )
+        with DatasetFile(dataset) as data:
+            n, shape, spacing = len(data), data.grid_shape, data.spacing_mm
+            splits, conds = data.split_sizes(), data.condition_names()
+        grid = f"{'×'.join(map(str, shape))} grid" + (f" at {spacing:g} mm" if spacing is not None else "")
         split_text = ", ".join(f"{k} ({v})" for k, v in sorted(splits.items())) or "none"
         parts.append(
             f"`{_link(dataset, base)}`: **{n} subjects** on the {grid}; splits: {split_text}; "
@@ -507,8 +503,8 @@ def figures_cli(argv: list[str]) -> int:
     parser.add_argument("--subjects", type=int, default=6, help="subjects in the montage")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    lv_labels = cfg.get("conditions", {}).get("lv_labels", (4, 43))
-    thresholds = qc_thresholds(cfg.get("qc", {}))
+    lv_labels = cfg["conditions"]["lv_labels"]
+    thresholds = qc_thresholds(cfg["qc"])
     shown = cohort_montage(args.cohort, args.montage, args.subjects, lv_labels)
     stats = qc_histograms(args.cohort, args.qc_hist, thresholds)
     if args.privacy_hist is not None:

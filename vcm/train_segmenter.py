@@ -9,7 +9,7 @@ per class, LV Dice with its bootstrap 95 % interval) and the time per volume on 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from vcm.config import section_values
 from vcm.data import RealDataset
+from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.io import provenance, write_json
 from vcm.models.segmenter import SegmenterSpec, label_mapping, load_segmenter, qc_classes, save_segmenter
@@ -30,7 +31,7 @@ __all__ = ["SegmenterSettings", "cli", "train_segmenter"]
 
 @dataclass
 class SegmenterSettings:
-    """``qc.segmenter`` of the config (the schema holds the defaults).
+    """``qc.segmenter`` of the config (the field defaults are the schema's).
 
     Args:
         steps: optimisation steps.
@@ -57,8 +58,8 @@ class SegmenterSettings:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> SegmenterSettings:
-        qc = dict(cfg.get("qc") or {})
-        return cls(**section_values(qc, "segmenter", set(cls.__dataclass_fields__), overrides))
+        """Read ``cfg["qc"]["segmenter"]`` of a validated config; ``overrides`` that are not ``None`` win."""
+        return cls(**section_values(cfg, "qc.segmenter", [f.name for f in fields(cls)], overrides))
 
 
 def seconds_per_volume(path: Path, affine: np.ndarray, image: np.ndarray, repeats: int = 5) -> float:
@@ -87,12 +88,10 @@ def train_segmenter(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train, score on the validation subjects, write ``segmenter.pt`` and ``segmenter.json``; return the report."""
-    import h5py
-
     settings = settings or SegmenterSettings.from_config(cfg)
-    lv_labels = tuple(cfg.get("conditions", {}).get("lv_labels", (4, 43)))
+    lv_labels = tuple(cfg["conditions"]["lv_labels"])
     spec = SegmenterSpec(settings.channels, settings.strides, settings.num_res_units, qc_classes(lv_labels))
-    split = f"train_{max(cfg.get('training', {}).get('sizes') or [10])}"
+    split = f"train_{max(cfg['training']['sizes'])}"
     kw = {"label_map": label_mapping(spec.classes)}
     train = RealDataset(
         dataset, split, transform=transforms(settings, True).set_random_state(settings.seed), **kw
@@ -104,9 +103,9 @@ def train_segmenter(
     net, info = train_network(train, settings, n_fg, device, desc="qc segmenter", progress=progress)
     net = net.cpu()
     out = Path(out)
-    with h5py.File(dataset, "r") as h5:
-        affine = np.asarray(h5.attrs["grid_affine"], dtype=float)
-        image = np.asarray(h5["image"][int(val.rows[0]), 0], dtype=np.float32)
+    with DatasetFile(dataset) as data:
+        affine = data.affine
+        image = np.asarray(data.images(int(val.rows[0]))[0], dtype=np.float32)
     save_segmenter(out, net, spec, {**info, "split": split, "n_train": len(train)})
     scores = evaluate_dice(net, val, n_fg)
     per_class = np.asarray(scores["per_class"])

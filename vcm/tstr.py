@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TstrSettings:
-    """TSTR settings, from the config's ``tstr`` section (absent keys take these defaults).
+    """TSTR settings, from the config's ``tstr`` section (the field defaults are the schema's).
 
     Args:
         steps: optimisation steps per network (the same for both).
@@ -89,9 +89,9 @@ class TstrSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> TstrSettings:
         """Read ``cfg["tstr"]``; ``overrides`` that are not ``None`` win."""
-        values = section_values(cfg, "tstr", set(cls.__dataclass_fields__), overrides)
+        values = section_values(cfg, "tstr", [f.name for f in fields(cls)], overrides)
         if values.get("real_split") is None:
-            sizes = cfg.get("training", {}).get("sizes") or [10]
+            sizes = cfg["training"]["sizes"]
             values["real_split"] = f"train_{max(sizes)}"
         out = cls(**values)
         if out.labels not in ("lv", "semantics"):
@@ -129,7 +129,7 @@ def run_tstr(
     from vcm.io import atomic_path, provenance, write_json
 
     settings = settings or TstrSettings.from_config(cfg)
-    lv_labels = tuple(cfg.get("conditions", {}).get("lv_labels", (4, 43)))
+    lv_labels = tuple(cfg["conditions"]["lv_labels"])
     kw = {"label_map": settings.labels, "lv_labels": lv_labels}
     augment = transforms(settings, True).set_random_state(settings.seed)  # the same flips for every arm
     val = RealDataset(dataset, "val", transform=transforms(settings, False), **kw)

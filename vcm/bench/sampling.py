@@ -282,22 +282,18 @@ def _figures(results: dict[str, dict], steps: int, volumes: int, extrapolate_to:
 
 def _sample_inputs(dataset: Path | None, names: list[str], n: int, grid: tuple[int, ...]):
     """Conditions and covariates of ``n`` volumes: validation subjects of ``dataset`` (cycled), else blobs."""
-    import h5py
     import numpy as np
 
+    from vcm.dataset_store import DatasetFile
+
     if dataset is not None and Path(dataset).is_file():
-        with h5py.File(dataset, "r") as h5:
-            val = np.sort(np.asarray(h5["splits/val"][:], dtype=np.int64))
+        with DatasetFile(dataset) as data:
+            val = data.split("val")
             rows = [int(val[i % len(val)]) for i in range(n)]
-            conds = [{k: np.asarray(h5[f"cond/{k}"][r, 0]) for k in names} for r in rows]
-            cov = np.asarray(h5["covariates"][sorted(set(rows))], np.float32)
+            conds = [{k: data.conditions(k, r)[0] for k in names} for r in rows]
+            cov = data.covariates(sorted(set(rows)))
             cov = np.stack([cov[sorted(set(rows)).index(r)] for r in rows])
-            return (
-                conds,
-                cov,
-                tuple(int(s) for s in h5["image"].shape[2:]),
-                f"{dataset} (validation subjects)",
-            )
+            return conds, cov, data.grid_shape, f"{dataset} (validation subjects)"
     rng = np.random.default_rng(0)
     axes = np.meshgrid(*[np.linspace(-1, 1, s) for s in grid], indexing="ij")
     r = np.sqrt(sum(a**2 for a in axes))

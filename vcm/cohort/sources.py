@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from scipy import ndimage as ndi
 
 from vcm.cohort.plan import CohortSettings, anatomy_rng, source_order, subject_id
+from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.labels import brain_mask, mask_of, semantic_map
-from vcm.models.conditions import semantic_classes
 
 __all__ = ["DatasetSource", "SubjectPlan", "plan_subject", "smooth_displacement", "warp"]
 
@@ -45,38 +44,33 @@ class DatasetSource:
     """
 
     def __init__(self, dataset: str | Path, cfg: Mapping[str, Any]) -> None:
-        if not Path(dataset).is_file():
-            raise StageError(f"dataset not found: {dataset}")
         self.path = Path(dataset)
-        self.h5 = h5py.File(dataset, "r")
-        for key in ("image", "label", "cond", "covariates", "subjects"):
-            if key not in self.h5:
-                raise StageError(f"{dataset}: no /{key} (rebuild dataset.h5)")
-        if "grid_affine" not in self.h5.attrs:
-            raise StageError(f"{dataset}: no grid_affine attribute (rebuild dataset.h5)")
-        self.subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in self.h5["subjects"][:]]
-        self.names = sorted(self.h5["cond"])
-        self.grid = tuple(int(s) for s in self.h5["image"].shape[2:])
-        self.affine = np.asarray(self.h5.attrs["grid_affine"], dtype=float)
+        self.file = DatasetFile(dataset)
+        try:
+            self.file.require("subjects", "label", "cond", "covariates")
+            self.affine = self.file.affine
+        except StageError:
+            self.file.close()
+            raise
+        self.subjects = self.file.subjects()
+        self.names = self.file.condition_names()
+        self.grid = self.file.grid_shape
         self.spacing = float(np.abs(self.affine[:3, :3]).max(axis=0).mean())
-        self.n_semantic = semantic_classes(self.h5)
-        self.image_dtype = self.h5["image"].dtype
-        self.lv_labels = tuple(cfg.get("conditions", {}).get("lv_labels", (4, 43)))
-        self.has_raw = "covariates_raw" in self.h5
-        self.ranges_file = cfg.get("conditions", {}).get("covariate_ranges")
-        self.config_sha256 = str(self.h5.attrs.get("config_sha256", ""))  # which build of the dataset
+        self.n_semantic = self.file.n_semantic
+        self.image_dtype = self.file.image_dtype
+        self.lv_labels = tuple(cfg["conditions"]["lv_labels"])
+        self.has_raw = self.file.has_raw_covariates
+        self.ranges_file = cfg["conditions"]["covariate_ranges"]
+        self.config_sha256 = self.file.config_sha256  # which build of the dataset
 
     def close(self) -> None:
-        self.h5.close()
+        self.file.close()
 
     def has_split(self, name: str) -> bool:
-        return f"splits/{name}" in self.h5
+        return self.file.has_split(name)
 
     def split(self, name: str) -> np.ndarray:
-        if f"splits/{name}" not in self.h5:
-            have = ", ".join(sorted(self.h5["splits"])) if "splits" in self.h5 else "none"
-            raise StageError(f"{self.path}: no split '{name}' (have: {have})")
-        return np.sort(np.asarray(self.h5[f"splits/{name}"][:], dtype=np.int64))
+        return self.file.split(name)
 
     def source_indices(self, sources: Sequence[str], train_split: str) -> np.ndarray:
         parts = []
@@ -92,22 +86,18 @@ class DatasetSource:
         return out
 
     def dtype(self, name: str) -> np.dtype:
-        return self.h5[f"cond/{name}"].dtype
+        return self.file.condition_dtype(name)
 
     def semantic_class_names(self) -> Any:
         """The ``classes`` attribute of ``/cond/semantics`` (``[]`` when absent)."""
-        return self.h5["cond/semantics"].attrs.get("classes", [])
+        return self.file.semantic_classes() or []
 
     def read(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Label map, conditions (stored dtypes), scaled and raw covariates of real subject ``index``."""
-        label = np.asarray(self.h5["label"][index], dtype=np.uint16)
-        conds = {n: np.asarray(self.h5[f"cond/{n}"][index, 0]) for n in self.names}
-        cov = np.asarray(self.h5["covariates"][index], dtype=np.float32)
-        raw = (
-            np.asarray(self.h5["covariates_raw"][index], dtype=np.float64)
-            if self.has_raw
-            else np.full(4, np.nan)
-        )
+        label = np.asarray(self.file.labels(index), dtype=np.uint16)
+        conds = {n: self.file.conditions(n, index)[0] for n in self.names}
+        cov = self.file.covariates(index)
+        raw = self.file.covariates_raw(index) if self.has_raw else np.full(4, np.nan)
         return label, conds, cov, raw
 
 

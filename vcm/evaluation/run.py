@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -95,35 +94,29 @@ def read_validation(
     Raises:
         StageError: no such file, no or an empty ``/splits/val``, or a condition the model needs is absent.
     """
+    from vcm.dataset_store import DatasetFile
     from vcm.labels import mask_of
-    from vcm.models.conditions import semantic_classes
 
-    if not Path(dataset).is_file():
-        raise StageError(f"file not found: {dataset}")
-    with h5py.File(dataset, "r") as h5:
-        if "splits/val" not in h5:
-            raise StageError(f"{dataset}: no /splits/val")
-        val = np.sort(np.asarray(h5["splits/val"][:], dtype=np.int64))[:n_subjects]
+    with DatasetFile(dataset) as data:
+        val = data.split("val")[:n_subjects]
         if val.size == 0:
             raise StageError(f"{dataset}: /splits/val is empty: nothing to evaluate")
-        missing = [n for n in names if f"cond/{n}" not in h5]
-        if missing:
-            raise StageError(f"{dataset}: no condition {missing[0]!r} for {model_path}")
+        data.require_conditions(names, needed_by=str(model_path))
         return ValidationSet(
             index=val,
-            subjects=[s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][val]],
-            conditions={n: torch.from_numpy(h5[f"cond/{n}"][val]) for n in names},
-            n_semantic=semantic_classes(h5),
-            real=np.asarray(h5["image"][val][:, 0], dtype=np.float32),
+            subjects=data.subjects(val),
+            conditions={n: torch.from_numpy(data.conditions(n, val)) for n in names},
+            n_semantic=data.n_semantic,
+            real=np.asarray(data.images(val)[:, 0], dtype=np.float32),
             # the condition's LV mask; from the label map where the file has no LV condition
             lv=(
-                h5["cond/lv"][val][:, 0] > 0
-                if "cond/lv" in h5
-                else mask_of(np.asarray(h5["label"][val]), tuple(lv_labels))
+                data.conditions("lv", val)[:, 0] > 0
+                if data.has_condition("lv")
+                else mask_of(data.labels(val), tuple(lv_labels))
             ),
-            skull=np.asarray(h5["cond/skull"][val][:, 0], np.float32) if "skull" in names else None,
-            covariates=torch.from_numpy(np.asarray(h5["covariates"][val], dtype=np.float32)).unsqueeze(1),
-            affine=np.asarray(h5.attrs["grid_affine"], dtype=float),
+            skull=np.asarray(data.conditions("skull", val)[:, 0], np.float32) if "skull" in names else None,
+            covariates=torch.from_numpy(data.covariates(val)).unsqueeze(1),
+            affine=data.affine,
         )
 
 
@@ -332,7 +325,7 @@ def evaluate_model(
         notes.append("FID 3D skipped: evaluation.medicalnet_weights not set (a local MedicalNet checkpoint)")
     model, meta, backbone = load_controlled(model_path, bundle, device)
     names = [n for g in meta["condition_groups"] for n, _ in g]
-    lv_labels = tuple(cfg.get("conditions", {}).get("lv_labels", (4, 43)))
+    lv_labels = tuple(cfg["conditions"]["lv_labels"])
     data = read_validation(dataset, names, lv_labels, settings.subjects, model_path)
     scales = settings.ms_ssim_scales or ms_ssim_scales(data.grid, settings.ssim_kernel)
     if segment is None:

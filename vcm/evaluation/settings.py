@@ -9,7 +9,7 @@ the two keys that defer to other sections (``ddim_steps`` to ``cohort.ddim_steps
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from vcm.config import section_values
@@ -21,7 +21,7 @@ __all__ = ["EvalSettings"]
 
 @dataclass
 class EvalSettings:
-    """Evaluation settings, from the config's ``evaluation`` section (absent keys take these defaults).
+    """Evaluation settings, from the config's ``evaluation`` section (the field defaults are the schema's).
 
     Args:
         subjects: evaluate the first N validation subjects (``None``: all of them).
@@ -53,9 +53,10 @@ class EvalSettings:
         it defers to them); ``overrides`` that are not ``None`` win.
 
         Raises:
-            StageError: an unknown key, an unknown segmentation backend or an even SSIM window.
+            StageError: an unknown segmentation backend or an even SSIM window (overrides; the schema checks
+                the config's values).
         """
-        values = section_values(cfg, "evaluation", set(cls.__dataclass_fields__), overrides)
+        values = section_values(cfg, "evaluation", [f.name for f in fields(cls)], overrides)
         if values.get("ddim_steps") is None:
             values["ddim_steps"] = int(cfg["cohort"]["ddim_steps"])
         out = cls(**values)

@@ -9,19 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import h5py
 import torch
 import torch.nn.functional as F
 
 from vcm.errors import StageError
 
-__all__ = ["condition_groups", "condition_tensor", "semantic_classes"]
-
-
-def semantic_classes(h5: h5py.File) -> int:
-    """Foreground classes of ``/cond/semantics`` (one-hot channels; background is left out)."""
-    classes = h5["cond/semantics"].attrs.get("classes") if "cond/semantics" in h5 else None
-    return len(classes) - 1 if classes is not None else 8
+__all__ = ["condition_groups", "condition_tensor"]
 
 
 def condition_groups(

@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
+from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
-from vcm.latents import FLIP_AXIS
-from vcm.models.conditions import condition_tensor, semantic_classes
+from vcm.latents import FLIP_AXIS, LatentsFile
+from vcm.models.conditions import condition_tensor
 from vcm.models.vcm import sample_keep_mask
 
 __all__ = [
@@ -59,46 +59,29 @@ class TrainData:
     def __init__(
         self, dataset: str | Path, latents: str | Path, split: str | Sequence[int], names: Sequence[str]
     ) -> None:
-        for path in (dataset, latents):
-            if not Path(path).is_file():
-                raise StageError(f"file not found: {path}")
-        with h5py.File(dataset, "r") as h5, h5py.File(latents, "r") as lh5:
-            if isinstance(split, str):
-                if f"splits/{split}" not in h5:
-                    have = ", ".join(sorted(h5["splits"])) if "splits" in h5 else "none"
-                    raise StageError(f"{dataset}: no split '{split}' (have: {have})")
-                index = np.asarray(h5[f"splits/{split}"][:], dtype=np.int64)
-            else:
-                index = np.asarray(split, dtype=np.int64)
+        with DatasetFile(dataset) as data, LatentsFile(latents) as encoded:
+            index = data.split(split) if isinstance(split, str) else np.asarray(split, dtype=np.int64)
             if index.size == 0:
                 raise StageError(f"{dataset}: split {split!r} is empty")
-            order = np.argsort(index)
-            index = index[order]  # h5py reads sorted indices
-            for key in ("mu", "sigma"):
-                if key not in lh5:
-                    raise StageError(f"{latents}: no /{key} dataset (rerun encode-latents)")
-            if lh5["mu"].shape[0] != h5["image"].shape[0]:
+            index = np.sort(index)  # h5py reads sorted indices
+            if len(encoded) != len(data):
                 raise StageError(
-                    f"{latents} has {lh5['mu'].shape[0]} subjects but {dataset} has {h5['image'].shape[0]}; "
-                    "rerun encode-latents"
+                    f"{latents} has {len(encoded)} subjects but {dataset} has {len(data)}; rerun encode-latents"
                 )
-            if "subjects" in lh5 and "subjects" in h5 and list(lh5["subjects"][:]) != list(h5["subjects"][:]):
+            stored = encoded.subjects()
+            if stored is not None and stored != data.subjects():
                 raise StageError(f"{latents} and {dataset} list different subjects; rerun encode-latents")
-            missing = [n for n in names if f"cond/{n}" not in h5]
-            if missing:
-                raise StageError(f"{dataset}: no condition {missing[0]!r} (have: {', '.join(h5['cond'])})")
+            data.require_conditions(names)
             self.index = index
-            self.subjects = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][index]]
-            self.n_semantic = semantic_classes(h5)
-            self.cond = {n: torch.from_numpy(h5[f"cond/{n}"][index]) for n in names}
-            self.cov = torch.from_numpy(np.asarray(h5["covariates"][index], dtype=np.float32))
-            self.mu = torch.from_numpy(np.asarray(lh5["mu"][index], dtype=np.float32))
-            self.sigma = torch.from_numpy(np.asarray(lh5["sigma"][index], dtype=np.float32))
-            self.bundle_sha256 = str(lh5.attrs.get("bundle_sha256", ""))
-            self.grid = tuple(int(s) for s in h5["image"].shape[2:])
-            self.affine = (
-                np.asarray(h5.attrs["grid_affine"], dtype=float) if "grid_affine" in h5.attrs else None
-            )
+            self.subjects = data.subjects(index)
+            self.n_semantic = data.n_semantic
+            self.cond = {n: torch.from_numpy(data.conditions(n, index)) for n in names}
+            self.cov = torch.from_numpy(data.covariates(index))
+            mu, sigma = encoded.posteriors(index)
+            self.mu, self.sigma = torch.from_numpy(mu), torch.from_numpy(sigma)
+            self.bundle_sha256 = encoded.bundle_sha256
+            self.grid = data.grid_shape
+            self.affine = data.affine if data.has_affine else None
 
     def __len__(self) -> int:
         return len(self.index)

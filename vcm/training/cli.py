@@ -142,7 +142,7 @@ def _preview_trained(
         ddim_steps=settings.preview_ddim_steps,
         seed=settings.preview_seed,
         template_dir=args.template_dir,
-        lv_labels=cfg.get("conditions", {}).get("lv_labels", (4, 43)),
+        lv_labels=cfg["conditions"]["lv_labels"],
         device=device,
         segmenter_path=args.segmenter,
     )
@@ -182,7 +182,7 @@ def preview_cli(argv: list[str]) -> int:
         ddim_steps=args.ddim_steps or settings.preview_ddim_steps,
         seed=settings.preview_seed if args.seed is None else args.seed,
         template_dir=args.template_dir,
-        lv_labels=cfg.get("conditions", {}).get("lv_labels", (4, 43)),
+        lv_labels=cfg["conditions"]["lv_labels"],
         device=device,
         segmenter_path=args.segmenter,
     )

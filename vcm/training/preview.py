@@ -15,18 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vcm.dataset_store import DatasetFile
 from vcm.diffusion import ddpm_scheduler, noise_from_seeds, sample_images
 from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.labels import mask_dice, mask_of
-from vcm.models.conditions import condition_tensor, semantic_classes
+from vcm.models.conditions import condition_tensor
 from vcm.models.vcm import modulate
 from vcm.training.batches import add_noise
 
@@ -149,22 +149,22 @@ class _Validation:
 def _read_validation(
     dataset: str | Path, names: Sequence[str], n_subjects: int, device: torch.device | str
 ) -> _Validation:
-    with h5py.File(dataset, "r") as h5:
-        val = np.sort(np.asarray(h5["splits/val"][:], dtype=np.int64))[:n_subjects]
+    with DatasetFile(dataset) as data:
+        val = data.split("val")[:n_subjects]
         if val.size == 0:
             raise StageError(f"{dataset}: /splits/val is empty: nothing to preview")
-        n_sem = semantic_classes(h5)
+        n_sem = data.n_semantic
         return _Validation(
             index=val,
-            subjects=[s.decode() if isinstance(s, bytes) else str(s) for s in h5["subjects"][val]],
+            subjects=data.subjects(val),
             conditions={
-                n: condition_tensor(n, torch.from_numpy(h5[f"cond/{n}"][val]), n_sem).to(device)
+                n: condition_tensor(n, torch.from_numpy(data.conditions(n, val)), n_sem).to(device)
                 for n in names
             },
-            lv=h5["cond/lv"][val][:, 0] > 0 if "cond/lv" in h5 else None,
-            real=np.asarray(h5["image"][val][:, 0], dtype=np.float32),
-            cov=torch.from_numpy(np.asarray(h5["covariates"][val], dtype=np.float32)).unsqueeze(1).to(device),
-            affine=np.asarray(h5.attrs["grid_affine"], dtype=float),
+            lv=data.conditions("lv", val)[:, 0] > 0 if data.has_condition("lv") else None,
+            real=np.asarray(data.images(val)[:, 0], dtype=np.float32),
+            cov=torch.from_numpy(data.covariates(val)).unsqueeze(1).to(device),
+            affine=data.affine,
         )
 
 

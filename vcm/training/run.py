@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 from torch import nn
 
+from vcm.dataset_store import DatasetFile
 from vcm.diffusion import ddpm_scheduler
 from vcm.errors import StageError
 from vcm.latents import bundle_sha256
 from vcm.models.build import build_model
-from vcm.models.conditions import condition_groups, semantic_classes
+from vcm.models.conditions import condition_groups
 from vcm.models.vcm import subset_probabilities
 from vcm.training.batches import TrainData
 from vcm.training.checkpoints import CHECKPOINT_DIR, CheckpointStore, signature
@@ -78,8 +78,8 @@ def _load_inputs(
     """The condition groups, the training split, the frozen backbone and its bundle's hash, checked to fit."""
     from vcm.models.backbone import load_bundle
 
-    with h5py.File(dataset, "r") as h5:
-        groups = condition_groups(cfg, condset, semantic_classes(h5) if "cond/semantics" in h5 else 8)
+    with DatasetFile(dataset) as data:
+        groups = condition_groups(cfg, condset, data.n_semantic)
     names = [n for g in groups for n, _ in g]
     data = TrainData(dataset, latents, f"train_{size}", names)
     bundle_sha = bundle_sha256(bundle)

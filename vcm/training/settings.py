@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from vcm.config import section_values
 from vcm.errors import StageError
 from vcm.training.batches import TIMESTEP_SAMPLING
 
 __all__ = ["Settings"]
 
+# training.preview's keys -> the fields that hold them
+_PREVIEW = {"subjects": "preview_subjects", "ddim_steps": "preview_ddim_steps", "seed": "preview_seed"}
+
 
 @dataclass
 class Settings:
-    """Training settings, from the config's ``training`` section (keys absent there take these defaults).
+    """Training settings, from the config's ``training`` section (the field defaults are the schema's).
 
     Args:
         method: ``vcm`` or ``controlnet``.
@@ -78,18 +82,14 @@ class Settings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> Settings:
-        """Read ``cfg["training"]`` (and ``cohort.ddim_steps`` for the previews); ``overrides`` win."""
-        section = dict(cfg.get("training", {}))
-        preview = section.pop("preview", None) or {}
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in section.items() if k in known}
-        for key, name in (("subjects", "preview_subjects"), ("ddim_steps", "preview_ddim_steps")):
-            if key in preview:
-                values[name] = preview[key]
-        if "seed" in preview:
-            values["preview_seed"] = preview["seed"]
-        if values.get("preview_ddim_steps") is None:
-            values["preview_ddim_steps"] = cfg.get("cohort", {}).get("ddim_steps", 200)
+        """Read ``cfg["training"]`` of a validated config (and ``cohort.ddim_steps`` for the previews);
+        ``overrides`` that are not ``None`` win."""
+        names = [f.name for f in fields(cls) if f.name not in _PREVIEW.values()]
+        values = section_values(cfg, "training", names, read_elsewhere=("sizes", "preview"))
+        preview = section_values(cfg, "training.preview", list(_PREVIEW))
+        values.update({name: preview[key] for key, name in _PREVIEW.items()})
+        if values["preview_ddim_steps"] is None:
+            values["preview_ddim_steps"] = cfg["cohort"]["ddim_steps"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values.get("minutes") == 0:  # an override of 0 removes the time budget
             values["minutes"] = None
