@@ -1,4 +1,4 @@
-"""Cohort figures and summary.md (vcm.report) on a tiny cohort, fake models and evaluation tables."""
+"""Cohort figures (vcm.cohort.figures) and summary.md (vcm.report) on a tiny cohort, fake models and evaluation tables."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ import torch
 
 from tests.fixtures import make_cohort, make_real
 from vcm.cli import main
-from vcm.evaluation.tables import summarise
-from vcm.report import (
+from vcm.cohort.figures import (
     cohort_montage,
     cohort_stats,
     privacy_histogram,
     privacy_stats,
     qc_histograms,
     qc_thresholds,
-    write_summary,
 )
+from vcm.evaluation.tables import summarise
+from vcm.report import write_summary
 
 REPO = Path(__file__).resolve().parent.parent
 

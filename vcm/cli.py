@@ -34,7 +34,7 @@ STAGES: dict[str, str] = {
     "eval-tables": "vcm.evaluation.cli:tables_cli",
     "tstr": "vcm.tstr:cli",
     "mask-edit": "vcm.mask_edit:cli",
-    "cohort-figures": "vcm.report:figures_cli",
+    "cohort-figures": "vcm.cohort.figures:figures_cli",
     "summary": "vcm.report:cli",
 }
 

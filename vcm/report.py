@@ -1,14 +1,8 @@
-"""What a person looks at after a run: cohort figures and ``results/summary.md``.
+"""What a person reads after a run: ``results/summary.md`` (``python -m vcm summary``).
 
-* ``python -m vcm cohort-figures``: per synthetic cohort, ``cohort_montage.png`` (3-plane views of a few
-  synthetic subjects with their label map overlaid and the LV condition outlined), ``qc_hist.png``
-  (histograms of every QC metric, passed and failed subjects apart, with the pass rate) and
-  ``privacy_hist.png`` (each synthetic subject's similarity to its nearest real training subject beside the
-  real-to-real baseline, :mod:`vcm.privacy`);
-* ``python -m vcm summary``: ``results/summary.md``, the run in one page: dataset size and splits, the
-  trained models (steps, final loss, time, loss curve and preview), the evaluation table (controlled vs
-  uncontrolled), the TSTR Dice, each cohort's size and QC pass rate, its privacy screen, and links to every
-  figure.
+The run in one page: dataset size and splits, the trained models (steps, final loss, time, loss curve and
+preview), the evaluation table (controlled vs uncontrolled), the TSTR Dice, each cohort's size and QC pass
+rate, its privacy screen, and links to every figure (the cohort figures: :mod:`vcm.cohort.figures`).
 
 ``snakemake --report results/report.html`` gathers the same figures and tables into one HTML file (the
 rules wrap them in ``report()`` with captions from ``workflow/report/``).
@@ -20,254 +14,17 @@ import argparse
 import datetime
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
-from vcm.cohort.store import open_cohort, read_privacy
+from vcm.cohort.figures import cohort_stats, privacy_stats
 from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 
-__all__ = [
-    "cli",
-    "cohort_montage",
-    "cohort_stats",
-    "figures_cli",
-    "privacy_histogram",
-    "privacy_stats",
-    "qc_histograms",
-    "qc_thresholds",
-    "write_summary",
-]
-
-SEMANTIC_COLOURS = [  # background transparent, then the 8 classes of vcm.labels.SEMANTIC_CLASSES
-    (0, 0, 0, 0),
-    (0.35, 0.6, 1.0, 1),  # csf
-    (0.95, 0.95, 0.8, 1),  # white matter
-    (0.9, 0.5, 0.3, 1),  # grey matter
-    (0.1, 0.3, 1.0, 1),  # ventricles
-    (0.8, 0.2, 0.8, 1),  # deep grey matter
-    (1.0, 0.8, 0.1, 1),  # amygdala
-    (0.2, 0.8, 0.3, 1),  # hippocampus
-    (0.6, 0.4, 0.2, 1),  # brain-stem
-]
-
-
-def _strings(values: np.ndarray) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
-def _qc_passed(h5: h5py.File) -> np.ndarray:
-    n = len(h5["subjects"])
-    return np.asarray(h5["qc/passed"][:], dtype=bool) if "qc/passed" in h5 else np.ones(n, bool)
-
-
-def cohort_montage(
-    cohort: str | Path, out: str | Path, n_subjects: int = 6, lv_labels: Sequence[int] = (4, 43)
-) -> list[str]:
-    """3-plane views (axial, coronal, sagittal through the LV's centre) of the first ``n_subjects`` QC-passed
-    synthetic subjects (failed ones fill in, marked, when too few passed): the image, the label map as
-    translucent semantic classes, the LV condition outlined in red.
-
-    Returns:
-        the subjects shown.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    from vcm.io import atomic_path
-    from vcm.labels import mask_of, semantic_map
-    from vcm.plots import _planes
-
-    with open_cohort(cohort) as h5:
-        passed = _qc_passed(h5)
-        order = [*np.flatnonzero(passed), *np.flatnonzero(~passed)][:n_subjects]
-        if not order:
-            raise StageError(f"{cohort}: no subjects to show")
-        rows = sorted(int(i) for i in order)  # h5py reads increasing indices
-        subjects = _strings(h5["subjects"][rows])
-        images = np.asarray(h5["image"][rows][:, 0], dtype=np.float32)
-        labels = np.asarray(h5["label"][rows])
-        source = _strings(h5["source_subject"][rows]) if "source_subject" in h5 else [""] * len(rows)
-        new = np.asarray(h5["new_anatomy"][rows], bool) if "new_anatomy" in h5 else np.zeros(len(rows), bool)
-        dice = np.asarray(h5["qc/dice"][rows], float) if "qc/dice" in h5 else np.full(len(rows), np.nan)
-        ok = passed[rows]
-    cmap = ListedColormap(SEMANTIC_COLOURS)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(8.4, 2.9 * len(rows)), squeeze=False)
-    for r in range(len(rows)):
-        lv = mask_of(labels[r], tuple(lv_labels))
-        centre = [
-            int(round(c.mean())) if c.size else s // 2 for c, s in zip(np.nonzero(lv), lv.shape, strict=True)
-        ]
-        # the LVs lie either side of the midline: the sagittal plane goes through the first one, not between
-        first = np.nonzero(labels[r] == lv_labels[0])[0]
-        if first.size:
-            centre[0] = int(round(first.mean()))
-        sem = semantic_map(labels[r])
-        for c, (img, seg, mask) in enumerate(
-            zip(
-                _planes(images[r], tuple(centre)),
-                _planes(sem, tuple(centre)),
-                _planes(lv.astype(float), tuple(centre)),
-                strict=True,
-            )
-        ):
-            ax = axes[r, c]
-            ax.imshow(img, origin="lower", cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.imshow(seg, origin="lower", cmap=cmap, vmin=0, vmax=8, alpha=0.3, interpolation="nearest")
-            if mask.any() and not mask.all():
-                ax.contour(mask, levels=[0.5], colors="r", linewidths=0.8)
-            ax.set_axis_off()
-        title = f"{subjects[r]}  from {source[r] or '?'}{' (new anatomy)' if new[r] else ''}"
-        if np.isfinite(dice[r]):
-            title += f"  QC Dice {dice[r]:.2f}"
-        if not ok[r]:
-            title += "  QC FAILED"
-        axes[r, 1].set_title(title, fontsize=8, color="k" if ok[r] else "r")
-    fig.suptitle(
-        f"{Path(cohort).parent.name}: synthetic subjects, labels overlaid, LV condition in red", fontsize=9
-    )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.9 * len(rows))))
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return subjects
-
-
-def qc_histograms(
-    cohort: str | Path, out: str | Path, thresholds: Mapping[str, float] | None = None
-) -> dict[str, Any]:
-    """Histograms of every numeric ``/qc/<metric>`` of a cohort, passed and failed subjects stacked, with the
-    configured thresholds drawn (e.g. ``{"dice": qc.dice_min}``).
-
-    Returns:
-        the cohort's QC statistics (:func:`cohort_stats`).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vcm.io import atomic_path
-
-    stats = cohort_stats(cohort)
-    with open_cohort(cohort) as h5:
-        passed = _qc_passed(h5)
-        metrics = {}
-        if "qc" in h5:
-            for name, ds in h5["qc"].items():
-                if name == "passed" or not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
-                    continue
-                if ds.dtype.kind in "fiu" and len(ds) == len(passed):
-                    metrics[name] = np.asarray(ds[:], dtype=float)
-    thresholds = dict(thresholds or {})
-    n = max(1, len(metrics))
-    cols = min(3, n)
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-    for ax, (name, values) in zip(axes.flat, metrics.items(), strict=False):
-        finite = np.isfinite(values)
-        data = [values[finite & passed], values[finite & ~passed]]
-        if name == "attempts":
-            top = int(np.nanmax(values)) if finite.any() else 1
-            bins = np.arange(0.5, top + 1.5)
-        else:
-            bins = 20 if finite.sum() > 1 else 1
-        ax.hist(data, bins=bins, stacked=True, color=["tab:green", "tab:red"], label=["passed", "failed"])
-        if name in thresholds:
-            ax.axvline(thresholds[name], color="k", ls="--", lw=1, label=f"threshold {thresholds[name]:g}")
-        missing = int((~finite).sum())
-        ax.set_title(f"{name}" + (f" ({missing} undefined)" if missing else ""), fontsize=9)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.set_axis_off()
-    if metrics:
-        handles, names = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles[:2], names[:2], loc="upper right", fontsize=7)
-    else:
-        axes.flat[0].text(0.5, 0.5, "no QC metrics in the cohort", ha="center", va="center")
-    fig.suptitle(
-        f"{Path(cohort).parent.name}: QC of {stats['n']} subjects, {stats['passed']} passed ({100 * stats['pass_rate']:.0f} %)",
-        fontsize=9,
-    )
-    fig.tight_layout(rect=(0, 0, 0.93, 0.95))
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return stats
-
-
-def cohort_stats(cohort: str | Path) -> dict[str, Any]:
-    """Size, QC pass rate, attempts, share of new anatomies and mean QC metrics of a cohort."""
-    with open_cohort(cohort) as h5:
-        passed = _qc_passed(h5)
-        n = len(passed)
-        out: dict[str, Any] = {
-            "n": n,
-            "passed": int(passed.sum()),
-            "pass_rate": float(passed.mean()) if n else float("nan"),
-            "grid": list(h5["image"].shape[2:]),
-        }
-        if "qc/attempts" in h5:
-            attempts = np.asarray(h5["qc/attempts"][:], float)
-            out["attempts_mean"], out["attempts_max"] = float(attempts.mean()), int(attempts.max())
-        if "new_anatomy" in h5:
-            out["new_anatomy"] = int(np.asarray(h5["new_anatomy"][:], bool).sum())
-        for name in ("dice", "hd95", "assd", "skull_dist"):
-            if f"qc/{name}" in h5:
-                values = np.asarray(h5[f"qc/{name}"][:], float)
-                out[f"{name}_mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-    return out
-
-
-def privacy_stats(cohort: str | Path) -> dict[str, Any] | None:
-    """The privacy screen of a cohort in numbers (``None`` when it was off): the synthetic subjects' nearest-real
-    similarity (median, max), how many were flagged, the real-to-real baseline (median, max), the threshold."""
-    screen = read_privacy(cohort)
-    if screen is None:
-        return None
-    sim, base = screen["similarity"], screen["baseline"]
-
-    def stat(fn: Any, v: np.ndarray) -> float:
-        return float(fn(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
-
-    return {
-        "n": len(sim),
-        "median": stat(np.median, sim),
-        "max": stat(np.max, sim),
-        "flagged": int(np.sum(screen["possible_copy"])),
-        "baseline_n": len(base),
-        "baseline_median": stat(np.median, base),
-        "baseline_max": stat(np.max, base),
-        "max_similarity": screen["max_similarity"],
-    }
-
-
-def privacy_histogram(cohort: str | Path, out: str | Path) -> dict[str, Any] | None:
-    """The synthetic subjects' nearest-real similarities beside the real-to-real baseline (a note when the
-    screen was off).
-
-    Returns:
-        :func:`privacy_stats`.
-    """
-    from vcm.plots import similarity_histogram
-
-    screen = read_privacy(cohort)
-    stats = privacy_stats(cohort)
-    title = f"{Path(cohort).parent.name}: privacy screen"
-    if screen is None or stats is None:
-        similarity_histogram(out, None, None, None, title)
-        return None
-    title += f", {stats['flagged']} of {stats['n']} possible copies"
-    similarity_histogram(out, screen["similarity"], screen["baseline"], screen["max_similarity"], title)
-    return stats
+__all__ = ["cli", "write_summary"]
 
 
 def _privacy_rows(cohorts: Sequence[str | Path]) -> list[str]:
@@ -476,45 +233,7 @@ def write_summary(
     return text
 
 
-def qc_thresholds(qc: Mapping[str, Any]) -> dict[str, float]:
-    """The QC thresholds that are set, by metric: ``dice_min`` -> ``dice``, ``hd95_max_mm`` -> ``hd95``, ..."""
-    out = {}
-    for key, value in qc.items():
-        for suffix in ("_min_mm", "_max_mm", "_min", "_max"):
-            if key.endswith(suffix) and isinstance(value, int | float) and not isinstance(value, bool):
-                out[key.removesuffix(suffix)] = float(value)
-                break
-    return out
-
-
 # --- command line ------------------------------------------------------------------------------------------
-
-
-def figures_cli(argv: list[str]) -> int:
-    """``python -m vcm cohort-figures``: the montage and the QC histograms of one cohort."""
-    from vcm.config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m vcm cohort-figures", description=figures_cli.__doc__)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--cohort", required=True, help="cohort.h5")
-    parser.add_argument("--montage", required=True, help="cohort_montage.png")
-    parser.add_argument("--qc-hist", required=True, help="qc_hist.png")
-    parser.add_argument("--privacy-hist", default=None, help="privacy_hist.png (the privacy screen)")
-    parser.add_argument("--subjects", type=int, default=6, help="subjects in the montage")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config)
-    lv_labels = cfg["conditions"]["lv_labels"]
-    thresholds = qc_thresholds(cfg["qc"])
-    shown = cohort_montage(args.cohort, args.montage, args.subjects, lv_labels)
-    stats = qc_histograms(args.cohort, args.qc_hist, thresholds)
-    if args.privacy_hist is not None:
-        screen = privacy_histogram(args.cohort, args.privacy_hist)
-        print(f"{args.privacy_hist}: " + (f"{screen['flagged']} possible copies" if screen else "screen off"))
-    print(
-        f"{args.montage}: {len(shown)} subjects; {args.qc_hist}: {stats['passed']} / {stats['n']} passed QC "
-        f"({100 * stats['pass_rate']:.0f} %)"
-    )
-    return 0
 
 
 def cli(argv: list[str]) -> int:
