@@ -93,7 +93,18 @@ def test_bad_subjects_are_excluded_and_the_rest_finish(demo_run, tmp_path, write
             "sex": ["F", "M", "F"],
         }
     )
-    pd.concat([rows[["subject", "t1", "age", "sex"]], bad]).to_csv(tmp_path / "manifest.csv", index=False)
+    # Row-level manifest problems exclude their subject too (data.strict is false by default).
+    bad_rows = pd.DataFrame(
+        {
+            "subject": ["bad-sex", "bad-age"],
+            "t1": [rows["t1"][1], rows["t1"][2]],
+            "age": ["70", "-3"],
+            "sex": ["X", "F"],
+        }
+    )
+    pd.concat([rows[["subject", "t1", "age", "sex"]], bad, bad_rows]).to_csv(
+        tmp_path / "manifest.csv", index=False
+    )
     results = tmp_path / "results"
     # Reuse the registered template of the first run: the template rule is deterministic.
     shutil.copytree(demo_run / "template", results / "template")
@@ -109,30 +120,43 @@ def test_bad_subjects_are_excluded_and_the_rest_finish(demo_run, tmp_path, write
     proc = run_snakemake(configfile, "--keep-going", targets=(results / "dataset.h5",))
     assert proc.returncode == 0, proc.stderr[-3000:]
     excluded = pd.read_csv(results / "excluded.csv").set_index("subject")
-    assert list(excluded.index) == ["bad-nan", "bad-missing", "bad-4d"]
+    assert list(excluded.index) == ["bad-nan", "bad-missing", "bad-4d", "bad-sex", "bad-age"]
     assert "NaN" in excluded.loc["bad-nan", "reason"]
     assert "not found" in excluded.loc["bad-missing", "reason"]
     assert "4-D" in excluded.loc["bad-4d", "reason"]
+    assert excluded.loc["bad-sex", "reason"] == "sex 'X' is not F/M (or 0/1, female/male)"
+    assert excluded.loc["bad-age", "reason"] == "age '-3' is negative"
     log = (results / "logs" / "check_inputs.log").read_text()
     assert "subject bad-nan: excluded:" in log
+    assert "subject bad-sex: excluded: sex 'X' is not F/M" in log
     with h5py.File(results / "dataset.h5") as h5:
         assert [s.decode() for s in h5["subjects"][:]] == ["sub-001", "sub-002", "sub-003"]
 
 
 @pytest.mark.parametrize(
-    ("rows", "message"),
+    ("rows", "strict", "message"),
     [
         (
             {"subject": ["a", "a"], "t1": ["x", "y"], "age": [1, 2], "sex": ["F", "M"]},
+            False,
             "duplicate subject id(s) a",
         ),
-        ({"subject": ["a"], "t1": ["x"], "sex": ["F"]}, "missing required column(s) age"),
+        ({"subject": ["a"], "t1": ["x"], "sex": ["F"]}, False, "missing required column(s) age"),
+        # a row-level problem excludes its subject, unless data.strict asks to stop on it
+        (
+            {"subject": ["a", "b"], "t1": ["x", "y"], "age": [1, 2], "sex": ["F", "X"]},
+            True,
+            "subject b: sex 'X' is not F/M (or 0/1, female/male)",
+        ),
     ],
 )
-def test_broken_manifest_stops_before_any_job(tmp_path, write_config, rows, message):
+def test_broken_manifest_stops_before_any_job(tmp_path, write_config, rows, strict, message):
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
     configfile = write_config(
-        {"results": str(tmp_path / "results"), "data": {"manifest": str(tmp_path / "manifest.csv")}}
+        {
+            "results": str(tmp_path / "results"),
+            "data": {"manifest": str(tmp_path / "manifest.csv"), "strict": strict},
+        }
     )
     proc = run_snakemake(configfile, timeout=120)
     assert proc.returncode != 0

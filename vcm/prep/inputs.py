@@ -4,14 +4,15 @@ Columns: ``subject, t1, age, sex`` and, optionally, ``seg`` (label maps for the 
 ``t2`` (a second modality from the same session as the T1, for the ``t2`` condition); relative paths are
 resolved against the manifest's folder.
 
-Structural problems (missing column, duplicate id) stop the whole run. A subject whose T1 is missing,
-unreadable, not 3-D, empty, all zero or holds NaNs is excluded with a one-line reason; every other subject
-goes on, and the excluded ones are listed in ``excluded.csv``.
+Structural problems (unreadable CSV, missing column, duplicate or unsafe id) stop the whole run. A row-level
+problem (age missing, not a number or negative; sex missing or not a known code) or a T1 that is missing,
+unreadable, not 3-D, empty, all zero or holds NaNs excludes that subject with a one-line reason; every other
+subject goes on, and the excluded ones are listed in ``excluded.csv``. With ``data.strict: true`` a row-level
+problem stops the run instead, as a structural one does.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -23,6 +24,18 @@ import pandas as pd
 
 from vcm.errors import StageError
 from vcm.io import atomic_path
+from vcm.stage import stage_parser
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "SEX_CODES",
+    "ManifestError",
+    "check_inputs",
+    "check_volume",
+    "read_manifest",
+    "row_problems",
+    "write_subject_meta",
+]
 
 REQUIRED_COLUMNS = ("subject", "t1", "age", "sex")
 SEX_CODES = {"F": "F", "M": "M", "FEMALE": "F", "MALE": "M", "0": "F", "1": "M"}
@@ -30,22 +43,57 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class ManifestError(StageError):
-    """The manifest as a whole is unusable (stops before any job runs)."""
+    """The manifest cannot be used as it is (stops before any job runs): a structural problem, or a row-level
+    one under ``data.strict``."""
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
+def read_manifest(path: str | Path, *, strict: bool = False) -> pd.DataFrame:
     """Read and validate a manifest CSV; resolve relative paths against its folder.
 
+    Every row comes back, with ``age`` as a float, ``sex`` as ``F``/``M`` and a ``reason`` column: ``None``
+    for a usable row, else why the row cannot be used (see :func:`row_problems`); such a row's ``age`` or
+    ``sex`` is NaN.
+
+    Args:
+        path: the manifest CSV.
+        strict: a row-level problem raises (``data.strict``) instead of being returned as a reason.
+
     Raises:
-        ManifestError: one line naming the manifest and the problem.
+        ManifestError: one line naming the manifest and the problem (and, for a row, the subject).
     """
     path = Path(path)
+    df = _read_csv(path)
+    _check_structure(df, path)
+    reasons = row_problems(df)
+    if strict and reasons.notna().any():
+        subject = df["subject"][reasons.notna()].iloc[0]
+        raise ManifestError(f"manifest {path}: subject {subject}: {reasons[reasons.notna()].iloc[0]}")
+    df["sex"] = _sex_codes(df["sex"])
+    df["age"] = _ages(df["age"])
+    df.loc[reasons.notna(), ["age", "sex"]] = np.nan
+    df["reason"] = reasons
+    base = path.resolve().parent
+    for col in ("t1", "seg", "t2"):
+        if col in df.columns:
+            df[col] = [
+                str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p
+                for p in df[col]
+            ]
+    return df
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ManifestError(f"manifest {path}: file not found (config key data.manifest)")
     try:
-        df = pd.read_csv(path, dtype={"subject": str, "sex": str})
+        # age as text too: a reason quotes the value as written ('-3', not -3.0)
+        return pd.read_csv(path, dtype={"subject": str, "sex": str, "age": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ManifestError(f"manifest {path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+
+
+def _check_structure(df: pd.DataFrame, path: Path) -> None:
+    """Problems of the manifest as a whole (the run cannot name its subjects): raise at once."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(
@@ -61,33 +109,59 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise ManifestError(
             f"manifest {path}: subject id {bad_ids[0]!r} is not file-name safe (letters, digits, '_', '-', '.')"
         )
-    sex = df["sex"].astype(str).str.strip().str.upper().map(SEX_CODES)
-    if sex.isna().any():
-        row = df[sex.isna()].iloc[0]
-        raise ManifestError(
-            f"manifest {path}: subject {row['subject']}: sex {row['sex']!r} is not F/M (or 0/1)"
-        )
-    df["sex"] = sex
-    age = pd.to_numeric(df["age"], errors="coerce")
-    if age.isna().any():
-        row = df[age.isna()].iloc[0]
-        raise ManifestError(f"manifest {path}: subject {row['subject']}: age {row['age']!r} is not a number")
-    df["age"] = age.astype(float)
-    base = path.resolve().parent
-    for col in ("t1", "seg", "t2"):
-        if col in df.columns:
-            df[col] = [
-                str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p
-                for p in df[col]
-            ]
-    return df
+
+
+def _sex_codes(sex: pd.Series) -> pd.Series:
+    """``F``/``M`` for each known code (any case, spaces around), NaN for a missing or unknown one."""
+    return sex.str.strip().str.upper().map(SEX_CODES)
+
+
+def _ages(age: pd.Series) -> pd.Series:
+    """Each age as a float, NaN where it is missing or not a number."""
+    return pd.to_numeric(age.str.strip(), errors="coerce").astype(float)
+
+
+def _age_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "age is missing"
+    age = pd.to_numeric(value.strip(), errors="coerce")
+    if not np.isfinite(age):
+        return f"age {value!r} is not a number"
+    if age < 0:
+        return f"age {value!r} is negative"
+    return None
+
+
+def _sex_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "sex is missing"
+    if value.strip().upper() not in SEX_CODES:
+        return f"sex {value!r} is not F/M (or 0/1, female/male)"
+    return None
+
+
+def row_problems(df: pd.DataFrame) -> pd.Series:
+    """Why each row of a raw manifest (``age`` and ``sex`` as text) cannot be used, or ``None``.
+
+    A reason names the column and the value as written (``sex 'X' is not F/M (or 0/1, female/male)``); a row
+    with several problems gets them all, joined by ``; ``.
+    """
+    reasons = pd.Series([None] * len(df), index=df.index, dtype=object)
+    # vectorised first: only the rows that fail are looked at one by one (large manifests parse at DAG time)
+    ages = _ages(df["age"])
+    suspect = _sex_codes(df["sex"]).isna() | ~np.isfinite(ages) | (ages < 0)
+    for i in df.index[suspect]:
+        found = [r for r in (_age_problem(df.at[i, "age"]), _sex_problem(df.at[i, "sex"])) if r is not None]
+        reasons[i] = "; ".join(found)
+    return reasons
 
 
 def check_volume(path: str | Path, what: str = "t1") -> str | None:
     """Return why a volume cannot be used, or None if it can."""
-    p = Path(path)
+    # an empty manifest cell reads as a float NaN, which Path() would reject
     if not isinstance(path, str | Path) or not str(path) or str(path) == "nan":
         return f"no {what} path given"
+    p = Path(path)
     if not p.is_file():
         return f"{what} file {p} not found"
     try:
@@ -114,34 +188,42 @@ def check_volume(path: str | Path, what: str = "t1") -> str | None:
 
 
 def check_inputs(
-    manifest: str | Path, backend: str, second_image: bool = False
+    manifest: str | Path, backend: str, second_image: bool = False, *, strict: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check every subject's files; return (usable rows, excluded rows with a ``reason`` column).
+    """Check every subject's row and files; return (usable rows, excluded rows with a ``reason`` column).
 
     Args:
         manifest: the manifest CSV.
         backend: ``segmentation.backend`` (``precomputed`` checks the ``seg`` column too).
         second_image: a condition set uses ``t2``: the ``t2`` column is needed and checked.
+        strict: ``data.strict``: a row-level manifest problem raises instead of excluding the subject.
+
+    Raises:
+        ManifestError: a structural problem (or, with ``strict``, a row-level one).
     """
-    df = read_manifest(manifest)
+    df = read_manifest(manifest, strict=strict)
     if second_image and "t2" not in df.columns:
         raise ManifestError(f"manifest {manifest}: a condition set uses t2, which needs a 't2' column")
-    reasons = []
-    for _, row in df.iterrows():
-        reason = check_volume(row["t1"], "t1")
-        if reason is None and second_image:
-            reason = check_volume(row["t2"], "t2")
-        if reason is None and backend == "precomputed":
-            if "seg" not in df.columns:
-                raise ManifestError(
-                    f"manifest {manifest}: segmentation.backend precomputed needs a 'seg' column"
-                )
-            reason = check_volume(row["seg"], "seg")
-        reasons.append(reason)
-    df["reason"] = reasons
+    if backend == "precomputed" and "seg" not in df.columns:
+        raise ManifestError(f"manifest {manifest}: segmentation.backend precomputed needs a 'seg' column")
+    # a row already excluded by its age or sex keeps that reason; its files are not read
+    df["reason"] = [
+        reason if isinstance(reason, str) else _files_problem(row, backend, second_image)
+        for reason, row in zip(df["reason"], df.to_dict("records"), strict=True)
+    ]
     ok = df[df["reason"].isna()].drop(columns="reason")
     bad = df[df["reason"].notna()][["subject", "t1", "reason"]]
     return ok, bad
+
+
+def _files_problem(row: dict, backend: str, second_image: bool) -> str | None:
+    """Why one subject's T1 (and, where used, T2 and label map) cannot be used, or None."""
+    reason = check_volume(row["t1"], "t1")
+    if reason is None and second_image:
+        reason = check_volume(row["t2"], "t2")
+    if reason is None and backend == "precomputed":
+        reason = check_volume(row["seg"], "seg")
+    return reason
 
 
 def write_subject_meta(table: pd.DataFrame, folder: str | Path) -> None:
@@ -162,9 +244,9 @@ def write_subject_meta(table: pd.DataFrame, folder: str | Path) -> None:
 
 def cli(argv: list[str]) -> int:
     from vcm.config import load_config
+    from vcm.dataset import uses_second_image
 
-    parser = argparse.ArgumentParser(prog="python -m vcm check-inputs", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("check-inputs", __doc__)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True, help="CSV of the subjects that passed (resolved paths)")
     parser.add_argument("--excluded", required=True, help="CSV of excluded subjects with their reason")
@@ -173,9 +255,12 @@ def cli(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    from vcm.dataset import uses_second_image
-
-    ok, bad = check_inputs(args.manifest, cfg["segmentation"]["backend"], uses_second_image(cfg))
+    ok, bad = check_inputs(
+        args.manifest,
+        cfg["segmentation"]["backend"],
+        uses_second_image(cfg),
+        strict=cfg["data"]["strict"],
+    )
     for _, row in bad.iterrows():
         print(f"subject {row['subject']}: excluded: {row['reason']}", file=sys.stderr)
     with atomic_path(args.excluded) as tmp:

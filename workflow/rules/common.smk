@@ -92,10 +92,11 @@ if not HAVE_BACKBONE:
         "backbone.bundle at a BrainLDM model-zoo folder, or set backbone.retrain: true to train the tiny backbone"
     )
 
-# A user manifest is checked before any job runs (missing columns, duplicate ids stop here).
+# A user manifest is checked before any job runs: structural problems (missing columns, duplicate ids) stop
+# here, and so do row-level ones (age, sex) under data.strict; otherwise check_inputs excludes those subjects.
 if MANIFEST != DEMO_MANIFEST and Path(MANIFEST).exists():
     try:
-        read_manifest(MANIFEST)
+        read_manifest(MANIFEST, strict=CFG["data"]["strict"])
     except ManifestError as err:
         raise WorkflowError(str(err)) from None
 
