@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from vcm.config import ConfigError, load_config, validate_config
+from vcm.config import ConfigError, coerce_overrides, load_config, validate_config
 
 
 def test_default_config_is_valid(cfg):
@@ -55,6 +55,87 @@ def test_load_config_reports_missing_file_and_bad_yaml(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"grid": "demo", "qc": {"dice_min": 0.8}}))
     assert load_config(good)["qc"]["dice_min"] == 0.8
+
+
+# --- command-line overrides: Snakemake's --config reads nested scalars as strings ------------------------------
+
+
+def test_overrides_are_typed_where_the_schema_takes_no_string():
+    # what `snakemake --config 'cohort={size: 4, shard_size: 2}' ...` hands the Snakefile (YAML's BaseLoader)
+    overrides = {
+        "cohort": {"size": "4", "shard_size": "2", "sets": ["lv"]},
+        "training": {"steps": "10", "lr": "1e-3", "sizes": ["4", "8"], "minutes": "null", "flip": "false"},
+        "backbone": {"retrain": "true", "scale_factor": "null", "bundle": "2024"},
+        "evaluation": {"segmentation": "null", "medicalnet_weights": "null"},
+        "data": {"manifest": "2024.csv"},
+        "grid": {"shape": ["32", "48", "32"], "spacing_mm": "4"},
+        "condition_sets": {"lv": [["lv"]]},
+        "results": "my results",
+    }
+    typed = coerce_overrides(overrides)
+    assert typed["cohort"] == {"size": 4, "shard_size": 2, "sets": ["lv"]}
+    assert typed["training"] == {"steps": 10, "lr": 1e-3, "sizes": [4, 8], "minutes": None, "flip": False}
+    assert typed["backbone"] == {
+        "retrain": True,
+        "scale_factor": None,
+        "bundle": "2024",
+    }  # a path stays a string
+    assert typed["evaluation"] == {
+        "segmentation": None,
+        "medicalnet_weights": None,
+    }  # enum and ["null", string]
+    assert typed["data"] == {"manifest": "2024.csv"}
+    assert typed["grid"] == {"shape": [32, 48, 32], "spacing_mm": 4}  # the mapping alternative of a oneOf
+    assert typed["condition_sets"] == {"lv": [["lv"]]}
+    assert typed["results"] == "my results"
+    assert overrides["cohort"]["size"] == "4"  # a copy
+    validate_config(typed)
+
+
+def test_overrides_without_a_schema_are_read_as_yaml():
+    # training.vcm holds free keyword arguments; an unknown key is left for validate_config to name
+    typed = coerce_overrides({"training": {"vcm": {"unet_channels": ["16", "32"]}}, "cohrt": {"size": "4"}})
+    assert typed == {"training": {"vcm": {"unet_channels": [16, 32]}}, "cohrt": {"size": 4}}
+    with pytest.raises(ConfigError, match="unknown key 'cohrt'"):
+        validate_config(typed)
+
+
+def test_typed_values_from_the_command_line_pass_unchanged():
+    # Snakemake types a top-level value itself (int, float, bool)
+    assert coerce_overrides({"grid": "brainldm", "cohort": {"size": 4}}) == {
+        "grid": "brainldm",
+        "cohort": {"size": 4},
+    }
+    assert coerce_overrides({}) == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"cohort": 4},
+            "config key 'cohort' is a section, got 4: override its keys, e.g. --config 'cohort={size: 32}'",
+        ),
+        ({"cohort": None}, "config key 'cohort' is a section, got None"),
+        # not valid YAML: Snakemake passes the text on
+        ({"cohort": "{size: 4"}, "config key 'cohort' is a section, got '{size: 4'"),
+        (
+            {"qc": {"privacy": "off"}},
+            "config key 'qc.privacy' is a section, got 'off': override its keys, "
+            "e.g. --config 'qc={privacy: {enabled: true}}'",
+        ),
+        # YAML reads `{size:4}` as the key 'size:4' with no value
+        (
+            {"cohort": {"size:4": ""}},
+            "config key 'cohort.size:4': YAML needs a space after the colon, e.g. --config 'cohort={size: 4}'",
+        ),
+    ],
+)
+def test_overrides_that_cannot_work_say_how_to_write_them(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        coerce_overrides(overrides)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
 
 
 # --- settings read the validated config; their field defaults are the schema's ------------------------------

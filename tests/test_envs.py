@@ -1,10 +1,12 @@
 """The workflow keeps the conventions of the Snakemake workflow catalog: pinned conda environments that agree
 with pyproject.toml and install vcm, a conda environment, log and benchmark on every job rule, a caption on
-every report output, and a clean ``snakemake --lint`` and ``snakefmt --check``."""
+every report output, and a clean ``snakemake --lint`` and ``snakefmt --check``. Its command line works as
+users type it: nested ``--config`` overrides, and paths with spaces (quoted in every shell command)."""
 
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -197,3 +199,104 @@ def test_snakemake_lint_is_clean(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+# --- shell commands quote every path --------------------------------------------------------------------------
+
+# {params.NAME} placeholders that are no path (numbers, a grid preset name, fixed options), and options built by
+# shell_option() (common.smk), which quotes their path: "" when the optional file is not an input.
+UNQUOTED_PARAMS = {"demo", "n", "grid", "args"}
+OPTION_PARAMS = {"t2", "segmenter", "segmenter_json"}
+PATH_PLACEHOLDER = re.compile(r"(?<!\{)\{((input|output|params|log)[^{}:]*)(:[^{}]*)?\}")
+
+
+@pytest.mark.parametrize("rule", JOB_RULES, ids=lambda r: r[1])
+def test_every_path_in_a_shell_command_is_quoted(rule):
+    _, name, text = rule
+    shell = _directive(text, "shell")
+    found = PATH_PLACEHOLDER.findall(shell)
+    assert found, f"rule {name}: no input, output or log in {shell}"
+    for field, kind, spec in found:
+        param = field.split(".")[1].split("[")[0] if kind == "params" else None
+        if param in UNQUOTED_PARAMS | OPTION_PARAMS:
+            continue
+        assert spec.endswith("q"), f"rule {name}: {{{field}{spec}}} is not quoted: write {{{field}:q}}"
+
+
+def test_optional_path_options_quote_their_path():
+    """The params that shell commands take unquoted as options hold their path quoted by shell_option()."""
+    rule_files = "\n".join(path.read_text() for path in sorted((WORKFLOW / "rules").glob("*.smk")))
+    assigned = dict(re.findall(r"^(\w+) = (.*)$", rule_files, re.MULTILINE))
+    seen = set()
+    for _, name, text in JOB_RULES:
+        params, shell = _directive(text, "params") or "", _directive(text, "shell")
+        for match in re.finditer(r"^ {0,8}(\w+)=(.*?)(?=^ {0,8}\w+=|\Z)", params, re.MULTILINE | re.DOTALL):
+            param, value = match.group(1), match.group(2).strip().rstrip(",")
+            if param in OPTION_PARAMS and f"{{params.{param}}}" in shell:
+                seen.add(param)
+                value = assigned.get(value, value)  # a global (QC_SEGMENTER_ARG)
+                assert "shell_option(" in value, (
+                    f"rule {name}: params.{param} = {value} is not shell_option()"
+                )
+    assert seen == OPTION_PARAMS
+
+
+def _dry_run(*args: str) -> subprocess.CompletedProcess:
+    """``snakemake -n`` in the repository: plans the whole workflow (up to the input checkpoint), runs nothing."""
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _job_counts(stdout: str) -> dict[str, int]:
+    """The dry run's "Job stats" table: jobs per rule."""
+    table = stdout.partition("Job stats:")[2].partition("total")[0]
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+def test_a_results_folder_with_a_space_plans_with_quoted_paths(tmp_path):
+    results = tmp_path / "my results"
+    configfile = tmp_path / "study.yaml"
+    configfile.write_text(
+        yaml.safe_dump({"results": str(results), "data": {"manifest": f"{results}/demo/manifest.csv"}})
+    )
+    proc = _dry_run("--printshellcmds", "--configfile", str(configfile))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    commands = re.findall(r"^Shell command: (python .*|ITK.*)$", proc.stdout + proc.stderr, re.MULTILINE)
+    assert len(commands) >= 10, proc.stdout[-4000:]
+    for command in commands:
+        words = shlex.split(command)
+        assert not any(word.endswith("/my") for word in words), f"a path split at its space: {command}"
+        assert any("my results/" in word for word in words), command
+
+
+def test_nested_config_overrides_merge_into_the_config_file(tmp_path):
+    """``--config 'cohort={size: 6, shard_size: 2}'`` sets those two keys, typed, and keeps the others."""
+    results = tmp_path / "results"
+    proc = _dry_run(
+        "--config",
+        f"results={results}",
+        f"data={{manifest: {results}/demo/manifest.csv}}",
+        "cohort={size: 6, shard_size: 2}",
+        "training={steps: 10}",
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    written = yaml.safe_load((results / ".vcm" / "config.yaml").read_text())  # what every stage reads
+    assert written["cohort"] == {**written["cohort"], **base["cohort"], "size": 6, "shard_size": 2}
+    assert written["training"]["steps"] == 10
+    assert written["training"]["sizes"] == base["training"]["sizes"]
+    assert _job_counts(proc.stdout)["generate_shard"] == 3 * len(base["cohort"]["sets"])
+
+
+def test_an_override_that_cannot_work_says_how_to_write_it(tmp_path):
+    proc = _dry_run("--config", f"results={tmp_path / 'results'}", "cohort=4")
+    assert proc.returncode != 0
+    assert (
+        "config key 'cohort' is a section, got 4: override its keys, e.g. --config 'cohort={size: 32}'"
+        in (proc.stdout + proc.stderr)
+    )

@@ -1,7 +1,8 @@
-"""The configuration: loading, schema validation with one-line errors, defaults, grid presets.
+"""The configuration: loading, schema validation with one-line errors, defaults, command-line overrides.
 
 The JSON schema in ``workflow/schemas/config.schema.yaml`` is the single source of truth; the Snakefile
-and every ``python -m vcm`` stage validate against it through :func:`validate_config`.
+and every ``python -m vcm`` stage validate against it through :func:`validate_config`. The Snakefile first
+types the ``snakemake --config`` overrides by the same schema (:func:`coerce_overrides`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ import jsonschema
 import yaml
 
 from vcm.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "SCHEMA_PATH",
+    "ConfigError",
+    "coerce_overrides",
+    "dump_config",
+    "load_config",
+    "load_schema",
+    "section_values",
+    "validate_config",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -79,6 +92,154 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"config key 'cohort.sets': '{name}' is not a condition set (defined: {', '.join(out['condition_sets'])})"
             )
     return out
+
+
+def coerce_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Command-line overrides (``snakemake --config``) typed as if they were written in the config file.
+
+    Snakemake reads each ``--config key=value`` with ``int``, ``float``, a boolean parser and then YAML's
+    ``BaseLoader``, which reads every scalar inside a mapping or a list as a string: ``'cohort={size: 4}'``
+    arrives as ``{"cohort": {"size": "4"}}``, deep-merged over the config file (the other ``cohort`` keys stay).
+    Here every string leaf is read again with ``yaml.safe_load`` where the schema takes what YAML reads
+    (``"4"`` becomes ``4``, ``"true"`` ``True``, ``"null"`` ``None``; a number that YAML 1.1 leaves a string,
+    as ``1e-3``, becomes a float where the schema takes a number), and stays the text where the schema takes
+    a string instead (``data={manifest: 2024}`` keeps ``"2024"``); keys without a schema get YAML's types.
+    Merging the result over the config with the same deep merge replaces the string leaves with typed ones;
+    :func:`validate_config` checks the rest.
+
+    Args:
+        overrides: the parsed ``--config`` entries (Snakemake's ``workflow.config_settings.config``).
+
+    Returns:
+        A typed copy of ``overrides``.
+
+    Raises:
+        ConfigError: an override that cannot work as given, in one line naming the key with an example that
+            works: a section given a value instead of keys (``cohort=4``, or a mapping that is not valid YAML),
+            or a key written without a space after its colon (``cohort={size:4}`` is YAML's key ``size:4``).
+    """
+    schema = load_schema()
+    # an unknown top-level key has no schema (plain YAML typing): validate_config names it
+    return {key: _coerce(value, [_child(schema, key)], schema, (key,)) for key, value in overrides.items()}
+
+
+# The JSON types of what yaml.safe_load reads (an int is also a number).
+_JSON_TYPES = {
+    type(None): {"null"},
+    bool: {"boolean"},
+    int: {"integer", "number"},
+    float: {"number"},
+    str: {"string"},
+    list: {"array"},
+    dict: {"object"},
+}
+
+
+def _alternatives(schema: dict[str, Any], root: dict[str, Any]) -> list[dict[str, Any]]:
+    """A schema, or its ``oneOf``/``anyOf`` alternatives, recursively, with references resolved."""
+    schema = _resolve(schema, root)
+    nested = [*schema.get("oneOf", []), *schema.get("anyOf", [])]
+    return [alt for sub in nested for alt in _alternatives(sub, root)] if nested else [schema]
+
+
+def _types(schema: dict[str, Any]) -> set[str]:
+    kind = schema.get("type", [])
+    return {kind} if isinstance(kind, str) else set(kind)
+
+
+def _coerce(
+    value: Any, schemas: list[dict[str, Any] | None], root: dict[str, Any], path: tuple[str, ...]
+) -> Any:
+    """``value`` typed by the schemas that may hold it (none: plain YAML typing)."""
+    alternatives = [alt for sub in schemas if sub is not None for alt in _alternatives(sub, root)]
+    given = value
+    if isinstance(value, str):
+        value = _read_scalar(value, alternatives)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            _check_key(key, alternatives, path)
+            out[key] = _coerce(item, [_child(alt, key) for alt in alternatives], root, (*path, str(key)))
+        return out
+    if isinstance(value, list):
+        items = [alt["items"] for alt in alternatives if isinstance(alt.get("items"), dict)]
+        return [_coerce(item, items, root, path) for item in value]
+    if alternatives and all(_types(alt) == {"object"} for alt in alternatives):
+        raise ConfigError(
+            f"config key '{'.'.join(path)}' is a section, got {given!r}: override its keys, e.g. "
+            f"{_override_example(path, alternatives, root)} (quote the whole entry for the shell)"
+        )
+    return value
+
+
+def _accepts(alternative: dict[str, Any], value: Any) -> bool:
+    """Whether a schema takes a value of this JSON type (its range and format are validate_config's)."""
+    if "enum" in alternative:
+        return any(value == item and type(value) is type(item) for item in alternative["enum"])
+    kinds = _types(alternative)
+    return not kinds or bool(kinds & _JSON_TYPES[type(value)])
+
+
+def _read_scalar(text: str, alternatives: list[dict[str, Any]]) -> Any:
+    """A string leaf as the config file would hold it.
+
+    The text read as YAML where the schema takes what YAML reads (``"4"`` is ``4``, ``"null"`` ``None``), the
+    text itself where YAML reads another type but the schema takes a string (``manifest: 2024`` stays
+    ``"2024"``), a float where YAML 1.1 leaves a number a string (``1e-3``) but the schema takes one.
+    """
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) or type(value) not in _JSON_TYPES:  # dates and the like stay text
+        if any("number" in _types(alt) for alt in alternatives):
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        return text
+    if not alternatives or any(_accepts(alt, value) for alt in alternatives):
+        return value
+    return text if any(_accepts(alt, text) for alt in alternatives) else value
+
+
+def _child(schema: dict[str, Any], key: Any) -> dict[str, Any] | None:
+    """The schema of ``key`` in a mapping that ``schema`` describes (``None``: the key has none)."""
+    properties = schema.get("properties", {})
+    if key in properties:
+        return properties[key]
+    extra = schema.get("additionalProperties")
+    return extra if isinstance(extra, dict) else None
+
+
+def _check_key(key: Any, alternatives: list[dict[str, Any]], path: tuple[str, ...]) -> None:
+    """``{size:4}`` is YAML's key ``size:4`` with no value: say that the colon needs a space."""
+    if not isinstance(key, str) or ":" not in key or any(_child(alt, key) for alt in alternatives):
+        return
+    name, _, leaf = key.partition(":")
+    raise ConfigError(
+        f"config key '{'.'.join((*path, key))}': YAML needs a space after the colon, "
+        f"e.g. {_example((*path, name.strip()), leaf.strip() or '...')}"
+    )
+
+
+def _override_example(path: tuple[str, ...], alternatives: list[dict[str, Any]], root: dict[str, Any]) -> str:
+    """A ``--config`` entry that sets one key of the section at ``path`` (its first with a scalar default)."""
+    for alt in alternatives:
+        for key, sub in alt.get("properties", {}).items():
+            default = _resolve(sub, root).get("default")
+            if isinstance(default, (bool, int, float, str)):
+                leaf = str(default).lower() if isinstance(default, bool) else str(default)
+                return _example((*path, key), leaf)
+    return _example((*path, "key"), "value")
+
+
+def _example(path: tuple[str, ...], leaf: str) -> str:
+    """``--config 'top={a: {b: leaf}}'`` for the key at ``path``."""
+    text = leaf
+    for key in reversed(path[1:]):
+        text = f"{{{key}: {text}}}"
+    return f"--config '{path[0]}={text}'"
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:

@@ -64,8 +64,8 @@ rule backbone_corpus:
         grid=CFG["grid"],
         n=BACKBONE_CORPUS_SUBJECTS,
     shell:
-        "python -m vcm demo --corpus {output} --n-subjects {params.n} --grid {params.grid}"
-        " --workers {threads} > {log} 2>&1"
+        "python -m vcm demo --corpus {output:q} --n-subjects {params.n} --grid {params.grid}"
+        " --workers {threads} > {log:q} 2>&1"
 
 
 rule train_backbone:
@@ -97,5 +97,5 @@ rule train_backbone:
         out=lambda w, output: os.path.dirname(os.path.dirname(output.autoencoder)),
         args=BACKBONE_TRAIN_ARGS,
     shell:
-        "python -m vcm train-backbone --data {input.corpus} --work-dir {params.work} --out {params.out}"
-        " --threads {threads} --device auto {params.args} > {log} 2>&1"
+        "python -m vcm train-backbone --data {input.corpus:q} --work-dir {params.work:q} --out {params.out:q}"
+        " --threads {threads} --device auto {params.args} > {log:q} 2>&1"

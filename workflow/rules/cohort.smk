@@ -49,10 +49,11 @@ rule generate_shard:
         template_dir=template_dir,
         segmenter=QC_SEGMENTER_ARG,
     shell:
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm generate-shard --config {params.config}"
-        " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
-        " --condition-set {wildcards.condset} --shard {wildcards.shard} --template-dir {params.template_dir}"
-        " {params.segmenter} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm generate-shard"
+        " --config {params.config:q} --dataset {input.dataset:q} --model {input.model:q}"
+        " --bundle {params.bundle:q} --condition-set {wildcards.condset} --shard {wildcards.shard}"
+        " --template-dir {params.template_dir:q} {params.segmenter} --out-dir {params.out_dir:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule merge_cohort:
@@ -83,8 +84,8 @@ rule merge_cohort:
         config=CONFIG_FILE,
         out_dir=lambda w: f"{RESULTS}/cohorts/{w.condset}",
     shell:
-        "python -m vcm merge-cohort --config {params.config} --condition-set {wildcards.condset}"
-        " --shards {input.shards} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m vcm merge-cohort --config {params.config:q} --condition-set {wildcards.condset}"
+        " --shards {input.shards:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule cohorts:

@@ -5,19 +5,24 @@ import hashlib
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
+from snakemake.utils import update_config
 
 from vcm.cohort.plan import shard_range
-from vcm.config import ConfigError, dump_config, validate_config
+from vcm.config import ConfigError, coerce_overrides, dump_config, validate_config
 from vcm.dataset import condition_names, uses_second_image
 from vcm.grid import Grid
 from vcm.prep.inputs import ManifestError, read_manifest
 
+# `--config 'cohort={size: 4}'` arrives with string leaves ({"size": "4"}), already deep-merged over the
+# config file: merging the overrides again, typed by the schema, makes them what the config file would hold.
 try:
+    update_config(config, coerce_overrides(workflow.config_settings.config))
     CFG = validate_config(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
@@ -167,6 +172,11 @@ def train_threads(wildcards):
     if cores is None or cores >= 1024:
         return 2
     return max(1, cores // max(1, len(MODELS)))
+
+
+def shell_option(flag, path):
+    """``flag path`` for a shell command, the path quoted; ``""`` without a path (an optional input file)."""
+    return f"{flag} {shlex.quote(str(path))}" if path else ""
 
 
 # Folders that stages take as arguments, derived from the rule's own input files (not hardcoded prefixes, so

@@ -23,5 +23,5 @@ rule dataset:
         # the per-subject folders' root (their files are inputs, known only after check_inputs)
         prep_dir=PREP,
     shell:
-        "python -m vcm dataset --config {params.config} --subjects {input.subjects}"
-        " --prep-dir {params.prep_dir} --out {output} > {log} 2>&1"
+        "python -m vcm dataset --config {params.config:q} --subjects {input.subjects:q}"
+        " --prep-dir {params.prep_dir:q} --out {output:q} > {log:q} 2>&1"

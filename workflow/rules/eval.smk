@@ -78,9 +78,10 @@ rule evaluate:
         template_dir=template_dir,
         segmenter=QC_SEGMENTER_ARG,
     shell:
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm evaluate --config {params.config}"
-        " --dataset {input.dataset} --model {input.model} --bundle {params.bundle}"
-        " --template-dir {params.template_dir} {params.segmenter} --out {output.table} --threads {threads} > {log} 2>&1"
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm evaluate --config {params.config:q}"
+        " --dataset {input.dataset:q} --model {input.model:q} --bundle {params.bundle:q}"
+        " --template-dir {params.template_dir:q} {params.segmenter} --out {output.table:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule mask_edit:
@@ -119,9 +120,9 @@ rule mask_edit:
         template_dir=f"{RESULTS}/template",
         segmenter=QC_SEGMENTER_ARG,
     shell:
-        "python -m vcm mask-edit --config {params.config} --dataset {input.dataset} --model {input.model}"
-        " --bundle {params.bundle} --template-dir {params.template_dir} {params.segmenter}"
-        " --out {output} --threads {threads} > {log} 2>&1"
+        "python -m vcm mask-edit --config {params.config:q} --dataset {input.dataset:q}"
+        " --model {input.model:q} --bundle {params.bundle:q} --template-dir {params.template_dir:q}"
+        " {params.segmenter} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule tstr:
@@ -148,8 +149,8 @@ rule tstr:
         ),
         config=CONFIG_FILE,
     shell:
-        "python -m vcm tstr --config {params.config} --dataset {input.dataset} --cohort {input.cohort}"
-        " --out {output.table} --threads {threads} > {log} 2>&1"
+        "python -m vcm tstr --config {params.config:q} --dataset {input.dataset:q} --cohort {input.cohort:q}"
+        " --out {output.table:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule cohort_figures:
@@ -189,9 +190,9 @@ rule cohort_figures:
         settings=lambda w: eval_digest(CFG["qc"], CFG["conditions"]["lv_labels"]),
         config=CONFIG_FILE,
     shell:
-        "python -m vcm cohort-figures --config {params.config} --cohort {input.cohort}"
-        " --montage {output.montage} --qc-hist {output.qc_hist} --privacy-hist {output.privacy_hist}"
-        " > {log} 2>&1"
+        "python -m vcm cohort-figures --config {params.config:q} --cohort {input.cohort:q}"
+        " --montage {output.montage:q} --qc-hist {output.qc_hist:q} --privacy-hist {output.privacy_hist:q}"
+        " > {log:q} 2>&1"
 
 
 rule eval_tables:
@@ -222,8 +223,8 @@ rule eval_tables:
         # its stage lives in vcm.evaluation, which imports torch
         "../envs/torch.yaml"
     shell:
-        "python -m vcm eval-tables --eval {input.evals} --tstr {input.tstr}"
-        " --md {output.md} --html {output.html} --tstr-out {output.tstr} > {log} 2>&1"
+        "python -m vcm eval-tables --eval {input.evals:q} --tstr {input.tstr:q}"
+        " --md {output.md:q} --html {output.html:q} --tstr-out {output.tstr:q} > {log:q} 2>&1"
 
 
 rule summary:
@@ -248,9 +249,12 @@ rule summary:
     params:
         config=CONFIG_FILE,
         segmenter_json=(
-            f"--segmenter-json {RESULTS}/models/qc_segmenter/segmenter.json" if QC_SEGMENTER_INPUT else ""
+            shell_option("--segmenter-json", f"{RESULTS}/models/qc_segmenter/segmenter.json")
+            if QC_SEGMENTER_INPUT
+            else ""
         ),
     shell:
-        "python -m vcm summary --config {params.config} --dataset {input.dataset} --models {input.models}"
-        " --eval {input.evals} --tstr {input.tstr} --cohorts {input.cohorts} --mask-edit {input.mask_edits}"
-        " {params.segmenter_json} --out {output} > {log} 2>&1"
+        "python -m vcm summary --config {params.config:q} --dataset {input.dataset:q}"
+        " --models {input.models:q} --eval {input.evals:q} --tstr {input.tstr:q}"
+        " --cohorts {input.cohorts:q} --mask-edit {input.mask_edits:q}"
+        " {params.segmenter_json} --out {output:q} > {log:q} 2>&1"

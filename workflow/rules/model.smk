@@ -34,13 +34,13 @@ rule train_qc_segmenter:
         settings=section("qc.segmenter", "training.sizes", "conditions.lv_labels"),
         config=CONFIG_FILE,
     shell:
-        "python -m vcm train-segmenter --config {params.config} --dataset {input.dataset} --out {output.model}"
-        " --threads {threads} > {log} 2>&1"
+        "python -m vcm train-segmenter --config {params.config:q} --dataset {input.dataset:q}"
+        " --out {output.model:q} --threads {threads} > {log:q} 2>&1"
 
 
 # The re-segmentation of synthetic images (QC, evaluation, previews): the QC segmenter when configured.
 QC_SEGMENTER_INPUT = [QC_SEGMENTER] if CFG["qc"]["backend"] == "segmenter" else []
-QC_SEGMENTER_ARG = f"--segmenter {QC_SEGMENTER}" if QC_SEGMENTER_INPUT else ""
+QC_SEGMENTER_ARG = shell_option("--segmenter", QC_SEGMENTER) if QC_SEGMENTER_INPUT else ""
 
 
 rule encode_latents:
@@ -63,8 +63,8 @@ rule encode_latents:
         config=CONFIG_FILE,
         bundle=bundle_dir,
     shell:
-        "python -m vcm encode-latents --config {params.config} --dataset {input.dataset} --bundle {params.bundle}"
-        " --out {output} --threads {threads} > {log} 2>&1"
+        "python -m vcm encode-latents --config {params.config:q} --dataset {input.dataset:q}"
+        " --bundle {params.bundle:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule train_vcm:
@@ -115,10 +115,10 @@ rule train_vcm:
         template_dir=template_dir,
         segmenter=QC_SEGMENTER_ARG,
     shell:
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm train-vcm --config {params.config}"
-        " --dataset {input.dataset} --latents {input.latents} --bundle {params.bundle}"
-        " --condition-set {wildcards.condset} --size {wildcards.size} --template-dir {params.template_dir}"
-        " {params.segmenter} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm train-vcm --config {params.config:q}"
+        " --dataset {input.dataset:q} --latents {input.latents:q} --bundle {params.bundle:q}"
+        " --condition-set {wildcards.condset} --size {wildcards.size} --template-dir {params.template_dir:q}"
+        " {params.segmenter} --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule models:

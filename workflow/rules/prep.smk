@@ -17,8 +17,8 @@ rule demo_cohort:
         demo=lambda w: CFG["data"]["demo"],
         out_dir=lambda w, output: os.path.dirname(output.manifest),
     shell:
-        "python -m vcm demo --out-dir {params.out_dir} --n-subjects {params.demo[n_subjects]}"
-        " --seed {params.demo[seed]} --spacing-mm {params.demo[spacing_mm]} > {log} 2>&1"
+        "python -m vcm demo --out-dir {params.out_dir:q} --n-subjects {params.demo[n_subjects]}"
+        " --seed {params.demo[seed]} --spacing-mm {params.demo[spacing_mm]} > {log:q} 2>&1"
 
 
 rule template:
@@ -37,7 +37,7 @@ rule template:
     params:
         out_dir=lambda w, output: os.path.dirname(output.t1_head),
     shell:
-        "python -m vcm template --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m vcm template --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 checkpoint check_inputs:
@@ -62,8 +62,9 @@ checkpoint check_inputs:
         config=CONFIG_FILE,
         meta_dir=lambda w, output: os.path.dirname(output.subjects),
     shell:
-        "python -m vcm check-inputs --config {params.config} --manifest {input.manifest}"
-        " --out {output.subjects} --excluded {output.excluded} --meta-dir {params.meta_dir} > {log} 2>&1"
+        "python -m vcm check-inputs --config {params.config:q} --manifest {input.manifest:q}"
+        " --out {output.subjects:q} --excluded {output.excluded:q} --meta-dir {params.meta_dir:q}"
+        " > {log:q} 2>&1"
 
 
 # A condition set that uses the second modality (t2) makes prep register and store it (manifest column t2).
@@ -99,13 +100,14 @@ rule register:
     params:
         settings=section("grid", "registration", "intensity"),
         config=CONFIG_FILE,
-        t2=lambda w, input: f"--t2 '{input.t2[0]}'" if USE_T2 else "",
+        t2=lambda w, input: shell_option("--t2", input.t2[0]) if USE_T2 else "",
         template_dir=template_dir,
         out_dir=lambda w, output: os.path.dirname(output.t1),
     shell:
-        "python -m vcm register --config {params.config} --subject {wildcards.subject} --t1 {input.t1:q}"
+        "python -m vcm register --config {params.config:q} --subject {wildcards.subject} --t1 {input.t1:q}"
         " {params.t2}"
-        " --template-dir {params.template_dir} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " --template-dir {params.template_dir:q} --out-dir {params.out_dir:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 # Per-subject rules read the subject's manifest row from inputs/<subject>.json (written by check_inputs,
@@ -139,9 +141,9 @@ rule segment:
         template_dir=lambda w, input: os.path.dirname(input.template_labels),
         out_dir=lambda w, output: os.path.dirname(output.labels),
     shell:
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm segment --config {params.config}"
-        " --subject {wildcards.subject} --t1 {input.t1:q} --meta {input.meta} --reg-dir {params.reg_dir}"
-        " --template-dir {params.template_dir} --out-dir {params.out_dir} > {log} 2>&1"
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm segment --config {params.config:q}"
+        " --subject {wildcards.subject} --t1 {input.t1:q} --meta {input.meta:q} --reg-dir {params.reg_dir:q}"
+        " --template-dir {params.template_dir:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 CONDITION_FILES = condition_names(CFG)
@@ -168,10 +170,10 @@ rule conditions:
     params:
         settings=section("grid", "conditions", "condition_sets"),
         config=CONFIG_FILE,
-        t2=lambda w, input: f"--t2 {input.t2[0]}" if USE_T2 else "",
+        t2=lambda w, input: shell_option("--t2", input.t2[0]) if USE_T2 else "",
         out_dir=lambda w, output: os.path.dirname(output.covariates),
     shell:
-        "python -m vcm conditions --config {params.config} --subject {wildcards.subject} --t1 {input.t1}"
-        " --labels {input.labels} --volumes {input.volumes} --meta {input.meta}"
+        "python -m vcm conditions --config {params.config:q} --subject {wildcards.subject} --t1 {input.t1:q}"
+        " --labels {input.labels:q} --volumes {input.volumes:q} --meta {input.meta:q}"
         " {params.t2}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
