@@ -1,5 +1,5 @@
 """The project's expected failures, at the bottom of the import graph: every module may raise them, and the
-command line (:mod:`vcm.cli`) reports them as one line without a traceback."""
+command line (``python -m vcm``) reports them as one line without a traceback."""
 
 from __future__ import annotations
 

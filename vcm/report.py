@@ -154,43 +154,65 @@ def write_summary(
         the text written.
     """
     from vcm import __version__
-    from vcm.evaluation.tables import display_table, markdown_table, tstr_display
     from vcm.io import git_sha, write_text
 
     out = Path(out)
     base = out.parent
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [f"# vcm run summary\n\nvcm {__version__} ({git_sha()}), written {when}.\n"]
-
-    parts.append("## Dataset\n")
-    if dataset is not None and Path(dataset).is_file():
-        with DatasetFile(dataset) as data:
-            n, shape, spacing = len(data), data.grid_shape, data.spacing_mm
-            splits, conds = data.split_sizes(), data.condition_names()
-        grid = f"{'×'.join(map(str, shape))} grid" + (f" at {spacing:g} mm" if spacing is not None else "")
-        split_text = ", ".join(f"{k} ({v})" for k, v in sorted(splits.items())) or "none"
-        parts.append(
-            f"`{_link(dataset, base)}`: **{n} subjects** on the {grid}; splits: {split_text}; "
-            f"conditions: {', '.join(conds) or 'none'}.\n"
-        )
-    else:
-        parts.append("_no dataset_\n")
-
+    parts += _dataset_section(dataset, base)
     parts.append("## Models\n")
     parts.append("\n".join(_model_rows(models, base)) + "\n" if models else "_no models_\n")
+    parts += _segmenter_section(segmenter_json, base)
+    parts += _evaluation_section(eval_csvs, mask_edits, base)
+    parts += _tstr_section(tstr_csv)
+    parts.append("## Cohorts and QC\n")
+    parts.extend(_cohort_section(cohorts, base))
+    if figures:
+        parts.append("## Figures\n")
+        parts.append("\n".join(f"- [{Path(f).name}]({_link(f, base)})" for f in figures) + "\n")
+    text = "\n".join(parts)
+    write_text(out, text)
+    return text
 
-    if segmenter_json is not None and Path(segmenter_json).is_file():
-        seg = json.loads(Path(segmenter_json).read_text())
-        lv = seg["lv_dice"]
-        parts.append("## QC segmenter\n")
-        parts.append(
-            f"The re-segmentation of synthetic images: a MONAI U-Net trained on {seg['n_train']} real training "
-            f"subjects ({seg['training']['steps']} steps). LV Dice on the {seg['n_val']} real validation subjects "
-            f"**{lv['mean']:.3f}** [95 % CI {lv['ci95'][0]:.3f}, {lv['ci95'][1]:.3f}]; "
-            f"{seg['seconds_per_volume_1_thread'] * 1000:.0f} ms per volume on one thread "
-            f"(`{_link(segmenter_json, base)}`).\n"
-        )
-    parts.append("## Evaluation\n")
+
+def _dataset_section(dataset: str | Path | None, base: Path) -> list[str]:
+    parts = ["## Dataset\n"]
+    if dataset is None or not Path(dataset).is_file():
+        return [*parts, "_no dataset_\n"]
+    with DatasetFile(dataset) as data:
+        n, shape, spacing = len(data), data.grid_shape, data.spacing_mm
+        splits, conds = data.split_sizes(), data.condition_names()
+    grid = f"{'×'.join(map(str, shape))} grid" + (f" at {spacing:g} mm" if spacing is not None else "")
+    split_text = ", ".join(f"{k} ({v})" for k, v in sorted(splits.items())) or "none"
+    return [
+        *parts,
+        f"`{_link(dataset, base)}`: **{n} subjects** on the {grid}; splits: {split_text}; "
+        f"conditions: {', '.join(conds) or 'none'}.\n",
+    ]
+
+
+def _segmenter_section(segmenter_json: str | Path | None, base: Path) -> list[str]:
+    if segmenter_json is None or not Path(segmenter_json).is_file():
+        return []
+    seg = json.loads(Path(segmenter_json).read_text())
+    lv = seg["lv_dice"]
+    return [
+        "## QC segmenter\n",
+        f"The re-segmentation of synthetic images: a MONAI U-Net trained on {seg['n_train']} real training "
+        f"subjects ({seg['training']['steps']} steps). LV Dice on the {seg['n_val']} real validation subjects "
+        f"**{lv['mean']:.3f}** [95 % CI {lv['ci95'][0]:.3f}, {lv['ci95'][1]:.3f}]; "
+        f"{seg['seconds_per_volume_1_thread'] * 1000:.0f} ms per volume on one thread "
+        f"(`{_link(segmenter_json, base)}`).\n",
+    ]
+
+
+def _evaluation_section(
+    eval_csvs: Sequence[str | Path], mask_edits: Sequence[str | Path], base: Path
+) -> list[str]:
+    from vcm.evaluation.tables import display_table, markdown_table
+
+    parts = ["## Evaluation\n"]
     if eval_csvs:
         parts.append(
             "Controlled (the trained module) vs uncontrolled (the backbone alone, same noise and covariates), "
@@ -199,10 +221,8 @@ def write_summary(
         )
     else:
         parts.append("_not evaluated_\n")
-
     for path in mask_edits:
-        edit = json.loads(Path(path).read_text())
-        e = edit["summary"]
+        e = json.loads(Path(path).read_text())["summary"]
         parts.append(f"### Mask edit: `{_link(path, base)}`\n")
         parts.append(
             f"Each of {e['subjects']} validation subjects sampled from the same noise and covariates with its LV "
@@ -212,25 +232,21 @@ def write_summary(
             + ", ".join(f"{v} {d:.3f}" for v, d in e["dice_to_variant"].items())
             + f"; the added ring is darker by {e['ring_darkening']:.3f}.\n"
         )
-    parts.append("## Train on synthetic, test on real (TSTR)\n")
-    if tstr_csv is not None and Path(tstr_csv).is_file():
-        tstr = pd.read_csv(tstr_csv)
-        parts.append(
-            "Dice of a small U-Net on the real validation subjects, trained on the synthetic cohort or on the "
-            "real training subset with the same budget.\n\n" + markdown_table(tstr_display(tstr))
-        )
-    else:
-        parts.append("_not run_\n")
+    return parts
 
-    parts.append("## Cohorts and QC\n")
-    parts.extend(_cohort_section(cohorts, base))
 
-    if figures:
-        parts.append("## Figures\n")
-        parts.append("\n".join(f"- [{Path(f).name}]({_link(f, base)})" for f in figures) + "\n")
-    text = "\n".join(parts)
-    write_text(out, text)
-    return text
+def _tstr_section(tstr_csv: str | Path | None) -> list[str]:
+    from vcm.evaluation.tables import markdown_table, tstr_display
+
+    parts = ["## Train on synthetic, test on real (TSTR)\n"]
+    if tstr_csv is None or not Path(tstr_csv).is_file():
+        return [*parts, "_not run_\n"]
+    return [
+        *parts,
+        "Dice of a small U-Net on the real validation subjects, trained on the synthetic cohort or on the "
+        "real training subset with the same budget.\n\n"
+        + markdown_table(tstr_display(pd.read_csv(tstr_csv))),
+    ]
 
 
 # --- command line ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def stage_parser(
     """The parser of ``python -m vcm <stage>`` with the options most stages share.
 
     Args:
-        stage: the stage name, as in :data:`vcm.cli.STAGES`.
+        stage: the stage name, as ``python -m vcm`` lists it.
         doc: the stage module's docstring; its first line becomes the description.
         config: add ``--config`` (required): the workflow's config YAML.
         threads: add ``--threads``: CPU threads for torch (default: torch's own choice).
