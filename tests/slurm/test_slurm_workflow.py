@@ -115,6 +115,8 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(runs):
         backbone={"kind": "tiny", "bundle": str(bundle)},
         condition_sets={"lv": [["lv"]]},
         training=training,
+        # the QC segmenter is an input of training (previews); a few steps keep this test about resuming
+        qc={"segmenter": {"steps": 20}},
     )
     target = results / "models" / "lv" / "n2" / "vcm.pt"
     latest = target.parent / "checkpoints" / "checkpoint_latest.pt"
