@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import subprocess
@@ -38,3 +39,15 @@ def local_slurm() -> None:
         assert proc.returncode == 0, (
             f"start-local-slurm.sh failed twice:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         )
+
+
+def cancel_leftover_jobs() -> None:
+    """Cancel every job still queued or running: a test that failed mid-run must not leave its sbatch jobs
+    holding the test node's CPUs and its one GPU for the tests after it (the local SLURM is the tests' own)."""
+    subprocess.run(["scancel", "--user", getpass.getuser()], check=False)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        left = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        if not left:
+            return
+        time.sleep(1)

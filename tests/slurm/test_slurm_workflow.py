@@ -16,6 +16,7 @@ import yaml
 
 from ..fixtures import TINY_VCM
 from ..workflow.conftest import REPO, run_snakemake
+from .conftest import cancel_leftover_jobs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
@@ -152,6 +153,7 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(runs):
     finally:
         if proc.poll() is None:
             proc.kill()
+            cancel_leftover_jobs()
     assert proc.returncode == 0, out[-4000:]
     assert "Trying to restart job" in out
     log = (results / "logs" / "train_vcm" / "lv_n2.log").read_text()
