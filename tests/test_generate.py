@@ -371,7 +371,7 @@ def test_a_copy_of_a_real_training_image_is_flagged_and_leaves_the_passed_set(
     assert record["privacy"]["possible_copy"] and not record["passed"]
 
     # the screen off: nothing recorded, the copy passes as QC alone decides
-    gcfg["qc"]["privacy"] = {"enabled": False}
+    gcfg["qc"]["privacy"]["enabled"] = False  # gcfg is validated: the section holds every key
     off = tmp_path / "off"
     merge_cohort(gcfg, run_cohort(gcfg, files, off), off)
     with h5py.File(off / "cohort.h5") as h5:
