@@ -10,7 +10,6 @@ rules wrap them in ``report()`` with captions from ``workflow/report/``).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -23,6 +22,7 @@ import pandas as pd
 from vcm.cohort.figures import cohort_stats, privacy_stats
 from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
+from vcm.stage import stage_parser
 
 __all__ = ["cli", "write_summary"]
 
@@ -254,7 +254,7 @@ def _tstr_section(tstr_csv: str | Path | None) -> list[str]:
 
 def cli(argv: list[str]) -> int:
     """``python -m vcm summary``: results/summary.md."""
-    parser = argparse.ArgumentParser(prog="python -m vcm summary", description=__doc__.splitlines()[0])
+    parser = stage_parser("summary", __doc__, config=False)
     parser.add_argument("--config", default=None, help="(accepted for symmetry with the other stages)")
     parser.add_argument("--dataset", default=None, help="dataset.h5")
     parser.add_argument("--models", nargs="*", default=[], help="vcm.pt files")

@@ -9,7 +9,6 @@ subject beside the real-to-real baseline, :mod:`vcm.privacy`); the statistics be
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from vcm.cohort.store import open_cohort, read_privacy
 from vcm.errors import StageError
+from vcm.stage import stage_parser
 
 __all__ = [
     "cohort_montage",
@@ -271,8 +271,7 @@ def figures_cli(argv: list[str]) -> int:
     """``python -m vcm cohort-figures``: the montage and the QC histograms of one cohort."""
     from vcm.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m vcm cohort-figures", description=figures_cli.__doc__)
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("cohort-figures", figures_cli.__doc__)
     parser.add_argument("--cohort", required=True, help="cohort.h5")
     parser.add_argument("--montage", required=True, help="cohort_montage.png")
     parser.add_argument("--qc-hist", required=True, help="qc_hist.png")

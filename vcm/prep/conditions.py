@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import load_nifti, read_json, save_nifti, write_json
 from vcm.labels import brain_mask, mask_of, semantic_map
+from vcm.stage import stage_parser
 
 COVARIATE_ORDER = ("sex", "age", "lv_volume", "brain_volume")
 MASK_CONDITIONS = ("lv", "brain", "semantics")
@@ -139,8 +139,7 @@ def make_conditions(
 def cli(argv: list[str]) -> int:
     from vcm.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m vcm conditions", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("conditions", __doc__)
     parser.add_argument("--subject", required=True)
     parser.add_argument("--t1", required=True, help="registered T1 on the grid")
     parser.add_argument("--labels", required=True, help="labels on the grid")

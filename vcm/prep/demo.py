@@ -22,7 +22,6 @@ each image for the ``precomputed`` backend and the tests.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -39,6 +38,7 @@ from vcm.grid import Grid
 from vcm.io import atomic_path, provenance, save_nifti, write_json, write_text
 from vcm.labels import LATERAL_VENTRICLES, brain_mask, mask_of
 from vcm.prep.template import HeadShell, Template, add_head, build_template, world_grid
+from vcm.stage import stage_parser
 
 NATIVE_FOV_MM = (184.0, 232.0, 200.0)
 TEMPLATE_CENTRE_MM = np.array([0.0, -17.0, 10.0])
@@ -454,7 +454,7 @@ def build_corpus(
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vcm demo", description="Build the embedded demo cohort.")
+    parser = stage_parser("demo", "Build the embedded demo cohort.", config=False)
     parser.add_argument("--out-dir", help="folder of the demo cohort")
     parser.add_argument("--n-subjects", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)

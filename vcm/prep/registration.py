@@ -7,7 +7,6 @@ percentiles and min-max scaled to [0, 1] (the backbone's input convention).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
+from vcm.stage import stage_parser
 
 TRANSFORM_NAMES = {"Rigid": "Rigid", "Affine": "Affine", "SyN": "SyN"}
 
@@ -187,8 +187,7 @@ def overlay_png(out_dir: str | Path, template_labels: str | Path, grid: Grid, su
 def cli(argv: list[str]) -> int:
     from vcm.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m vcm register", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("register", __doc__)
     parser.add_argument("--subject", required=True)
     parser.add_argument("--t1", required=True)
     parser.add_argument("--t2", default=None, help="second modality of the same session (t2 condition)")

@@ -11,7 +11,6 @@ Native volumes of grid-space labels are grid volumes times the determinant of th
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
 from vcm.labels import FS_LABELS, LATERAL_VENTRICLES, brain_mask, mask_of
 from vcm.prep.registration import read_ants, resample_labels_to_grid, seed_ants, to_ants
+from vcm.stage import stage_parser
 
 BACKENDS = ("atlas", "synthseg", "precomputed")
 
@@ -183,8 +183,7 @@ def segment(
 def cli(argv: list[str]) -> int:
     from vcm.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m vcm segment", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = stage_parser("segment", __doc__)
     parser.add_argument("--subject", required=True)
     parser.add_argument("--t1", required=True, help="native T1 (synthseg input)")
     parser.add_argument("--seg", default=None, help="native label map (precomputed backend)")

@@ -18,7 +18,6 @@ so that the skull condition exists and native-space heads can be registered to a
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from vcm.io import save_nifti
+from vcm.stage import stage_parser
 
 # (label left, label right, centre |x|,y,z in MNI mm, radii mm, only on grey-matter voxels)
 _STRUCTURES = [
@@ -175,7 +175,7 @@ def write_template(out_dir: str | Path) -> dict[str, Path]:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vcm template", description=__doc__.splitlines()[0])
+    parser = stage_parser("template", __doc__, config=False)
     parser.add_argument("--out-dir", required=True, help="folder for t1_head, t1_brain and labels NIfTIs")
     args = parser.parse_args(argv)
     for name, path in write_template(args.out_dir).items():
