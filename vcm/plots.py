@@ -12,10 +12,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from vcm.io import atomic_path  # noqa: E402
 
-__all__ = ["loss_curve", "similarity_histogram", "three_plane", "three_plane_montage"]
+__all__ = ["loss_curve", "save_figure", "similarity_histogram", "three_plane", "three_plane_montage"]
 
 
 def _planes(vol: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -67,9 +68,7 @@ def three_plane(
         ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def three_plane_montage(
@@ -105,9 +104,7 @@ def three_plane_montage(
         axes[r, 3 * c].set_title(label, fontsize=8, loc="left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def loss_curve(
@@ -145,9 +142,7 @@ def loss_curve(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def similarity_histogram(
@@ -191,6 +186,11 @@ def similarity_histogram(
         ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    save_figure(fig, path, dpi=80)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: float | str = "figure") -> None:
+    """Write ``fig`` to ``path`` atomically (a temporary name, then a rename) and free it."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=dpi)
     plt.close(fig)

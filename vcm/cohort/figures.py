@@ -68,9 +68,8 @@ def cohort_montage(
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from vcm.io import atomic_path
     from vcm.labels import mask_of, semantic_map
-    from vcm.plots import _planes
+    from vcm.plots import _planes, save_figure
 
     with open_cohort(cohort) as h5:
         passed = _qc_passed(h5)
@@ -121,9 +120,7 @@ def cohort_montage(
         f"{Path(cohort).parent.name}: synthetic subjects, labels overlaid, LV condition in red", fontsize=9
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.9 * len(rows))))
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out, dpi=80)
     return subjects
 
 
@@ -141,7 +138,7 @@ def qc_histograms(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vcm.io import atomic_path
+    from vcm.plots import save_figure
 
     stats = cohort_stats(cohort)
     with open_cohort(cohort) as h5:
@@ -184,9 +181,7 @@ def qc_histograms(
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 0.93, 0.95))
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out, dpi=80)
     return stats
 
 

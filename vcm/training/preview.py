@@ -43,7 +43,7 @@ def _montage(path: Path, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vcm.io import atomic_path
+    from vcm.plots import save_figure
 
     cols = ("real", "reconstruction", "controlled", "uncontrolled")
     fig, axes = plt.subplots(2 * len(rows), 4, figsize=(10, 3.2 * 2 * len(rows) * 0.62), squeeze=False)
@@ -72,9 +72,7 @@ def _montage(path: Path, rows: list[dict[str, Any]]) -> None:
                     title += f"\nLV Dice {dice:.2f}"
                 ax.set_title(title, fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 NOISE_ERROR_STEPS = (50, 200, 400, 600, 800, 950)
@@ -333,7 +331,8 @@ def write_disabled_preview(folder: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vcm.io import atomic_path, write_json
+    from vcm.io import write_json
+    from vcm.plots import save_figure
 
     folder = Path(folder)
     write_json(
@@ -342,9 +341,7 @@ def write_disabled_preview(folder: str | Path) -> None:
     )
     fig = plt.figure(figsize=(4, 1))
     fig.text(0.5, 0.5, "previews disabled (training.preview.subjects: 0)", ha="center", va="center")
-    with atomic_path(folder / "preview.png") as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    save_figure(fig, folder / "preview.png")
 
 
 def preview_summary(folder: str | Path, metrics: Mapping[str, Any]) -> str:
