@@ -62,14 +62,8 @@ def cohort_montage(
     Returns:
         the subjects shown.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
     from vcm.labels import mask_of, semantic_map
-    from vcm.plots import _planes, save_figure
+    from vcm.plots import Panel, image_grid, mask_centre, planes
 
     with open_cohort(cohort) as h5:
         passed = _qc_passed(h5)
@@ -84,43 +78,41 @@ def cohort_montage(
         new = np.asarray(h5["new_anatomy"][rows], bool) if "new_anatomy" in h5 else np.zeros(len(rows), bool)
         dice = np.asarray(h5["qc/dice"][rows], float) if "qc/dice" in h5 else np.full(len(rows), np.nan)
         ok = passed[rows]
-    cmap = ListedColormap(SEMANTIC_COLOURS)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(8.4, 2.9 * len(rows)), squeeze=False)
+    grid = []
     for r in range(len(rows)):
         lv = mask_of(labels[r], tuple(lv_labels))
-        centre = [
-            int(round(c.mean())) if c.size else s // 2 for c, s in zip(np.nonzero(lv), lv.shape, strict=True)
-        ]
+        centre = mask_centre(lv)
         # the LVs lie either side of the midline: the sagittal plane goes through the first one, not between
         first = np.nonzero(labels[r] == lv_labels[0])[0]
         if first.size:
             centre[0] = int(round(first.mean()))
-        sem = semantic_map(labels[r])
-        for c, (img, seg, mask) in enumerate(
-            zip(
-                _planes(images[r], tuple(centre)),
-                _planes(sem, tuple(centre)),
-                _planes(lv.astype(float), tuple(centre)),
-                strict=True,
-            )
-        ):
-            ax = axes[r, c]
-            ax.imshow(img, origin="lower", cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.imshow(seg, origin="lower", cmap=cmap, vmin=0, vmax=8, alpha=0.3, interpolation="nearest")
-            if mask.any() and not mask.all():
-                ax.contour(mask, levels=[0.5], colors="r", linewidths=0.8)
-            ax.set_axis_off()
         title = f"{subjects[r]}  from {source[r] or '?'}{' (new anatomy)' if new[r] else ''}"
         if np.isfinite(dice[r]):
             title += f"  QC Dice {dice[r]:.2f}"
         if not ok[r]:
             title += "  QC FAILED"
-        axes[r, 1].set_title(title, fontsize=8, color="k" if ok[r] else "r")
-    fig.suptitle(
-        f"{Path(cohort).parent.name}: synthetic subjects, labels overlaid, LV condition in red", fontsize=9
+        views = zip(
+            planes(images[r], centre),
+            planes(semantic_map(labels[r]), centre),
+            planes(lv.astype(float), centre),
+            strict=True,
+        )
+        colour = "k" if ok[r] else "r"
+        grid.append(  # the title over the middle (coronal) view
+            [
+                Panel(img, title if c == 1 else "", sem, mask, colour)
+                for c, (img, sem, mask) in enumerate(views)
+            ]
+        )
+    image_grid(
+        out,
+        grid,
+        figsize=(8.4, 2.9 * len(rows)),
+        title=f"{Path(cohort).parent.name}: synthetic subjects, labels overlaid, LV condition in red",
+        label_colours=SEMANTIC_COLOURS,
+        panel_title_size=8,
+        dpi=80,
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.9 * len(rows))))
-    save_figure(fig, out, dpi=80)
     return subjects
 
 
@@ -133,12 +125,7 @@ def qc_histograms(
     Returns:
         the cohort's QC statistics (:func:`cohort_stats`).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vcm.plots import save_figure
+    from vcm.plots import pass_fail_histograms
 
     stats = cohort_stats(cohort)
     with open_cohort(cohort) as h5:
@@ -150,38 +137,19 @@ def qc_histograms(
                     continue
                 if ds.dtype.kind in "fiu" and len(ds) == len(passed):
                     metrics[name] = np.asarray(ds[:], dtype=float)
-    thresholds = dict(thresholds or {})
-    n = max(1, len(metrics))
-    cols = min(3, n)
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-    for ax, (name, values) in zip(axes.flat, metrics.items(), strict=False):
-        finite = np.isfinite(values)
-        data = [values[finite & passed], values[finite & ~passed]]
-        if name == "attempts":
-            top = int(np.nanmax(values)) if finite.any() else 1
-            bins = np.arange(0.5, top + 1.5)
-        else:
-            bins = 20 if finite.sum() > 1 else 1
-        ax.hist(data, bins=bins, stacked=True, color=["tab:green", "tab:red"], label=["passed", "failed"])
-        if name in thresholds:
-            ax.axvline(thresholds[name], color="k", ls="--", lw=1, label=f"threshold {thresholds[name]:g}")
-        missing = int((~finite).sum())
-        ax.set_title(f"{name}" + (f" ({missing} undefined)" if missing else ""), fontsize=9)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.set_axis_off()
-    if metrics:
-        handles, names = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles[:2], names[:2], loc="upper right", fontsize=7)
-    else:
-        axes.flat[0].text(0.5, 0.5, "no QC metrics in the cohort", ha="center", va="center")
-    fig.suptitle(
-        f"{Path(cohort).parent.name}: QC of {stats['n']} subjects, {stats['passed']} passed ({100 * stats['pass_rate']:.0f} %)",
-        fontsize=9,
+    title = (
+        f"{Path(cohort).parent.name}: QC of {stats['n']} subjects, {stats['passed']} passed "
+        f"({100 * stats['pass_rate']:.0f} %)"
     )
-    fig.tight_layout(rect=(0, 0, 0.93, 0.95))
-    save_figure(fig, out, dpi=80)
+    pass_fail_histograms(
+        out,
+        metrics,
+        passed,
+        title,
+        thresholds,
+        integer=("attempts",),
+        empty_note="no QC metrics in the cohort",
+    )
     return stats
 
 

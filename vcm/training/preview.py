@@ -38,41 +38,24 @@ NOISE_ERROR_STEPS = (50, 200, 400, 600, 800, 950)
 def _montage(path: Path, rows: list[dict[str, Any]]) -> None:
     """Real | AE reconstruction | controlled | uncontrolled, axial and coronal through the LV mask's centre, LV
     contour in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vcm.plots import save_figure
+    from vcm.plots import Panel, image_grid, mask_centre, planes
 
     cols = ("real", "reconstruction", "controlled", "uncontrolled")
-    fig, axes = plt.subplots(2 * len(rows), 4, figsize=(10, 3.2 * 2 * len(rows) * 0.62), squeeze=False)
-    for r, row in enumerate(rows):
-        lv = row["lv"]
-        centre = [
-            int(round(c.mean())) if c.size else s // 2 for c, s in zip(np.nonzero(lv), lv.shape, strict=True)
-        ]
-        for c, name in enumerate(cols):
-            vol = row[name]
-            for p, (view, sl) in enumerate(
-                (
-                    ("axial", (slice(None), slice(None), centre[2])),
-                    ("coronal", (slice(None), centre[1], slice(None))),
-                )
-            ):
-                ax = axes[2 * r + p, c]
-                ax.imshow(vol[sl].T, origin="lower", cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                mask = lv[sl].T.astype(float)
-                if mask.any():
-                    ax.contour(mask, levels=[0.5], colors="r", linewidths=0.8)
-                ax.set_axis_off()
-                title = f"{row['subject']} {name}" if p == 0 else view
-                dice = row.get(f"dice_{name}")
-                if p == 0 and dice is not None:
-                    title += f"\nLV Dice {dice:.2f}"
-                ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=90)
+    grid: list[list[Panel]] = []
+    for row in rows:
+        centre = mask_centre(row["lv"])
+        masks = planes(row["lv"].astype(float), centre)[:2]
+        axial, coronal = [], []
+        for name in cols:
+            title = f"{row['subject']} {name}"
+            dice = row.get(f"dice_{name}")
+            if dice is not None:
+                title += f"\nLV Dice {dice:.2f}"
+            image = planes(row[name], centre)
+            axial.append(Panel(image[0], title, contour=masks[0]))
+            coronal.append(Panel(image[1], "coronal", contour=masks[1]))
+        grid += [axial, coronal]
+    image_grid(path, grid, figsize=(10, 3.2 * 2 * len(rows) * 0.62), dpi=90)
 
 
 NOISE_ERROR_STEPS = (50, 200, 400, 600, 800, 950)
@@ -326,22 +309,15 @@ def preview(
 def write_disabled_preview(folder: str | Path) -> None:
     """Previews switched off: still write the files the workflow declares (``preview_metrics.json``,
     ``preview.png``), saying so."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from vcm.io import write_json
-    from vcm.plots import save_figure
+    from vcm.plots import text_figure
 
     folder = Path(folder)
     write_json(
         folder / "preview_metrics.json",
         {"subjects": 0, "note": "previews disabled (training.preview.subjects: 0)"},
     )
-    fig = plt.figure(figsize=(4, 1))
-    fig.text(0.5, 0.5, "previews disabled (training.preview.subjects: 0)", ha="center", va="center")
-    save_figure(fig, folder / "preview.png")
+    text_figure(folder / "preview.png", "previews disabled (training.preview.subjects: 0)")
 
 
 def preview_summary(folder: str | Path, metrics: Mapping[str, Any]) -> str:
