@@ -1,10 +1,28 @@
 """The DAG benchmark builds the whole per-subject DAG (it broke once when rules gained an input)."""
 
+import re
+import subprocess
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
 
+from vcm.bench.common import REPO
 from vcm.bench.dag import bench_dag
+
+
+def test_the_snakefile_imports_no_heavy_library():
+    """The DAG's cost: the vcm modules the workflow imports load no image, HDF5, SciPy or torch library."""
+    smk = [*REPO.glob("workflow/Snakefile"), *REPO.glob("workflow/rules/*.smk")]
+    modules = sorted({m for f in smk for m in re.findall(r"^from (vcm[\w.]*) import", f.read_text(), re.M)})
+    assert "vcm.config" in modules and "vcm.prep.manifest" in modules
+    heavy = ("torch", "monai", "scipy", "h5py", "nibabel", "matplotlib", "ants", "skimage")
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint(*sorted(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert not [m for m in loaded.stdout.split() if m.partition(".")[0] in heavy]
 
 
 @pytest.mark.workflow

@@ -8,6 +8,7 @@ types the ``snakemake --config`` overrides by the same schema (:func:`coerce_ove
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
 
 
+@functools.cache
 def load_schema() -> dict[str, Any]:
+    """The config schema, read once per process (the Snakefile types overrides and validates with it): one
+    shared dict, not to be modified."""
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 

@@ -1,8 +1,8 @@
 """The training HDF5 (``dataset.h5``): every prepared subject's image, labels, conditions and covariates.
 
-The ``dataset`` stage: which conditions a config stores, the seeded validation split and nested training
-subsets (``/splits/val``, ``/splits/train_<n>``), and the gathering of the prepared subjects' NIfTIs. The
-file's layout, writer and readers live in :mod:`vcm.dataset_store`.
+The ``dataset`` stage: the seeded validation split and nested training subsets (``/splits/val``,
+``/splits/train_<n>``), and the gathering of the prepared subjects' NIfTIs. The file's layout, writer and
+readers live in :mod:`vcm.dataset_store`; which conditions a config stores, in :mod:`vcm.condition_names`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from vcm.condition_names import condition_names
 from vcm.config import dump_config
 from vcm.dataset_store import DatasetFile, create_dataset
 from vcm.errors import StageError
@@ -21,26 +22,9 @@ from vcm.io import load_nifti, provenance, read_json
 from vcm.prep.conditions import COVARIATE_ORDER
 from vcm.stage import stage_parser
 
-__all__ = ["build_dataset", "cli", "condition_names", "make_splits", "uses_second_image"]
+__all__ = ["build_dataset", "cli", "make_splits"]
 
 IMAGE_CONDITIONS = ("skull", "t2")  # stored as images; the rest of the masks are integer maps
-SECOND_IMAGE = "t2"  # a second modality of the same subject (paper: translation from another modality)
-
-
-def uses_second_image(cfg: dict) -> bool:
-    """Whether a condition set uses the second modality (then prep registers and stores it)."""
-    return any(SECOND_IMAGE in group for groups in cfg["condition_sets"].values() for group in groups)
-
-
-def condition_names(cfg: dict) -> list[str]:
-    return [
-        "lv",
-        "brain",
-        "semantics",
-        "skull",
-        *[f"lowres_{mm:g}mm" for mm in cfg["conditions"]["lowres_slice_mm"]],
-        *([SECOND_IMAGE] if uses_second_image(cfg) else []),
-    ]
 
 
 def make_splits(subjects: list[str], sizes: list[int], val_size: int, seed: int) -> dict[str, np.ndarray]:

@@ -206,7 +206,7 @@ def test_documented_relative_folders_resolve_in_the_pipeline(
     adni_download: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The documented command, with relative folders, run from a folder that is not the manifest's."""
-    from vcm.prep.inputs import read_manifest
+    from vcm.prep.manifest import read_manifest
 
     monkeypatch.chdir(tmp_path)  # the repository root: resources/ and results/ below it
     root = os.path.relpath(adni_download, tmp_path)

@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vcm.prep.inputs import ManifestError, check_inputs, check_volume, read_manifest
+from vcm.prep.inputs import check_inputs, check_volume
+from vcm.prep.manifest import ManifestError, read_manifest
 
 
 def _nifti(path, data):

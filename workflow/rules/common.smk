@@ -2,6 +2,7 @@
 # that rules use as params (rerun triggers, thread counts, folders derived from input files).
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -15,9 +16,9 @@ from snakemake.utils import update_config
 
 from vcm.cohort.plan import shard_range
 from vcm.config import ConfigError, coerce_overrides, dump_config, validate_config
-from vcm.dataset import condition_names, uses_second_image
+from vcm.condition_names import condition_names, uses_second_image
 from vcm.grid import Grid
-from vcm.prep.inputs import ManifestError, read_manifest
+from vcm.prep.manifest import ManifestError, read_manifest
 
 # `--config 'cohort={size: 4}'` arrives with string leaves ({"size": "4"}), already deep-merged over the
 # config file: merging the overrides again, typed by the schema, makes them what the config file would hold.
@@ -113,9 +114,16 @@ def _subjects_table(path, mtime):
     return {row["subject"]: row for row in rows}
 
 
+@functools.cache
+def _checked_subjects():
+    # Snakemake's checkpoint lookup expands the rule's outputs on every call (2 per subject); once it succeeds
+    # the checkpoint stays complete for the rest of the run, so its path is kept (a lookup that raises is not).
+    return checkpoints.check_inputs.get().output.subjects
+
+
 def subjects_table():
     """Subjects that passed the input checks (available once the check_inputs checkpoint ran)."""
-    path = checkpoints.check_inputs.get().output.subjects
+    path = _checked_subjects()
     return _subjects_table(path, Path(path).stat().st_mtime)
 
 
@@ -189,3 +197,22 @@ def bundle_dir(wildcards, input):
 def template_dir(wildcards, input):
     """The template folder of the rule's ``template_head`` input (``<template>/t1_head.nii.gz``)."""
     return os.path.dirname(input.template_head)
+
+
+def remember_signatures(rules):
+    """Give Snakemake the parameters of every input, params and resources function of ``rules`` once.
+
+    Snakemake reads a function's signature (``inspect.signature``) each time it calls it, several times a job:
+    67 000 reads, a sixth of the DAG's CPU time, for 1 000 subjects and 625 shards (docs/benchmarks.md). A
+    signature never changes; ``overwrite_function_params`` is Snakemake's own way to state one (its ``subpath``
+    helper uses it), given the parameters mapping that ``inspect`` returns, as Snakemake reads their kinds.
+    """
+    try:
+        from snakemake.common import overwrite_function_params
+    except ImportError:  # an older Snakemake: the signatures are read each time, as before
+        return
+    for each in rules:
+        for item in [*each.input, *each.params, *each.resources.values()]:
+            func = getattr(item, "callable", item)  # a flagged input function keeps its function there
+            if inspect.isfunction(func):
+                overwrite_function_params(func, inspect.signature(func).parameters)
