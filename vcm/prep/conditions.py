@@ -22,6 +22,7 @@ from vcm.grid import Grid
 from vcm.io import load_nifti, read_json, save_nifti, write_json
 from vcm.labels import brain_mask, mask_of, semantic_map
 from vcm.prep.exclusion import run_subject_stage
+from vcm.prep.gates import Failure
 from vcm.stage import stage_parser
 
 COVARIATE_ORDER = ("sex", "age", "lv_volume", "brain_volume")
@@ -160,7 +161,7 @@ def cli(argv: list[str]) -> int:
         raise StageError(f"subject {args.subject}: give --meta, or --age and --sex")
     out = Path(args.out_dir)
 
-    def work() -> list:
+    def work() -> list[Failure]:  # no gate of its own: only an error excludes here
         info = make_conditions(
             cfg, args.t1, args.labels, read_json(args.volumes), meta["age"], meta["sex"], out, args.t2
         )

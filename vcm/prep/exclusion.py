@@ -126,7 +126,7 @@ def _placeholder(path: Path, exclusion: Exclusion) -> None:
     from vcm.plots import save_figure
 
     fig = Figure(figsize=(6.0, 1.2))
-    fig.text(0.02, 0.5, textwrap.fill(exclusion.line, 100), va="center", fontsize=8)
+    fig.text(0.02, 0.5, textwrap.fill(exclusion.line, 80), va="center", fontsize=8)
     save_figure(fig, path, dpi=80)
 
 
