@@ -221,6 +221,8 @@ checkpoint subject_gates:
         f"{LOGS}/subject_gates.log",
     benchmark:
         f"{RESULTS}/benchmarks/subject_gates.tsv"
+    # reads one small JSON per subject: not worth a cluster queue's wait
+    localrule: True
     conda:
         "../envs/prep.yaml"
     params:
