@@ -246,3 +246,21 @@ def make_cohort(folder: Path, n: int = 6, seed: int = 1, failed: tuple[int, ...]
     table.to_csv(folder / "manifest.csv", index=False)
     pd.DataFrame({"subject": subjects, "dice": dice, "passed": passed}).to_csv(folder / "qc.csv", index=False)
     return path
+
+
+# --- label maps -----------------------------------------------------------------------------------------------
+
+
+def head_labels(ventricles: bool = True) -> np.ndarray:
+    """A label map on the demo grid (4 mm): CSF shell, white matter and cortex (1.8 L of brain at 4 mm), lateral
+    ventricles (11 mL) unless ``ventricles`` is false."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (40, 56, 40)], indexing="ij")
+    r = np.sqrt(x**2 + (y * 0.8) ** 2 + z**2)
+    labels = np.zeros(r.shape, np.uint16)
+    labels[r < 0.9] = 24
+    labels[r < 0.8] = np.where(x[r < 0.8] < 0, 3, 42)
+    labels[r < 0.6] = np.where(x[r < 0.6] < 0, 2, 41)
+    if ventricles:
+        lv = (np.abs(x) - 0.15) ** 2 + y**2 / 4 + z**2 < 0.01
+        labels[lv] = np.where(x[lv] < 0, 4, 43)
+    return labels

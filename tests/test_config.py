@@ -31,6 +31,11 @@ def test_defaults_are_filled_for_absent_sections():
         ({"registration": {"transfrom": "SyN"}}, "config: unknown key 'transfrom' under 'registration'"),
         ({"grid": "huge"}, "config key 'grid': expected 'demo', 'brainldm' or"),
         ({"cohort": {"sets": ["nope"]}}, "config key 'cohort.sets': 'nope' is not a condition set"),
+        (
+            {"data": {"gates": {"lv_ml": [300, 1]}}},
+            "config key 'data.gates.lv_ml': low end 300 is above high end 1",
+        ),
+        ({"data": {"gates": {"brain_ml": [600]}}}, "config key 'data.gates.brain_ml': [600] is"),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(override, message):
@@ -143,6 +148,7 @@ def test_overrides_that_cannot_work_say_how_to_write_them(overrides, message):
 
 def _settings_classes():
     from vcm.evaluation.settings import EvalSettings
+    from vcm.prep.gates import GateSettings
     from vcm.privacy import PrivacySettings
     from vcm.qc import QCSettings
     from vcm.train_segmenter import SegmenterSettings
@@ -156,6 +162,7 @@ def _settings_classes():
         (SegmenterSettings, "qc.segmenter", {}),
         (QCSettings, "qc", {}),
         (PrivacySettings, "qc.privacy", {}),
+        (GateSettings, "data.gates", {}),
         (Settings, "training", {**preview, "preview_seed": "preview.seed"}),
     ]
 

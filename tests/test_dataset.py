@@ -136,3 +136,25 @@ def test_dataset_file_reads_what_build_dataset_wrote(tmp_path, rng):
         h5["x"] = 1
     with pytest.raises(StageError, match="no /image dataset"):
         DatasetFile(tmp_path / "other.h5")
+
+
+def test_build_dataset_refuses_a_subject_whose_preparation_excluded_it(tmp_path, rng):
+    from vcm.prep.exclusion import Exclusion, status_path, write_status
+
+    cfg = validate_config(
+        {
+            "grid": {"shape": [8, 10, 8], "spacing_mm": 20},
+            "training": {"sizes": [1]},
+            "dataset": {"val_size": 1},
+        }
+    )
+    _fake_prep(tmp_path / "prep", ["a", "b"], Grid.from_config(cfg["grid"]), rng)
+    write_status(status_path(tmp_path / "prep", "a", "conditions"), "a", "conditions", None)
+    excluded = Exclusion("b", "register", ("template_similarity",), "correlation with the template 0.050")
+    write_status(status_path(tmp_path / "prep", "b", "conditions"), "b", "conditions", excluded)
+    pd.DataFrame({"subject": ["a", "b"]}).to_csv(tmp_path / "subjects.csv", index=False)
+    with pytest.raises(
+        StageError, match="subject b: excluded at register: correlation with the template 0.050"
+    ):
+        build_dataset(cfg, tmp_path / "subjects.csv", tmp_path / "prep", tmp_path / "dataset.h5")
+    assert not (tmp_path / "dataset.h5").exists()

@@ -192,6 +192,63 @@ def test_summary_has_every_table_and_links(run):
     )
 
 
+def test_summary_counts_exclusions_per_stage_and_gate(tmp_path):
+    excluded = tmp_path / "excluded.csv"
+    pd.DataFrame(
+        [
+            ["bad-nan", "check_inputs", "file", "t1 file x contains NaN or infinite values", "x"],
+            ["tiny", "check_inputs", "field_of_view, voxel_count", "t1 field of view 4 × 4 × 4 mm, …", "t"],
+            ["noise", "register", "template_similarity", "correlation with the template 0.012, under …", "n"],
+            ["big", "register", "affine_determinant", "affine determinant 27 (×3.00 per axis), …", "b"],
+            ["crash", "segment", "error", "KeyError: 'lv_mm3'", "c"],
+            ["bad-sex", "check_inputs", "manifest", "sex 'X' is not F/M (or 0/1, female/male)", "s"],
+        ],
+        columns=["subject", "stage", "gate", "reason", "t1"],
+    ).to_csv(excluded, index=False)
+    text = write_summary(tmp_path / "summary.md", excluded=excluded)
+    assert "**6 subjects excluded** during preparation (`excluded.csv`;" in text
+    rows = [line for line in text.splitlines() if line.startswith("| check_inputs") or line.startswith("| r")]
+    rows += [line for line in text.splitlines() if line.startswith("| segment")]
+    assert rows == [
+        "| check_inputs | field_of_view | 1 | tiny: t1 field of view 4 × 4 × 4 mm, … |",
+        "| check_inputs | file | 1 | bad-nan: t1 file x contains NaN or infinite values |",
+        "| check_inputs | manifest | 1 | bad-sex: sex 'X' is not F/M (or 0/1, female/male) |",
+        "| check_inputs | voxel_count | 1 | tiny: t1 field of view 4 × 4 × 4 mm, … |",
+        "| register | affine_determinant | 1 | big: affine determinant 27 (×3.00 per axis), … |",
+        "| register | template_similarity | 1 | noise: correlation with the template 0.012, under … |",
+        "| segment | error | 1 | crash: KeyError: 'lv_mm3' |",
+    ]
+    pd.DataFrame(columns=["subject", "stage", "gate", "reason", "t1"]).to_csv(excluded, index=False)
+    assert "No subject was excluded during preparation (`excluded.csv` is empty)." in write_summary(
+        tmp_path / "summary.md", excluded=excluded
+    )
+
+
+def test_summary_shows_the_qc_failure_rate_per_attempt_and_the_failed_checks(tmp_path, run):
+    cohort = tmp_path / "cohorts" / "lv" / "cohort.h5"
+    cohort.parent.mkdir(parents=True)
+    shutil.copy(run["cohort"], cohort)
+    pd.DataFrame(
+        {
+            "subject": ["syn-00000", "syn-00001", "syn-00001", "syn-00002", "syn-00003"],
+            "attempt": [1, 1, 2, 1, 1],
+            "passed": [True, False, False, False, True],
+            "reasons": [
+                "",
+                "dice 0.612 < 0.7; intensity outside the real range: csf, white_matter",
+                "dice 0.650 < 0.7; possible copy of sub-01",
+                "possible copy of sub-02",
+                "",
+            ],
+        }
+    ).to_csv(cohort.parent / "qc.csv", index=False)
+    text = write_summary(tmp_path / "summary.md", cohorts=[cohort])
+    assert "| figures | QC failed attempts | failed checks |" in text
+    assert "| 3 / 5 (60 %) | dice 2, possible copy 2, intensity outside the real range 1 |" in text
+    # the fixture's qc.csv: one row per subject, no reasons
+    assert "| 2 / 6 (33 %) | – |" in write_summary(tmp_path / "fixture.md", cohorts=[run["cohort"]])
+
+
 def test_summary_without_results_yet(tmp_path):
     text = write_summary(tmp_path / "summary.md")
     assert (

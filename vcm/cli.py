@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "register": "vcm.prep.registration:cli",
     "segment": "vcm.prep.segmentation:cli",
     "conditions": "vcm.prep.conditions:cli",
+    "subject-gates": "vcm.prep.exclusion:cli",
     "dataset": "vcm.dataset:cli",
     "manifest": "vcm.intake.cli:cli",
     "train-backbone": "vcm.backbone_training.cli:cli",

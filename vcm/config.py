@@ -90,6 +90,11 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if errors:
         best = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_describe(best))
+    for key, value in out["data"]["gates"].items():  # the schema cannot order a [low, high] pair
+        if isinstance(value, list) and value[0] > value[1]:
+            raise ConfigError(
+                f"config key 'data.gates.{key}': low end {value[0]:g} is above high end {value[1]:g}"
+            )
     for name in out["cohort"]["sets"]:
         if name not in out["condition_sets"]:
             raise ConfigError(

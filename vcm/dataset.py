@@ -1,5 +1,7 @@
 """The training HDF5 (``dataset.h5``): every prepared subject's image, labels, conditions and covariates.
 
+Only subjects that passed every gate of preparation go in (``passed.csv``, :mod:`vcm.prep.exclusion`).
+
 The ``dataset`` stage: the seeded validation split and nested training subsets (``/splits/val``,
 ``/splits/train_<n>``), and the gathering of the prepared subjects' NIfTIs. The file's layout, writer and
 readers live in :mod:`vcm.dataset_store`; which conditions a config stores, in :mod:`vcm.condition_names`.
@@ -20,6 +22,7 @@ from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import load_nifti, provenance, read_json
 from vcm.prep.conditions import COVARIATE_ORDER
+from vcm.prep.exclusion import require_passed
 from vcm.stage import stage_parser
 
 __all__ = ["build_dataset", "cli", "make_splits"]
@@ -48,10 +51,17 @@ def make_splits(subjects: list[str], sizes: list[int], val_size: int, seed: int)
 
 
 def build_dataset(cfg: dict, subjects_csv: str | Path, prep_dir: str | Path, out: str | Path) -> Path:
-    """Gather the prepared subjects listed in ``subjects_csv`` into one HDF5 at ``out`` (atomically)."""
+    """Gather the prepared subjects listed in ``subjects_csv`` into one HDF5 at ``out`` (atomically).
+
+    Raises:
+        StageError: a listed subject's preparation recorded an exclusion (:mod:`vcm.prep.exclusion`): its
+            folder holds placeholders, not data.
+    """
     grid = Grid.from_config(cfg["grid"])
     table = pd.read_csv(subjects_csv, dtype={"subject": str})
     subjects = list(table["subject"])
+    for sid in subjects:
+        require_passed(prep_dir, sid)
     splits = make_splits(
         subjects, cfg["training"]["sizes"], cfg["dataset"]["val_size"], cfg["dataset"]["seed"]
     )
@@ -79,7 +89,7 @@ def cli(argv: list[str]) -> int:
 
     parser = stage_parser("dataset", __doc__)
     parser.add_argument(
-        "--subjects", required=True, help="CSV of the subjects to include (check-inputs output)"
+        "--subjects", required=True, help="CSV of the subjects to include (subject-gates' passed.csv)"
     )
     parser.add_argument(
         "--prep-dir", required=True, help="folder holding <subject>/t1.nii.gz, labels, conditions/"

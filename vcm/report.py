@@ -1,8 +1,10 @@
 """What a person reads after a run: ``results/summary.md`` (``python -m vcm summary``).
 
-The run in one page: dataset size and splits, the trained models (steps, final loss, time, loss curve and
-preview), the evaluation table (controlled vs uncontrolled), the TSTR Dice, each cohort's size and QC pass
-rate, its privacy screen, and links to every figure (the cohort figures: :mod:`vcm.cohort.figures`).
+The run in one page: dataset size and splits, the subjects preparation excluded (how many per stage and
+gate, and why), the trained models (steps, final loss, time, loss curve and preview), the evaluation table
+(controlled vs uncontrolled), the TSTR Dice, each cohort's size, QC pass rate and failure rate per attempt
+with the checks that failed, its privacy screen, and links to every figure (the cohort figures:
+:mod:`vcm.cohort.figures`).
 
 ``snakemake --report results/report.html`` gathers the same figures and tables into one HTML file (the
 rules wrap them in ``report()`` with captions from ``workflow/report/``).
@@ -10,9 +12,11 @@ rules wrap them in ``report()`` with captions from ``workflow/report/``).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import pandas as pd
 from vcm.cohort.figures import cohort_stats, privacy_stats
 from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
+from vcm.prep.exclusion import STAGES
 from vcm.stage import stage_parser
 
 __all__ = ["cli", "write_summary"]
@@ -96,8 +101,9 @@ def _cohort_section(cohorts: Sequence[str | Path], base: Path) -> list[str]:
     parts: list[str] = []
     if cohorts:
         lines = [
-            "| cohort | subjects | QC passed | mean attempts | new anatomies | mean QC Dice | figures |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| cohort | subjects | QC passed | mean attempts | new anatomies | mean QC Dice | figures "
+            "| QC failed attempts | failed checks |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for path in cohorts:
             s = cohort_stats(path)
@@ -111,7 +117,8 @@ def _cohort_section(cohorts: Sequence[str | Path], base: Path) -> list[str]:
             lines.append(
                 f"| {folder.name} | {s['n']} | {s['passed']} / {s['n']} ({100 * s['pass_rate']:.0f} %) "
                 f"| {s.get('attempts_mean', float('nan')):.2f} | {s.get('new_anatomy', '–')} "
-                f"| {f'{dice:.3f}' if dice is not None and np.isfinite(dice) else '–'} | {' '.join(links) or '–'} |"
+                f"| {f'{dice:.3f}' if dice is not None and np.isfinite(dice) else '–'} | {' '.join(links) or '–'} "
+                f"| {_qc_failures(folder / 'qc.csv')} |"
             )
         parts.append("\n".join(lines) + "\n")
         privacy = _privacy_rows(cohorts)
@@ -126,6 +133,56 @@ def _cohort_section(cohorts: Sequence[str | Path], base: Path) -> list[str]:
     return parts
 
 
+def _check_name(reason: str) -> str:
+    """The check a QC reason names, without its values: ``dice 0.61 < 0.7`` -> ``dice``, ``possible copy of
+    sub-01`` -> ``possible copy``, ``intensity outside the real range: csf`` -> ``intensity outside the real range``."""
+    return re.split(r"\s+[-\d.<>]|:|\s+of\s", reason.strip(), maxsplit=1)[0]
+
+
+def _qc_failures(qc_csv: Path) -> str:
+    """A cohort's QC failure rate over every attempt (``qc.csv``, one row per attempt) and the checks that
+    failed, most frequent first: ``2 / 8 (25 %) | dice 2, possible copy 1``."""
+    if not qc_csv.is_file():
+        return "– | –"
+    table = pd.read_csv(qc_csv)
+    failed = ~table["passed"].astype(bool)
+    checks: collections.Counter[str] = collections.Counter()
+    if "reasons" in table.columns:
+        for reasons in table.loc[failed, "reasons"].dropna().astype(str):
+            checks.update({_check_name(r) for r in reasons.split("; ") if r.strip()})
+    rate = f"{failed.sum()} / {len(table)} ({100 * failed.mean():.0f} %)" if len(table) else "–"
+    return f"{rate} | {', '.join(f'{name} {n}' for name, n in checks.most_common()) or '–'}"
+
+
+def _exclusion_rows(excluded_csv: str | Path | None, base: Path) -> list[str]:
+    """How many subjects preparation excluded, per stage and gate, and why (``excluded.csv``)."""
+    if excluded_csv is None or not Path(excluded_csv).is_file():
+        return []
+    table = pd.read_csv(excluded_csv, dtype={"subject": str})
+    link = f"`{_link(excluded_csv, base)}`"
+    if table.empty:
+        return [f"No subject was excluded during preparation ({link} is empty).\n"]
+    if "stage" not in table.columns:  # an excluded.csv from before the gates: the input checks'
+        table = table.assign(stage=STAGES[0], gate="")
+    table["gate"] = table["gate"].fillna("").astype(str).str.split(", ")
+    rows = table.explode("gate")
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    lines = [
+        f"**{len(table)} subjects excluded** during preparation ({link}; each one's rule log says "
+        "`subject <id>: excluded at <stage>: <reason>`). A subject that failed several gates of a stage "
+        "counts under each:\n",
+        "| stage | gate | subjects | for example |",
+        "| --- | --- | --- | --- |",
+    ]
+    groups = sorted(rows.groupby(["stage", "gate"]), key=lambda g: (order.get(g[0][0], len(order)), g[0][1]))
+    for (stage, gate), group in groups:
+        first = group.iloc[0]
+        lines.append(
+            f"| {stage} | {gate or '–'} | {len(group)} | {first['subject']}: {str(first['reason']).replace('|', '/')} |"
+        )
+    return ["\n".join(lines) + "\n"]
+
+
 def write_summary(
     out: str | Path,
     dataset: str | Path | None = None,
@@ -136,6 +193,7 @@ def write_summary(
     figures: Sequence[str | Path] = (),
     segmenter_json: str | Path | None = None,
     mask_edits: Sequence[str | Path] = (),
+    excluded: str | Path | None = None,
 ) -> str:
     """Write ``summary.md``: dataset, models, evaluation, TSTR, cohorts and QC, figures (links relative to it).
 
@@ -149,6 +207,7 @@ def write_summary(
         figures: any other figures to link.
         segmenter_json: the QC segmenter's report (``segmenter.json``).
         mask_edits: the mask-edit checks (:mod:`vcm.mask_edit`) of the models.
+        excluded: ``excluded.csv``, the subjects preparation excluded (stage, gate, reason).
 
     Returns:
         the text written.
@@ -161,6 +220,7 @@ def write_summary(
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [f"# vcm run summary\n\nvcm {__version__} ({git_sha()}), written {when}.\n"]
     parts += _dataset_section(dataset, base)
+    parts += _exclusion_rows(excluded, base)
     parts.append("## Models\n")
     parts.append("\n".join(_model_rows(models, base)) + "\n" if models else "_no models_\n")
     parts += _segmenter_section(segmenter_json, base)
@@ -264,6 +324,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--figures", nargs="*", default=[], help="other figures to link")
     parser.add_argument("--segmenter-json", default=None, help="the QC segmenter's segmenter.json")
     parser.add_argument("--mask-edit", nargs="*", default=[], help="mask-edit JSONs")
+    parser.add_argument("--excluded", default=None, help="excluded.csv (subject, stage, gate, reason)")
     parser.add_argument("--out", required=True, help="results/summary.md")
     args = parser.parse_args(argv)
     for path in [*args.models, *args.eval, *args.cohorts]:
@@ -279,6 +340,7 @@ def cli(argv: list[str]) -> int:
         args.figures,
         args.segmenter_json,
         args.mask_edit,
+        args.excluded,
     )
     print(f"{args.out}: written")
     return 0

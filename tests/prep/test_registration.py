@@ -81,3 +81,37 @@ def test_normalise_intensity_clips_and_scales():
     out = normalise_intensity(data, (0.0, 99.5))
     assert out.min() == 0.0 and out.max() == 1.0
     assert np.sum(out == 1.0) > 1  # the outlier and the top 0.5 % are clipped
+
+
+def test_correlation_is_nan_without_evidence():
+    from vcm.prep.registration import correlation
+
+    a = np.arange(64, dtype=float).reshape(4, 4, 4)
+    inside = np.ones(a.shape, bool)
+    assert correlation(a, 2 * a + 1, inside) == pytest.approx(1.0)
+    assert np.isnan(correlation(a, np.zeros_like(a), inside))  # a constant image
+    assert np.isnan(correlation(a, a, np.zeros_like(inside)))  # nothing inside
+
+
+def test_a_noise_volume_is_excluded_at_register(tmp_path, template_dir, capsys):
+    """Fault injection through the stage's command line: noise of a head's size reads cleanly, registers to
+    something, and fails the template-similarity gate; the job completes and records why."""
+    from vcm.cli import main
+    from vcm.prep.exclusion import read_status
+
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = [-96.0, -130.0, -80.0]
+    noise = np.random.default_rng(0).random((64, 80, 64)) * 500  # 192 × 240 × 192 mm
+    save_nifti(tmp_path / "noise.nii.gz", noise, affine)
+    out = tmp_path / "prep" / "noise"
+    args = ["register", "--config", "config/config.yaml", "--subject", "noise"]
+    args += ["--t1", str(tmp_path / "noise.nii.gz"), "--template-dir", str(template_dir)]
+    args += ["--out-dir", str(out), "--status", str(out / "status" / "register.json")]
+    assert main(args) == 0
+    exclusion = read_status(out / "status" / "register.json")
+    assert exclusion.stage == "register" and "template_similarity" in exclusion.gates
+    info = read_json(out / "registration.json")
+    assert abs(info["ncc_in_brain"]) < 0.2
+    assert f"correlation with the template {info['ncc_in_brain']:.3f}, under" in exclusion.reason
+    assert "subject noise: excluded at register: correlation with the template" in capsys.readouterr().err
+    assert (out / "registration.png").stat().st_size > 10_000  # the failed registration, to look at

@@ -81,16 +81,22 @@ def test_bad_subjects_are_excluded_and_the_rest_finish(demo_run, tmp_path, write
     data[10, 10, 10] = np.nan
     nib.save(nib.Nifti1Image(data, nan.affine), tmp_path / "nan.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), tmp_path / "four_d.nii.gz")
+    # Volumes that read cleanly but are no head: a 4×4×4 crop, and noise of a demo head's size.
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "tiny.nii.gz")
+    noise = np.random.default_rng(0).random(data.shape).astype(np.float32) * 500
+    nib.save(nib.Nifti1Image(noise, nan.affine), tmp_path / "noise.nii.gz")
     bad = pd.DataFrame(
         {
-            "subject": ["bad-nan", "bad-missing", "bad-4d"],
+            "subject": ["bad-nan", "bad-missing", "bad-4d", "bad-tiny", "bad-noise"],
             "t1": [
                 str(tmp_path / "nan.nii.gz"),
                 str(tmp_path / "gone.nii.gz"),
                 str(tmp_path / "four_d.nii.gz"),
+                str(tmp_path / "tiny.nii.gz"),
+                str(tmp_path / "noise.nii.gz"),
             ],
-            "age": [60, 61, 62],
-            "sex": ["F", "M", "F"],
+            "age": [60, 61, 62, 63, 64],
+            "sex": ["F", "M", "F", "M", "F"],
         }
     )
     # Row-level manifest problems exclude their subject too (data.strict is false by default).
@@ -120,15 +126,31 @@ def test_bad_subjects_are_excluded_and_the_rest_finish(demo_run, tmp_path, write
     proc = run_snakemake(configfile, "--keep-going", targets=(results / "dataset.h5",))
     assert proc.returncode == 0, proc.stderr[-3000:]
     excluded = pd.read_csv(results / "excluded.csv").set_index("subject")
-    assert list(excluded.index) == ["bad-nan", "bad-missing", "bad-4d", "bad-sex", "bad-age"]
+    assert list(excluded.index) == [
+        "bad-nan",
+        "bad-missing",
+        "bad-4d",
+        "bad-tiny",
+        "bad-sex",
+        "bad-age",
+        "bad-noise",
+    ]
+    assert (
+        set(excluded["stage"][:-1]) == {"check_inputs"} and excluded.loc["bad-noise", "stage"] == "register"
+    )
+    assert excluded.loc["bad-tiny", "gate"] == "field_of_view, voxel_count"
+    assert "template_similarity" in excluded.loc["bad-noise", "gate"]
     assert "NaN" in excluded.loc["bad-nan", "reason"]
     assert "not found" in excluded.loc["bad-missing", "reason"]
     assert "4-D" in excluded.loc["bad-4d", "reason"]
     assert excluded.loc["bad-sex", "reason"] == "sex 'X' is not F/M (or 0/1, female/male)"
     assert excluded.loc["bad-age", "reason"] == "age '-3' is negative"
     log = (results / "logs" / "check_inputs.log").read_text()
-    assert "subject bad-nan: excluded:" in log
-    assert "subject bad-sex: excluded: sex 'X' is not F/M" in log
+    assert "subject bad-nan: excluded at check_inputs:" in log
+    assert "subject bad-sex: excluded at check_inputs: sex 'X' is not F/M" in log
+    noise_log = (results / "logs" / "register" / "bad-noise.log").read_text()
+    assert "subject bad-noise: excluded at register: correlation with the template" in noise_log
+    assert pd.read_csv(results / "passed.csv")["subject"].tolist() == ["sub-001", "sub-002", "sub-003"]
     with h5py.File(results / "dataset.h5") as h5:
         assert [s.decode() for s in h5["subjects"][:]] == ["sub-001", "sub-002", "sub-003"]
 

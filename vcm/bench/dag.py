@@ -29,6 +29,7 @@ def bench_dag(
 ) -> dict:
     """Time a dry run over ``n_subjects`` (all pointing at one real T1 through symlinks) and a cohort of
     ``cohort_size`` volumes (``cohort.shard_size`` 16 per shard), with ``profile`` (None: the local default)."""
+    from vcm.prep.exclusion import EXCLUDED_COLUMNS
     from vcm.prep.inputs import write_subject_meta
 
     with tempfile.TemporaryDirectory(prefix="vcm_dag_") as tmp:
@@ -46,7 +47,7 @@ def bench_dag(
         time.sleep(0.05)  # the checkpoint's outputs must be newer than the manifest
         pd.DataFrame(rows).to_csv(results / "inputs" / "subjects.csv", index=False)
         write_subject_meta(pd.DataFrame(rows), results / "inputs")
-        pd.DataFrame(columns=["subject", "t1", "reason"]).to_csv(results / "excluded.csv", index=False)
+        pd.DataFrame(columns=list(EXCLUDED_COLUMNS)).to_csv(results / "inputs" / "excluded.csv", index=False)
         cfg = root / "config.yaml"
         cfg.write_text(
             yaml.safe_dump(

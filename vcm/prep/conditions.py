@@ -21,6 +21,8 @@ from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import load_nifti, read_json, save_nifti, write_json
 from vcm.labels import brain_mask, mask_of, semantic_map
+from vcm.prep.exclusion import run_subject_stage
+from vcm.prep.gates import Failure
 from vcm.stage import stage_parser
 
 COVARIATE_ORDER = ("sex", "age", "lv_volume", "brain_volume")
@@ -137,6 +139,7 @@ def make_conditions(
 
 
 def cli(argv: list[str]) -> int:
+    from vcm.condition_names import condition_names
     from vcm.config import load_config
 
     parser = stage_parser("conditions", __doc__)
@@ -149,15 +152,30 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--age", type=float)
     parser.add_argument("--sex", choices=["F", "M"])
     parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--status", required=True, help="this stage's status (passed, or why excluded)")
+    parser.add_argument("--previous-status", help="the segment stage's status (an excluded subject passes)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     meta = read_json(args.meta) if args.meta else {"age": args.age, "sex": args.sex}
     if meta.get("age") is None or meta.get("sex") not in ("F", "M"):
         raise StageError(f"subject {args.subject}: give --meta, or --age and --sex")
-    volumes = read_json(args.volumes)
-    info = make_conditions(
-        cfg, args.t1, args.labels, volumes, meta["age"], meta["sex"], args.out_dir, args.t2
+    out = Path(args.out_dir)
+
+    def work() -> list[Failure]:  # no gate of its own: only an error excludes here
+        info = make_conditions(
+            cfg, args.t1, args.labels, read_json(args.volumes), meta["age"], meta["sex"], out, args.t2
+        )
+        note = f" (clipped to the range: {', '.join(info['clipped'])})" if info["clipped"] else ""
+        print(f"subject {args.subject}: covariates {', '.join(f'{v:.3f}' for v in info['scaled'])}{note}")
+        return []
+
+    outputs = [out / f"{name}.nii.gz" for name in condition_names(cfg) if name != "t2" or args.t2]
+    run_subject_stage(
+        args.subject,
+        "conditions",
+        work,
+        status=args.status,
+        outputs=[*outputs, out / "covariates.json"],
+        previous=args.previous_status,
     )
-    note = f" (clipped to the range: {', '.join(info['clipped'])})" if info["clipped"] else ""
-    print(f"subject {args.subject}: covariates {', '.join(f'{v:.3f}' for v in info['scaled'])}{note}")
     return 0

@@ -2,7 +2,9 @@
 
 The template head is resampled to ``registration.working_spacing_mm`` for the optimisation; the subject is
 then resampled once, from native space, straight onto the configured grid, and its intensities clipped to
-percentiles and min-max scaled to [0, 1] (the backbone's input convention).
+percentiles and min-max scaled to [0, 1] (the backbone's input convention). The registration's gates
+(:mod:`vcm.prep.gates`: correlation with the template inside its brain, the affine's determinant) decide
+whether the subject goes on; a failed gate or an error excludes it (:mod:`vcm.prep.exclusion`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ import numpy as np
 from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
+from vcm.labels import brain_mask
+from vcm.prep.exclusion import run_subject_stage
+from vcm.prep.gates import Failure, GateSettings, registration_failures
 from vcm.stage import stage_parser
 
 TRANSFORM_NAMES = {"Rigid": "Rigid", "Affine": "Affine", "SyN": "SyN"}
+# the stage's declared outputs in its folder (t2.nii.gz too, with a second modality)
+OUTPUTS = ("t1.nii.gz", "registration.json", "registration.png")
 
 
 def to_ants(data: np.ndarray, affine: np.ndarray):
@@ -85,12 +92,16 @@ def register(
     seed: int = 0,
     percentiles: tuple[float, float] = (0.0, 99.5),
     t2_path: str | Path | None = None,
+    template_labels: str | Path | None = None,
 ) -> dict:
     """Register one T1 to the template and resample it onto ``grid``.
 
     Writes ``t1.nii.gz`` (grid, [0, 1]), ``xfm/`` (ANTs forward and inverse transforms) and
-    ``registration.json`` in ``out_dir``; returns the JSON's content. A second modality of the same session
-    (``t2_path``, in the T1's scanner space) goes onto the grid with the T1's transform as ``t2.nii.gz``.
+    ``registration.json`` in ``out_dir``; returns the JSON's content: among others the correlation of the
+    registered T1 with the template inside the template's head (``ncc_with_template``) and, given the
+    template's ``template_labels``, inside its brain (``ncc_in_brain``, the ``template_similarity`` gate's
+    measure), and the affine's determinant. A second modality of the same session (``t2_path``, in the T1's
+    scanner space) goes onto the grid with the T1's transform as ``t2.nii.gz``.
     """
     import ants
 
@@ -123,13 +134,11 @@ def register(
         save_nifti(out / "t2.nii.gz", normalise_intensity(t2.numpy(), percentiles), grid.affine, np.float32)
 
     tpl_grid = ants.apply_transforms(fixed=reference, moving=read_ants(template_head), transformlist=[])
-    a, b = tpl_grid.numpy(), data
-    inside = a > 0.02
-    ncc = float(np.corrcoef(a[inside], b[inside])[0, 1]) if inside.sum() > 10 else float("nan")
+    head = tpl_grid.numpy()
     info = {
         "transform": transform,
         "seconds": round(time.perf_counter() - start, 2),
-        "ncc_with_template": round(ncc, 4),
+        "ncc_with_template": round(correlation(head, data, head > 0.02), 4),
         "mattes_mi": float(
             ants.image_similarity(tpl_grid, to_ants(data, grid.affine), metric_type="MattesMutualInformation")
         ),
@@ -139,8 +148,24 @@ def register(
         "grid_shape": list(grid.shape),
         "grid_spacing_mm": grid.spacing_mm,
     }
+    if template_labels is not None:
+        labels = ants.apply_transforms(
+            fixed=reference, moving=read_ants(template_labels), transformlist=[], interpolator="genericLabel"
+        ).numpy()
+        info["ncc_in_brain"] = round(
+            correlation(head, data, brain_mask(np.rint(labels).astype(np.uint16))), 4
+        )
     write_json(out / "registration.json", info)
     return info
+
+
+def correlation(a: np.ndarray, b: np.ndarray, inside: np.ndarray) -> float:
+    """Pearson correlation of two volumes over the voxels ``inside`` (NaN over fewer than 10 voxels or where
+    either volume is constant: no evidence of a match)."""
+    x, y = a[inside].astype(np.float64), b[inside].astype(np.float64)
+    if x.size < 10 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def transforms_of(reg_dir: str | Path, inverse: bool = False) -> list[str]:
@@ -162,8 +187,11 @@ def resample_labels_to_grid(labels_path: str | Path, reg_dir: str | Path, grid: 
     return np.rint(on_grid.numpy()).astype(np.uint16)
 
 
-def overlay_png(out_dir: str | Path, template_labels: str | Path, grid: Grid, subject: str) -> None:
-    """3-plane PNG of the registered subject with the template's brain outline in red."""
+def overlay_png(
+    out_dir: str | Path, template_labels: str | Path, grid: Grid, subject: str, note: str | None = None
+) -> None:
+    """3-plane PNG of the registered subject with the template's brain outline in red (``note``: a line
+    added to the title, e.g. why the subject was excluded)."""
     import ants
 
     from vcm.io import load_nifti
@@ -176,12 +204,58 @@ def overlay_png(out_dir: str | Path, template_labels: str | Path, grid: Grid, su
         transformlist=[],
         interpolator="genericLabel",
     ).numpy()
+    title = f"{subject}: registered T1, template brain outline"
     three_plane(
         Path(out_dir) / "registration.png",
         data,
-        f"{subject}: registered T1, template brain outline",
+        f"{title}\n{note}" if note else title,
         contour=tpl > 0,
     )
+
+
+def register_subject(
+    cfg: dict,
+    gates: GateSettings,
+    subject: str,
+    t1: str,
+    t2: str | None,
+    template_dir: str | Path,
+    out_dir: str | Path,
+) -> list[Failure]:
+    """The ``register`` stage of one subject: registration, its gates, the overlay; returns the failed gates.
+
+    Raises:
+        StageError: the T1 (or T2) cannot be read.
+    """
+    from vcm.prep.inputs import check_volume
+
+    problem = check_volume(t1) or (check_volume(t2, "t2") if t2 else None)
+    if problem:
+        raise StageError(problem)
+    grid = Grid.from_config(cfg["grid"])
+    reg = cfg["registration"]
+    tpl = Path(template_dir)
+    info = register(
+        t1,
+        tpl / "t1_head.nii.gz",
+        grid,
+        out_dir,
+        reg["transform"],
+        reg["working_spacing_mm"],
+        reg["seed"],
+        tuple(cfg["intensity"]["clip_percentiles"]),
+        t2,
+        tpl / "labels.nii.gz",
+    )
+    failures = registration_failures(info["ncc_in_brain"], info["affine_determinant"], gates)
+    note = f"excluded: {'; '.join(f.reason for f in failures)}" if failures else None
+    overlay_png(out_dir, tpl / "labels.nii.gz", grid, subject, note)
+    print(
+        f"subject {subject}: {reg['transform']} registration in {info['seconds']} s, correlation with the template "
+        f"{info['ncc_in_brain']} in its brain, {info['ncc_with_template']} in its head, affine determinant "
+        f"{info['affine_determinant']:.3f}"
+    )
+    return failures
 
 
 def cli(argv: list[str]) -> int:
@@ -193,31 +267,19 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--t2", default=None, help="second modality of the same session (t2 condition)")
     parser.add_argument("--template-dir", required=True)
     parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--status", required=True, help="this stage's status (passed, or why excluded)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    gates = GateSettings.from_config(cfg)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-    from vcm.prep.inputs import check_volume
-
-    problem = check_volume(args.t1) or (check_volume(args.t2, "t2") if args.t2 else None)
-    if problem:
-        raise StageError(f"subject {args.subject}: {problem}")
-    grid = Grid.from_config(cfg["grid"])
-    reg = cfg["registration"]
-    tpl = Path(args.template_dir)
-    info = register(
-        args.t1,
-        tpl / "t1_head.nii.gz",
-        grid,
-        args.out_dir,
-        reg["transform"],
-        reg["working_spacing_mm"],
-        reg["seed"],
-        tuple(cfg["intensity"]["clip_percentiles"]),
-        args.t2,
-    )
-    overlay_png(args.out_dir, tpl / "labels.nii.gz", grid, args.subject)
-    print(
-        f"subject {args.subject}: {reg['transform']} registration in {info['seconds']} s, NCC {info['ncc_with_template']}"
+    out = Path(args.out_dir)
+    outputs = [out / name for name in OUTPUTS] + ([out / "t2.nii.gz"] if args.t2 else [])
+    run_subject_stage(
+        args.subject,
+        "register",
+        lambda: register_subject(cfg, gates, args.subject, args.t1, args.t2, args.template_dir, out),
+        status=args.status,
+        outputs=outputs,
     )
     return 0

@@ -6,7 +6,9 @@
 * ``atlas`` (offline default): the template's labels warped onto the registered subject by a deformable
   (SyN) registration of the template to the subject, on the grid.
 
-Native volumes of grid-space labels are grid volumes times the determinant of the subject's affine.
+Native volumes of grid-space labels are grid volumes times the determinant of the subject's affine. The
+segmentation's gates (:mod:`vcm.prep.gates`: LV and brain volumes, the structures the condition sets need)
+decide whether the subject goes on.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
 from vcm.labels import FS_LABELS, LATERAL_VENTRICLES, brain_mask, mask_of
+from vcm.prep.exclusion import run_subject_stage
+from vcm.prep.gates import Failure, GateSettings, required_structures, segmentation_failures
 from vcm.prep.registration import read_ants, resample_labels_to_grid, seed_ants, to_ants
 from vcm.stage import stage_parser
 
 BACKENDS = ("atlas", "synthseg", "precomputed")
+OUTPUTS = ("labels.nii.gz", "volumes.json")  # the stage's declared outputs in its folder
 
 
 def label_volumes(
@@ -155,9 +160,7 @@ def segment(
         volumes = label_volumes(labels, grid.voxel_volume_mm3 * det, lv_ids)
     elif backend == "precomputed":
         if not seg_native:
-            raise StageError(
-                f"subject {subject}: segmentation.backend precomputed needs a 'seg' path in the manifest"
-            )
+            raise StageError("segmentation.backend precomputed needs a 'seg' path in the manifest")
         from vcm.io import load_nifti
 
         native, affine = load_nifti(seg_native, np.int32)
@@ -180,6 +183,27 @@ def segment(
     return volumes
 
 
+def segment_subject(
+    cfg: dict,
+    gates: GateSettings,
+    subject: str,
+    t1_native: str,
+    seg_native: str | None,
+    reg_dir: str | Path,
+    template_dir: str | Path,
+    out_dir: str | Path,
+) -> list[Failure]:
+    """The ``segment`` stage of one subject: :func:`segment`, then its gates; returns the failed gates."""
+    from vcm.io import load_nifti
+
+    vol = segment(cfg, subject, t1_native, seg_native, reg_dir, template_dir, out_dir)
+    print(
+        f"subject {subject}: {vol['backend']} segmentation, LV {vol['lv_mm3']:.0f} mm3, brain {vol['brain_mm3']:.0f} mm3"
+    )
+    labels = load_nifti(Path(out_dir) / "labels.nii.gz", np.int32)[0]
+    return segmentation_failures(vol, labels, required_structures(cfg), gates)
+
+
 def cli(argv: list[str]) -> int:
     from vcm.config import load_config
 
@@ -191,14 +215,19 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--reg-dir", required=True, help="the subject's registration folder")
     parser.add_argument("--template-dir", required=True)
     parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--status", required=True, help="this stage's status (passed, or why excluded)")
+    parser.add_argument("--previous-status", help="the register stage's status (an excluded subject passes)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    gates = GateSettings.from_config(cfg)
     seg = read_json(args.meta).get("seg") if args.meta else args.seg
-    try:
-        vol = segment(cfg, args.subject, args.t1, seg, args.reg_dir, args.template_dir, args.out_dir)
-    except StageError as err:
-        raise StageError(f"subject {args.subject}: {err}") from None
-    print(
-        f"subject {args.subject}: {vol['backend']} segmentation, LV {vol['lv_mm3']:.0f} mm3, brain {vol['brain_mm3']:.0f} mm3"
+    out = Path(args.out_dir)
+    run_subject_stage(
+        args.subject,
+        "segment",
+        lambda: segment_subject(cfg, gates, args.subject, args.t1, seg, args.reg_dir, args.template_dir, out),
+        status=args.status,
+        outputs=[out / name for name in OUTPUTS],
+        previous=args.previous_status,
     )
     return 0

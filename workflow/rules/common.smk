@@ -18,6 +18,7 @@ from vcm.cohort.plan import shard_range
 from vcm.config import ConfigError, coerce_overrides, dump_config, validate_config
 from vcm.condition_names import condition_names, uses_second_image
 from vcm.grid import Grid
+from vcm.prep.gates import required_structures
 from vcm.prep.manifest import ManifestError, read_manifest
 
 # `--config 'cohort={size: 4}'` arrives with string leaves ({"size": "4"}), already deep-merged over the
@@ -131,8 +132,15 @@ def subject_row(wildcards):
     return subjects_table()[wildcards.subject]
 
 
-def passed_subjects():
+def input_subjects():
+    """Subjects that passed the input checks: each gets the per-subject jobs."""
     return list(subjects_table())
+
+
+def dataset_subjects():
+    """Subjects that passed every gate (available once the subject_gates checkpoint ran): dataset.h5's."""
+    path = checkpoints.subject_gates.get().output.passed
+    return list(_subjects_table(path, Path(path).stat().st_mtime))
 
 
 # --- params functions of the rules (Snakemake's linter keeps functions out of rule files) -----------------

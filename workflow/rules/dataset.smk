@@ -1,11 +1,11 @@
-# The training HDF5 from every subject that passed the input checks.
+# The training HDF5 from every subject that passed every gate of preparation (subject_gates' passed.csv).
 
 
 rule dataset:
     input:
-        subjects=rules.check_inputs.output.subjects,
-        covariates=lambda w: expand(rules.conditions.output.covariates, subject=passed_subjects()),
-        labels=lambda w: expand(rules.segment.output.labels, subject=passed_subjects()),
+        subjects=rules.subject_gates.output.passed,
+        covariates=lambda w: expand(rules.conditions.output.covariates, subject=dataset_subjects()),
+        labels=lambda w: expand(rules.segment.output.labels, subject=dataset_subjects()),
     output:
         f"{RESULTS}/dataset.h5",
     log:
@@ -20,7 +20,7 @@ rule dataset:
         settings=section("dataset", "training.sizes", "conditions", "grid"),
         t2=USE_T2,
         config=CONFIG_FILE,
-        # the per-subject folders' root (their files are inputs, known only after check_inputs)
+        # the per-subject folders' root (their files are inputs, known only after subject_gates)
         prep_dir=PREP,
     shell:
         "python -m vcm dataset --config {params.config:q} --subjects {input.subjects:q}"

@@ -230,6 +230,7 @@ rule eval_tables:
 rule summary:
     input:
         dataset=f"{RESULTS}/dataset.h5",
+        excluded=rules.subject_gates.output.excluded,
         models=EVAL_MODELS,
         evals=EVAL_MODEL_TABLES,
         tstr=rules.eval_tables.output.tstr,
@@ -255,6 +256,6 @@ rule summary:
         ),
     shell:
         "python -m vcm summary --config {params.config:q} --dataset {input.dataset:q}"
-        " --models {input.models:q} --eval {input.evals:q} --tstr {input.tstr:q}"
+        " --excluded {input.excluded:q} --models {input.models:q} --eval {input.evals:q} --tstr {input.tstr:q}"
         " --cohorts {input.cohorts:q} --mask-edit {input.mask_edits:q}"
         " {params.segmenter_json} --out {output:q} > {log:q} 2>&1"

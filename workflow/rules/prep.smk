@@ -40,17 +40,17 @@ rule template:
         "python -m vcm template --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+# A condition set that uses the second modality (t2) makes prep register and store it (manifest column t2).
+USE_T2 = uses_second_image(CFG)
+T2_OUT = [f"{PREP}/{{subject}}/t2.nii.gz"] if USE_T2 else []
+
+
 checkpoint check_inputs:
     input:
         manifest=MANIFEST,
     output:
         subjects=f"{RESULTS}/inputs/subjects.csv",
-        excluded=report(
-            f"{RESULTS}/excluded.csv",
-            caption="../report/excluded.rst",
-            category="Inputs",
-            labels={"table": "excluded subjects"},
-        ),
+        excluded=f"{RESULTS}/inputs/excluded.csv",
     log:
         f"{LOGS}/check_inputs.log",
     benchmark:
@@ -58,7 +58,10 @@ checkpoint check_inputs:
     conda:
         "../envs/prep.yaml"
     params:
-        settings=section("segmentation"),
+        settings=section(
+            "segmentation.backend", "data.strict", "data.gates.min_fov_mm", "data.gates.min_voxels"
+        ),
+        t2=USE_T2,
         config=CONFIG_FILE,
         meta_dir=lambda w, output: os.path.dirname(output.subjects),
     shell:
@@ -67,11 +70,9 @@ checkpoint check_inputs:
         " > {log:q} 2>&1"
 
 
-# A condition set that uses the second modality (t2) makes prep register and store it (manifest column t2).
-USE_T2 = uses_second_image(CFG)
-T2_OUT = [f"{PREP}/{{subject}}/t2.nii.gz"] if USE_T2 else []
-
-
+# Per-subject stages never fail on a bad subject: a failed gate (data.gates) or an error records the
+# exclusion in the stage's status (prep/<subject>/status/<stage>.json), the outputs it did not write become
+# placeholders, and the next stages pass the subject through; subject_gates gathers the statuses.
 rule register:
     input:
         t1=lambda w: subject_row(w)["t1"],
@@ -81,6 +82,7 @@ rule register:
         t1=f"{PREP}/{{subject}}/t1.nii.gz",
         t2=T2_OUT,
         info=f"{PREP}/{{subject}}/registration.json",
+        status=f"{PREP}/{{subject}}/status/register.json",
         png=report(
             f"{PREP}/{{subject}}/registration.png",
             caption="../report/registration.rst",
@@ -98,7 +100,13 @@ rule register:
     resources:
         mem_mb=mem_mb("register"),
     params:
-        settings=section("grid", "registration", "intensity"),
+        settings=section(
+            "grid",
+            "registration",
+            "intensity",
+            "data.gates.min_template_ncc",
+            "data.gates.affine_determinant",
+        ),
         config=CONFIG_FILE,
         t2=lambda w, input: shell_option("--t2", input.t2[0]) if USE_T2 else "",
         template_dir=template_dir,
@@ -106,8 +114,8 @@ rule register:
     shell:
         "python -m vcm register --config {params.config:q} --subject {wildcards.subject} --t1 {input.t1:q}"
         " {params.t2}"
-        " --template-dir {params.template_dir:q} --out-dir {params.out_dir:q} --threads {threads}"
-        " > {log:q} 2>&1"
+        " --template-dir {params.template_dir:q} --out-dir {params.out_dir:q} --status {output.status:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 # Per-subject rules read the subject's manifest row from inputs/<subject>.json (written by check_inputs,
@@ -120,11 +128,13 @@ rule segment:
         t1=lambda w: subject_row(w)["t1"],
         registered=rules.register.output.t1,
         info=rules.register.output.info,
+        previous=rules.register.output.status,
         template_labels=rules.template.output.labels,
         meta=SUBJECT_META,
     output:
         labels=f"{PREP}/{{subject}}/labels.nii.gz",
         volumes=f"{PREP}/{{subject}}/volumes.json",
+        status=f"{PREP}/{{subject}}/status/segment.json",
     log:
         f"{LOGS}/segment/{{subject}}.log",
     benchmark:
@@ -135,7 +145,16 @@ rule segment:
     resources:
         mem_mb=mem_mb("segment"),
     params:
-        settings=section("grid", "segmentation", "conditions"),
+        settings=section(
+            "grid",
+            "segmentation",
+            "conditions",
+            "data.gates.lv_ml",
+            "data.gates.brain_ml",
+            "data.gates.min_structure_voxels",
+        ),
+        # the structures the condition sets need, not the sets themselves: a new set reruns no segmentation
+        structures=eval_digest(required_structures(CFG)),
         config=CONFIG_FILE,
         reg_dir=lambda w, input: os.path.dirname(input.registered),
         template_dir=lambda w, input: os.path.dirname(input.template_labels),
@@ -143,7 +162,8 @@ rule segment:
     shell:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm segment --config {params.config:q}"
         " --subject {wildcards.subject} --t1 {input.t1:q} --meta {input.meta:q} --reg-dir {params.reg_dir:q}"
-        " --template-dir {params.template_dir:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --template-dir {params.template_dir:q} --out-dir {params.out_dir:q}"
+        " --status {output.status:q} --previous-status {input.previous:q} > {log:q} 2>&1"
 
 
 CONDITION_FILES = condition_names(CFG)
@@ -154,11 +174,13 @@ rule conditions:
         t1=rules.register.output.t1,
         labels=rules.segment.output.labels,
         volumes=rules.segment.output.volumes,
+        previous=rules.segment.output.status,
         meta=SUBJECT_META,
         t2=T2_OUT,
     output:
         masks=expand(f"{PREP}/{{{{subject}}}}/conditions/{{name}}.nii.gz", name=CONDITION_FILES),
         covariates=f"{PREP}/{{subject}}/conditions/covariates.json",
+        status=f"{PREP}/{{subject}}/status/conditions.json",
     log:
         f"{LOGS}/conditions/{{subject}}.log",
     benchmark:
@@ -176,4 +198,37 @@ rule conditions:
         "python -m vcm conditions --config {params.config:q} --subject {wildcards.subject} --t1 {input.t1:q}"
         " --labels {input.labels:q} --volumes {input.volumes:q} --meta {input.meta:q}"
         " {params.t2}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --out-dir {params.out_dir:q} --status {output.status:q} --previous-status {input.previous:q}"
+        " > {log:q} 2>&1"
+
+
+# The outcome of every subject that passed the input checks: excluded.csv (the input checks' exclusions and
+# the per-subject stages', with stage, gate and reason) and passed.csv, the subjects dataset.h5 is built from.
+checkpoint subject_gates:
+    input:
+        subjects=rules.check_inputs.output.subjects,
+        excluded=rules.check_inputs.output.excluded,
+        statuses=lambda w: expand(rules.conditions.output.status, subject=input_subjects()),
+    output:
+        excluded=report(
+            f"{RESULTS}/excluded.csv",
+            caption="../report/excluded.rst",
+            category="Inputs",
+            labels={"table": "excluded subjects"},
+        ),
+        passed=f"{RESULTS}/passed.csv",
+    log:
+        f"{LOGS}/subject_gates.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/subject_gates.tsv"
+    # reads one small JSON per subject: not worth a cluster queue's wait
+    localrule: True
+    conda:
+        "../envs/prep.yaml"
+    params:
+        # the per-subject folders' root (their statuses are inputs, known only after check_inputs)
+        prep_dir=PREP,
+    shell:
+        "python -m vcm subject-gates --subjects {input.subjects:q} --inputs-excluded {input.excluded:q}"
+        " --prep-dir {params.prep_dir:q} --excluded {output.excluded:q} --passed {output.passed:q}"
+        " > {log:q} 2>&1"
