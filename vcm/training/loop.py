@@ -374,19 +374,19 @@ def _finish(
     if write_model:
         _write_loss(run.out_dir, state.history, run.title)
         result.model_path = run.out_dir / MODEL_FILE
-        save_atomic(_model_file(run, state, seconds, config_text, dataset, latents), result.model_path)
+        save_atomic(_model_file(run, state, config_text, dataset, latents), result.model_path)
     return result
 
 
 def _model_file(
     run: Run,
     state: _State,
-    seconds: float,
     config_text: str,
     dataset: str | Path,
     latents: str | Path,
 ) -> dict[str, Any]:
-    """The contents of ``vcm.pt``: weights, what :func:`~vcm.models.build.load_model` needs, provenance."""
+    """The contents of ``vcm.pt``: weights, what :func:`~vcm.models.build.load_model` needs, provenance.
+    Nothing measured by a clock: the same config and seed give the same file (timings are in ``loss.csv``)."""
     from vcm.io import provenance
 
     s, losses = run.settings, state.history["loss"]
@@ -405,7 +405,6 @@ def _model_file(
         "steps": int(state.step),
         "batch_size": s.batch_size,
         "processes": run.world,
-        "train_seconds": float(seconds),
         "final_loss": final_loss,
         "settings": json.loads(json.dumps(asdict(s))),
         "provenance": provenance(
