@@ -3,10 +3,11 @@ the suite runs on two pytest-xdist workers.
 
 The builders of tiny files and models are plain functions in tests/fixtures.py.
 
-Parallel runs (``-n 2 --dist loadgroup`` in pyproject.toml): every test module is one work unit, so its module
-fixtures run once; the modules that share one workflow run name their group (``xdist_group``); the long groups
-are handed out first, so that the SLURM tests (mostly waiting on the scheduler) run beside the rest. Each worker
-keeps to its share of the cores, and OpenMP threads sleep instead of spinning when a core is busy.
+Parallel runs (``-n 2 --dist loadfile`` in pyproject.toml): every test module is one work unit, so its module
+fixtures run once; the long modules are handed out first (the SLURM tests, mostly waiting on the scheduler, then
+run beside the rest), and the local whole-DAG run they share with the workflow tests is made once, under a file
+lock (tests/workflow/conftest.py). Each worker keeps to its share of the cores, and idle OpenMP threads sleep
+instead of spinning on a busy core.
 """
 
 from __future__ import annotations
@@ -23,23 +24,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Before torch is imported anywhere (here and in every workflow job the tests start): idle OpenMP threads sleep.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# The longest work units, in the order they are handed to the workers; modules without a group follow.
-LONG_GROUPS = ("slurm", "full_run", "prep_workflow")
-
-
-def _group(item: pytest.Item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    return str(mark.args[0]) if mark else item.module.__name__
+# The modules handed out first, in this order: each worker starts one and queues the next, so the SLURM
+# module (long, mostly waiting on the scheduler) gets a short one queued behind it, and the local workflow
+# modules go to the other worker; every other module follows in its usual order, to whichever worker is free.
+FIRST = (
+    "slurm/test_slurm_workflow.py",
+    "workflow/test_full_workflow.py",
+    "test_stage.py",
+    "workflow/test_prep_workflow.py",
+)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """One work unit per module unless a group is named; the long groups first (stable order otherwise)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    rank = {name: i for i, name in enumerate(LONG_GROUPS)}
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))
+    """:data:`FIRST` first (a stable sort: the order within a module and of the others is kept)."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    tests = Path(__file__).parent
+    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank)))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -14,7 +14,7 @@ from vcm.io import sha256_file
 
 from .conftest import run_snakemake
 
-pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("full_run")]
+pytestmark = pytest.mark.workflow
 
 
 def test_model_cohort_and_qc(full_run):

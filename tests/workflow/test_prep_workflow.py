@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import run_snakemake
 
-pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("prep_workflow")]
+pytestmark = pytest.mark.workflow
 
 
 @pytest.fixture(scope="module")

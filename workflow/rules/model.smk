@@ -114,12 +114,11 @@ rule train_vcm:
         out_dir=lambda w: f"{RESULTS}/models/{w.condset}/n{w.size}",
         template_dir=template_dir,
         segmenter=QC_SEGMENTER_ARG,
-    # The log appends: an attempt that resumes after a pre-emption or a retry keeps the earlier attempts' lines.
     shell:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm train-vcm --config {params.config:q}"
         " --dataset {input.dataset:q} --latents {input.latents:q} --bundle {params.bundle:q}"
         " --condition-set {wildcards.condset} --size {wildcards.size} --template-dir {params.template_dir:q}"
-        " {params.segmenter} --out-dir {params.out_dir:q} --threads {threads} >> {log:q} 2>&1"
+        " {params.segmenter} --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule models:
