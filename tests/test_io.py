@@ -35,3 +35,16 @@ def test_file_mode_follows_the_process_umask():
     current = os.umask(0)
     os.umask(current)
     assert vcm.io._FILE_MODE == 0o666 & ~current
+
+
+def test_save_torch_gives_the_same_bytes_for_the_same_contents(tmp_path):
+    """torch.save given a path names the archive after the (random, temporary) file: not through save_torch."""
+    import torch
+
+    from vcm.io import save_torch
+
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "meta": {"steps": 6}}
+    a, b = save_torch(obj, tmp_path / "a.pt"), save_torch(obj, tmp_path / "sub" / "b.pt")
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(torch.load(b, weights_only=True)["w"], obj["w"])
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind

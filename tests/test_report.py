@@ -38,8 +38,11 @@ def run(tmp_path_factory) -> dict[str, Path]:
     model = root / "models" / "lv" / "n2" / "vcm.pt"
     model.parent.mkdir(parents=True)
     meta = {"method": "vcm", "condition_set": "lv", "training_size": 2, "steps": 40, "final_loss": 0.0123}
-    torch.save({**meta, "train_seconds": 90.0, "model": {}}, model)
+    torch.save({**meta, "model": {}}, model)
     (model.parent / "loss.png").write_bytes(b"png")
+    (model.parent / "loss.csv").write_text(
+        "step,loss,lr,elapsed_s\n20,0.02,0.001,45.00\n40,0.0123,0.001,90.00\n"
+    )
     (model.parent / "preview").mkdir()
     errors = [
         {"t": t, "controlled": 0.9 * r, "backbone": r, "ratio": 0.9} for t, r in ((400, 0.1), (950, 0.01))

@@ -237,6 +237,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, files, tcfg)
     ckpt = torch.load(tmp_path / "full" / "checkpoints" / FINAL, weights_only=True)
     assert {"model", "optimizer", "scheduler", "step", "rng", "config", "history"} <= ckpt.keys()
     assert ckpt["step"] == 6 and ckpt["scheduler"]["total_steps"] == 6
+    assert ckpt["resumed_at"] == []  # uninterrupted; the resumed run's final checkpoint says where it resumed
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / FINAL, weights_only=True)["resumed_at"] == [3]
     assert torch.load(tmp_path / "full" / "checkpoints" / LATEST, weights_only=True)["step"] == 4
     meta = torch.load(tmp_path / "full" / "vcm.pt", weights_only=True)
     assert meta["method"] == "vcm" and meta["condition_set"] == "two" and meta["steps"] == 6

@@ -100,6 +100,19 @@ def load_nifti(path: str | os.PathLike, dtype: Any = np.float32) -> tuple[np.nda
     return np.asarray(img.dataobj, dtype=dtype), img.affine
 
 
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically, and the same bytes for the same ``obj``.
+
+    Saved through an open file, not a path: given a path, torch names the archive's records after the file,
+    which here is a random temporary name, so equal contents would give different files.
+    """
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -76,7 +76,7 @@ def _model_rows(models: Sequence[str | Path], base: Path) -> list[str]:
             if (path.parent / rel).is_file()
         ]
         loss = meta.get("final_loss")
-        seconds = meta.get("train_seconds")
+        seconds = _train_seconds(path.parent / "loss.csv")
         dice = error = "–"
         metrics_path = path.parent / "preview" / "preview_metrics.json"
         if metrics_path.is_file():
@@ -94,6 +94,14 @@ def _model_rows(models: Sequence[str | Path], base: Path) -> list[str]:
             f"| {' '.join(figures) or '–'} |"
         )
     return lines
+
+
+def _train_seconds(loss_csv: Path) -> float | None:
+    """The training time at the last logged step (``loss.csv``'s elapsed seconds); None without a row."""
+    if not loss_csv.is_file():
+        return None
+    elapsed = pd.read_csv(loss_csv)["elapsed_s"]
+    return float(elapsed.iloc[-1]) if len(elapsed) else None
 
 
 def _cohort_section(cohorts: Sequence[str | Path], base: Path) -> list[str]:

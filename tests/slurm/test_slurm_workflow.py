@@ -1,10 +1,10 @@
-"""The demo DAG submitted through the SLURM profile on a real (local) SLURM: every job via sbatch, the same
-outputs as a local run, and a training job that is cancelled mid-run resumes from its checkpoint."""
+"""The reduced whole DAG submitted through the SLURM profile on a real (local) SLURM: every job via sbatch, on
+the partition the profile gives its rule; the same data, model and cohort as the same config run locally
+(``full_run``); and a training job cancelled three times resumes from its checkpoint each time."""
 
-import os
 import re
+import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ..fixtures import TINY_VCM
-from ..workflow.conftest import REPO, run_snakemake
+from ..workflow.conftest import REPO, full_config, run_snakemake, shared_dir
 from .conftest import cancel_leftover_jobs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
@@ -23,193 +23,170 @@ pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 # Faster polling than a production profile needs; everything else, resources included, comes from
 # profiles/slurm and the rules as a user gets them (the test node has the machine's 2 CPUs and one fake GPU).
 FAST = ["--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5", "--jobs", "4"]
-
-
-def _config(root: Path, name: str, **extra) -> tuple[Path, Path]:
-    results = root / name
-    cfg = {
-        "results": str(results),
-        "data": {
-            "manifest": f"{results}/demo/manifest.csv",
-            "demo": {"n_subjects": 3, "seed": 0, "spacing_mm": 2.0},
-        },
-        "dataset": {"val_size": 1},
-        "training": {"sizes": [2]},
-        **extra,
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, results
+PROFILE = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+GPU_RULES = {rule for rule, res in PROFILE["set-resources"].items() if res.get("gpu")}
+# What a file records about where and how it was made, not what it holds: the config text names the results
+# folder, SLURM jobs record their ids, and a model's hash covers its provenance.
+PROVENANCE = {"config_yaml", "config_sha256", "slurm_job_id", "slurm_array_job_id", "slurm_array_task_id"}
+PROVENANCE_OF_INPUTS = {"model_sha256", "dataset", "latents"}
 
 
 @pytest.fixture(scope="module")
-def runs(local_slurm, tmp_path_factory):
-    """The reduced demo to dataset.h5, once locally and once through SLURM."""
-    root = tmp_path_factory.mktemp("slurm")
-    local_cfg, local = _config(root, "local")
-    proc = run_snakemake(local_cfg, targets=(local / "dataset.h5",))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    slurm_cfg, remote = _config(root, "slurm")
-    proc = run_snakemake(
-        slurm_cfg, "--profile", "profiles/slurm", *FAST, targets=(remote / "dataset.h5",), timeout=1500
-    )
+def slurm_run(local_slurm, tmp_path_factory):
+    """The config of ``full_run`` (tests/workflow/conftest.py), in its own results folder, through the SLURM
+    profile; it runs beside the local run when the tests run on two workers."""
+    root = shared_dir(tmp_path_factory) / "full"
+    root.mkdir(exist_ok=True)
+    configfile, results = full_config(root, "slurm")
+    proc = run_snakemake(configfile, "--profile", "profiles/slurm", *FAST, timeout=2400)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    return {"root": root, "local": local, "remote": remote, "output": out}
+    return {"config": configfile, "results": results, "output": out}
 
 
-def test_every_job_went_through_sbatch(runs):
-    out = runs["output"]
-    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
+def test_every_job_went_through_sbatch_on_its_partition(slurm_run):
+    out, results = slurm_run["output"], slurm_run["results"]
     finished = re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", out)
-    assert len(finished) >= 3 * 3 + 4  # register/segment/conditions x 3, demo, template, checks, dataset
-    assert len(submitted) == len([r for r in finished if r != "all"])
+    assert {
+        "register",
+        "segment",
+        "conditions",
+        "dataset",
+        "train_vcm",
+        "generate_shard",
+        "merge_cohort",
+    } <= set(finished)
+    assert {"evaluate", "tstr", "summary", "train_qc_segmenter", "encode_latents"} <= set(finished)
+    # one submission per job; the cohort's two shards go as one array job of two tasks
+    submitted = dict(re.findall(r"has been submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", out))
+    arrays = re.findall(r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)", out)
+    assert len(arrays) == 1 and len(arrays[0][0].split(",")) == 2, arrays
+    local = {"all", "models", "cohorts"}
+    assert len(submitted) + 2 == len([r for r in finished if r not in local]), (submitted, finished)
     acct = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-o", "JobID,State,Partition", "-j", ",".join(submitted)],
         capture_output=True,
         text=True,
         check=True,
     )
-    rows = [line.split("|") for line in acct.stdout.split()]
-    assert {r[0] for r in rows} == set(submitted)
-    assert {r[1] for r in rows} == {"COMPLETED"} and {r[2] for r in rows} == {"cpu"}
+    rows = {r[0]: r[1:] for r in (line.split("|") for line in acct.stdout.split())}
+    assert set(rows) == set(submitted)
+    for job, rule in submitted.items():
+        state, partition = rows[job]
+        assert state == "COMPLETED", (job, rule, state)
+        assert partition == ("gpu" if rule in GPU_RULES else "cpu"), (job, rule, partition)
+    tasks = set()
+    for shard in sorted((results / "cohorts" / "lv_brain_skull" / "shards").glob("*/shard.h5")):
+        with h5py.File(shard) as h5:
+            assert "slurm_job_id" in h5.attrs
+            tasks.add(h5.attrs["slurm_array_task_id"])
+    assert len(tasks) == 2, tasks  # the two shards ran as two tasks of one array job
+    meta = torch.load(results / "models" / "lv_brain_skull" / "n3" / "vcm.pt", weights_only=True)
+    assert "slurm_job_id" in meta["provenance"]
+    assert (results / "summary.md").is_file() and (results / "eval" / "tstr.csv").is_file()
 
 
-def test_slurm_outputs_equal_a_local_run(runs):
-    with h5py.File(runs["local"] / "dataset.h5") as a, h5py.File(runs["remote"] / "dataset.h5") as b:
-        assert list(a["subjects"][:]) == list(b["subjects"][:])
-        np.testing.assert_array_equal(a["label"][:], b["label"][:])
-        np.testing.assert_array_equal(a["image"][:], b["image"][:])
-        np.testing.assert_array_equal(a["covariates"][:], b["covariates"][:])
-        for name in a["splits"]:
-            np.testing.assert_array_equal(a["splits"][name][:], b["splits"][name][:])
+def _assert_same_h5(a: h5py.Group, b: h5py.Group) -> None:
+    """Same groups, datasets (bit for bit) and attributes, provenance aside."""
+    assert set(a) == set(b), a.name
+    skip = PROVENANCE | PROVENANCE_OF_INPUTS
+    assert {k for k in a.attrs if k not in skip} == {k for k in b.attrs if k not in skip}, a.name
+    for key in a.attrs:
+        if key not in skip:
+            np.testing.assert_array_equal(a.attrs[key], b.attrs[key], err_msg=f"{a.name} attrs[{key}]")
+    for name in a:
+        if isinstance(a[name], h5py.Group):
+            _assert_same_h5(a[name], b[name])
+        else:
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=a[name].name)
 
 
-def _random_tiny_bundle(folder: Path) -> Path:
-    from vcm.models.backbone import Backbone, build_networks, save_bundle, tiny_definitions
+def _assert_same_model(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "model":
+            assert a[key].keys() == b[key].keys()
+            for name, tensor in a[key].items():
+                assert torch.equal(tensor, b[key][name]), name
+        elif key == "provenance":
+            skip = PROVENANCE | PROVENANCE_OF_INPUTS
+            assert {k: v for k, v in a[key].items() if k not in skip} == {
+                k: v for k, v in b[key].items() if k not in skip
+            }
+        else:
+            assert a[key] == b[key], key
 
-    if (folder / "models" / "model.pt").is_file():
-        return folder
-    torch.manual_seed(0)
-    defs = tiny_definitions()
-    save_bundle(folder, Backbone(*build_networks(defs), definitions=defs))
-    return folder
+
+def test_slurm_run_makes_the_same_data_model_and_cohort_as_a_local_run(slurm_run, full_run):
+    """Same config and seed, another executor and folder: dataset.h5, vcm.pt and cohort.h5 hold the same bits."""
+    local, remote = full_run["results"], slurm_run["results"]
+    for rel in ("dataset.h5", "cohorts/lv_brain_skull/cohort.h5"):
+        with h5py.File(local / rel) as a, h5py.File(remote / rel) as b:
+            _assert_same_h5(a, b)
+    for condset in ("lv_brain_skull", "t2"):
+        rel = f"models/{condset}/n3/vcm.pt"
+        _assert_same_model(
+            torch.load(local / rel, weights_only=True), torch.load(remote / rel, weights_only=True)
+        )
 
 
-def test_cancelled_training_job_resumes_from_its_checkpoint(runs):
-    """scancel the GPU training job mid-run: the profile's retry resubmits it and it resumes (step > 0)."""
-    root = runs["root"]
-    bundle = _random_tiny_bundle(root / "bundle")
-    steps = 400
-    training = {
-        "sizes": [2],
-        "steps": steps,
-        "minutes": None,
-        "batch_size": 2,
-        "checkpoint_every": 5,
-        "vcm": TINY_VCM,
-        "preview": {"subjects": 0},
-    }
-    cfg, results = _config(
-        root,
-        "slurm",
-        backbone={"kind": "tiny", "bundle": str(bundle)},
-        condition_sets={"lv": [["lv"]]},
-        training=training,
-        # the QC segmenter is an input of training (previews); a few steps keep this test about resuming
-        qc={"segmenter": {"steps": 20}},
-    )
-    target = results / "models" / "lv" / "n2" / "vcm.pt"
-    latest = target.parent / "checkpoints" / "checkpoint_latest.pt"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        str(target),  # first: --configfile and --set-resources take every word that follows them
-        "--cores",
-        "2",
-        "--configfile",
-        str(cfg),
-        "--profile",
-        "profiles/slurm",
-        *FAST,
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def _running_job() -> str | None:
+    jobs = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True)
+    ids = jobs.stdout.split()
+    assert len(ids) <= 1, ids  # only the training job runs
+    return ids[0] if ids else None
+
+
+def _checkpoint_step(path: Path) -> int:
     try:
-        deadline = time.time() + 900
-        while not latest.exists():
+        return int(torch.load(path, weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError):  # not there yet, or replaced while reading
+        return -1
+
+
+def test_training_job_survives_three_preemptions(slurm_run):
+    """scancel the GPU training job three times mid-run: each time the profile's retry resubmits it and it
+    resumes from its latest checkpoint; it ends at the step budget with the final checkpoint."""
+    results, pre_emptions, steps = slurm_run["results"], 3, 300
+    cfg = yaml.safe_load(slurm_run["config"].read_text())
+    cfg["training"].update(
+        steps=steps, checkpoint_every=5, vcm=TINY_VCM, preview={"subjects": 0, "ddim_steps": 3}
+    )
+    configfile = slurm_run["config"].with_name("slurm_preempted.yaml")
+    configfile.write_text(yaml.safe_dump(cfg))
+    model_dir = results / "models" / "t2" / "n3"
+    shutil.rmtree(model_dir)  # trained by slurm_run with 6 steps: train it again, with checkpoints to resume
+    target, latest = model_dir / "vcm.pt", model_dir / "checkpoints" / "checkpoint_latest.pt"
+    proc = run_snakemake(configfile, "--profile", "profiles/slurm", *FAST, targets=(target,), background=True)
+    cancelled: list[str] = []
+    try:
+        deadline, seen = time.time() + 900, -1
+        while len(cancelled) < pre_emptions:
             assert proc.poll() is None, proc.stdout.read()[-4000:]
-            assert time.time() < deadline, "no checkpoint appeared"
+            assert time.time() < deadline, f"{len(cancelled)} pre-emptions, no newer checkpoint"
+            step, job = _checkpoint_step(latest), _running_job()
+            if step > seen and job is not None and job not in cancelled:
+                subprocess.run(["scancel", job], check=True)
+                cancelled.append(job)
+                seen = step
             time.sleep(1)
-        jobs = subprocess.run(
-            ["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True
-        ).stdout.split()
-        assert len(jobs) == 1, jobs  # the training job
-        subprocess.run(["scancel", jobs[0]], check=True)
         out, _ = proc.communicate(timeout=1200)
     finally:
         if proc.poll() is None:  # a failure above: leave the node and the folder to the next test
             proc.kill()
             cancel_leftover_jobs()
-            run_snakemake(cfg, "--unlock", targets=(target,), timeout=120)
+            run_snakemake(configfile, "--unlock", targets=(target,), timeout=120)
     assert proc.returncode == 0, out[-4000:]
-    assert "Trying to restart job" in out
-    log = (results / "logs" / "train_vcm" / "lv_n2.log").read_text()
-    resumed = re.search(r"resuming from .* at step (\d+)", log)
-    assert resumed and 0 < int(resumed.group(1)) < steps, log[-3000:]
-    final = torch.load(target.parent / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert out.count("Trying to restart job") == pre_emptions, out[-4000:]
+    log = (results / "logs" / "train_vcm" / "t2_n3.log").read_text()  # the last attempt's
+    assert re.search(rf"resuming from .* at step \d+ \(resume {pre_emptions}\)", log), log[-3000:]
+    final = torch.load(model_dir / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert int(final["step"]) == steps
-    state = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", jobs[0]], capture_output=True, text=True
-    ).stdout
-    assert "CANCELLED" in state
-
-
-def test_whole_demo_dag_to_the_cohort_through_slurm(runs):
-    """Models, the sharded cohort (an array job), evaluation, TSTR and the summary, all via sbatch."""
-    root = runs["root"]
-    bundle = _random_tiny_bundle(root / "bundle")
-    cfg, results = _config(
-        root,
-        "slurm",
-        backbone={"kind": "tiny", "bundle": str(bundle)},
-        training={
-            "sizes": [2],
-            "steps": 4,
-            "minutes": None,
-            "batch_size": 2,
-            "checkpoint_every": 2,
-            "vcm": TINY_VCM,
-            "preview": {"subjects": 1, "ddim_steps": 2},
-        },
-        cohort={"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "ddim_steps": 2, "batch_size": 2},
-        qc={"max_tries": 1, "segmenter": {"steps": 10}},
-        evaluation={"ddim_steps": 2},
-        tstr={"steps": 4, "passed_only": False},  # random weights: no subject passes QC
-    )
-    proc = run_snakemake(cfg, "--profile", "profiles/slurm", *FAST, timeout=2400)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    finished = re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", out)
-    assert {"train_vcm", "generate_shard", "merge_cohort", "evaluate", "tstr", "summary"} <= set(finished)
-    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
-    arrays = re.findall(r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)", out)
-    assert len(arrays) == 1 and len(arrays[0][0].split(",")) == 2, arrays  # both shards in one array job
-    local = {"all", "models", "cohorts"}
-    assert len(submitted) + 2 == len([r for r in finished if r not in local]), (submitted, finished)
-    shards = sorted((results / "cohorts" / "lv_brain_skull" / "shards").glob("*/shard.h5"))
-    assert len(shards) == 2
-    tasks = set()
-    for shard in shards:
-        with h5py.File(shard) as h5:
-            assert "slurm_job_id" in h5.attrs
-            tasks.add(h5.attrs["slurm_array_task_id"])
-    assert len(tasks) == 2, tasks  # the two shards ran as two tasks of one array job
-    with h5py.File(results / "cohorts" / "lv_brain_skull" / "cohort.h5") as h5:
-        assert h5["image"].shape[0] == 4
-    meta = torch.load(results / "models" / "lv_brain_skull" / "n2" / "vcm.pt", weights_only=True)
-    assert "slurm_job_id" in meta["provenance"]
-    assert (results / "summary.md").is_file() and (results / "eval" / "tstr.csv").is_file()
+    # every attempt resumed where the one before had last saved: later and later, never from the start
+    resumed = final["resumed_at"]
+    assert len(resumed) == pre_emptions and all(0 < s < steps for s in resumed), resumed
+    assert resumed == sorted(set(resumed)), resumed
+    states = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", ",".join(cancelled)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(states) == pre_emptions and all(s.startswith("CANCELLED") for s in states), states

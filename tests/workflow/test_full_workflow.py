@@ -1,6 +1,7 @@
 """The whole DAG on a tiny demo with a random-weight tiny backbone: models, cohort with QC, evaluation,
-TSTR, summary and the Snakemake report. Checks that every stage connects and writes what it promises;
-image quality is the shipped backbone's business (see docs/backbone.md)."""
+TSTR, summary and the Snakemake report (the session's ``full_run``, tests/workflow/conftest.py). Checks that
+every stage connects and writes what it promises, and that a rerun writes the same bytes; image quality is the
+shipped backbone's business (see docs/backbone.md)."""
 
 import json
 
@@ -8,57 +9,16 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-import yaml
+
+from vcm.io import sha256_file
 
 from .conftest import run_snakemake
 
 pytestmark = pytest.mark.workflow
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    from vcm.models.backbone import Backbone, build_networks, save_bundle, tiny_definitions
-
-    root = tmp_path_factory.mktemp("full")
-    torch.manual_seed(0)
-    defs = tiny_definitions()
-    save_bundle(root / "bundle", Backbone(*build_networks(defs), definitions=defs))
-    results = root / "results"
-    cfg = {
-        "results": str(results),
-        "data": {
-            "manifest": f"{results}/demo/manifest.csv",
-            "demo": {"n_subjects": 5, "seed": 0, "spacing_mm": 2.0},
-        },
-        "dataset": {"val_size": 1},
-        # the second modality end to end: registered with the T1's transform, stored, trained on
-        "condition_sets": {"lv_brain_skull": [["lv", "brain"], ["skull"]], "t2": [["t2"]]},
-        "backbone": {"kind": "tiny", "bundle": str(root / "bundle")},
-        "training": {
-            "sizes": [3],
-            "steps": 6,
-            "minutes": None,
-            "batch_size": 2,
-            "checkpoint_every": 3,
-            "preview": {"subjects": 1, "ddim_steps": 3},
-        },
-        "cohort": {"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "ddim_steps": 3, "batch_size": 2},
-        "qc": {"max_tries": 2, "segmenter": {"steps": 20}},
-        "tstr": {"steps": 10, "passed_only": False},  # random weights: no subject passes QC
-    }
-    configfile = root / "config.yaml"
-    configfile.write_text(yaml.safe_dump(cfg))
-    proc = run_snakemake(configfile, timeout=2400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    report = root / "report.html"
-    proc = run_snakemake(configfile, "--report", str(report), timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return results, report
-
-
 def test_model_cohort_and_qc(full_run):
-    results, _ = full_run
+    results = full_run["results"]
     model = results / "models" / "lv_brain_skull" / "n3"
     assert (model / "vcm.pt").is_file() and (model / "loss.png").is_file()
     assert len(pd.read_csv(model / "loss.csv")) >= 1
@@ -82,7 +42,7 @@ def test_model_cohort_and_qc(full_run):
 
 
 def test_evaluation_tstr_summary_and_report(full_run):
-    results, report = full_run
+    results, report = full_run["results"], full_run["report"]
     table = pd.read_csv(results / "eval" / "lv_brain_skull_n3.csv")
     assert list(table["control"]) == ["controlled", "uncontrolled", "controlled - uncontrolled (paired)"]
     assert table["dice_mean"][:2].between(0, 1).all() and (table["n"] == 1).all()
@@ -98,3 +58,22 @@ def test_evaluation_tstr_summary_and_report(full_run):
     )  # one validation subject x 3 variants
     assert not (results / "eval" / "mask_edit" / "t2_n3.json").exists()  # no LV mask to edit in that set
     assert report.stat().st_size > 100_000
+
+
+def test_a_rerun_writes_byte_identical_data_models_and_cohort(full_run):
+    """Same config and seed, run again from dataset.h5 on: the same bytes (no clock, no path of a temporary file
+    in any of them). Last in this module: it rewrites the files the other tests read, with the same bytes."""
+    results = full_run["results"]
+    files = [
+        results / "dataset.h5",
+        results / "models" / "lv_brain_skull" / "n3" / "vcm.pt",
+        results / "models" / "t2" / "n3" / "vcm.pt",
+        results / "cohorts" / "lv_brain_skull" / "cohort.h5",
+    ]
+    before = {f.name if f.suffix == ".h5" else str(f.parent): sha256_file(f) for f in files}
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    proc = run_snakemake(full_run["config"], "--forcerun", "dataset", targets=files, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert all(f.stat().st_mtime_ns > m for f, m in zip(files, mtimes, strict=True))  # really made again
+    after = {f.name if f.suffix == ".h5" else str(f.parent): sha256_file(f) for f in files}
+    assert after == before

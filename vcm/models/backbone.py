@@ -395,7 +395,7 @@ def save_bundle(
         dtype: store floating-point tensors in this dtype (e.g. ``torch.float16`` for a small shipped
             bundle); :func:`load_bundle` casts them back to the networks' float32.
     """
-    from vcm.io import atomic_path, write_json
+    from vcm.io import save_torch, write_json
 
     folder = Path(folder)
     if backbone.definitions is None:
@@ -405,8 +405,7 @@ def save_bundle(
             k: v.detach().cpu().to(dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu()
             for k, v in net.state_dict().items()
         }
-        with atomic_path(folder / rel) as tmp:
-            torch.save(to_old_state_dict(state) if old_format else state, tmp)
+        save_torch(to_old_state_dict(state) if old_format else state, folder / rel)
     write_json(
         folder / NETWORK_FILE,
         {

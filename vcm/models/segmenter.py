@@ -117,12 +117,10 @@ class QCSegmenter:
 
 def save_segmenter(path: str | Path, net: nn.Module, spec: SegmenterSpec, info: Mapping[str, Any]) -> Path:
     """Write ``segmenter.pt`` atomically."""
-    from vcm.io import atomic_path
+    from vcm.io import save_torch
 
     payload = {"format": FORMAT, "spec": asdict(spec), "state_dict": net.state_dict(), "info": dict(info)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_torch(payload, path)
 
 
 def load_segmenter(path: str | Path, affine: np.ndarray) -> QCSegmenter:

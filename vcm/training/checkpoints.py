@@ -62,11 +62,11 @@ def signature(parts: Mapping[str, Any]) -> str:
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to ``path`` through a temporary file renamed on success: never half a file."""
-    from vcm.io import atomic_path
+    """``torch.save(obj)`` to ``path`` through a temporary file renamed on success: never half a file, and the
+    same bytes for the same contents (:func:`vcm.io.save_torch`)."""
+    from vcm.io import save_torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    save_torch(obj, path)
 
 
 class CheckpointStore:

@@ -70,6 +70,7 @@ class _State:
     warmup: int
     step: int = 0
     resumed_from: int = 0
+    resumed_at: list[int] = field(default_factory=list)  # the step of every resume of this run, in order
     elapsed0: float = 0.0  # seconds trained before this call
     history: dict[str, list[float]] = field(
         default_factory=lambda: {"step": [], "loss": [], "lr": [], "elapsed_s": []}
@@ -94,13 +95,16 @@ def _resume(run: Run, fresh: bool) -> _State:
     run.optimizer.load_state_dict(ckpt["optimizer"])
     restore_rng_state(ckpt["rng"], run.generator)
     state.step = state.resumed_from = int(ckpt["step"])
+    state.resumed_at = [*ckpt.get("resumed_at", []), state.step]
     if ckpt["scheduler"]["total_steps"]:
         state.total = int(ckpt["scheduler"]["total_steps"])
     state.warmup = int(ckpt["scheduler"]["warmup_steps"])
     state.history = {k: list(v) for k, v in ckpt["history"].items()}
     state.elapsed0 = float(ckpt.get("elapsed_s", 0.0))
     if run.rank == 0:
-        logger.info("resuming from %s at step %d", run.store.folder, state.step)
+        logger.info(
+            "resuming from %s at step %d (resume %d)", run.store.folder, state.step, len(state.resumed_at)
+        )
     return state
 
 
@@ -125,6 +129,7 @@ def _checkpoint(run: Run, state: _State) -> dict[str, Any]:
         "model_config": getattr(run.model, "config", {}),
         "history": state.history,
         "elapsed_s": state.elapsed(),
+        "resumed_at": state.resumed_at,
     }
 
 
@@ -374,19 +379,19 @@ def _finish(
     if write_model:
         _write_loss(run.out_dir, state.history, run.title)
         result.model_path = run.out_dir / MODEL_FILE
-        save_atomic(_model_file(run, state, seconds, config_text, dataset, latents), result.model_path)
+        save_atomic(_model_file(run, state, config_text, dataset, latents), result.model_path)
     return result
 
 
 def _model_file(
     run: Run,
     state: _State,
-    seconds: float,
     config_text: str,
     dataset: str | Path,
     latents: str | Path,
 ) -> dict[str, Any]:
-    """The contents of ``vcm.pt``: weights, what :func:`~vcm.models.build.load_model` needs, provenance."""
+    """The contents of ``vcm.pt``: weights, what :func:`~vcm.models.build.load_model` needs, provenance.
+    Nothing measured by a clock: the same config and seed give the same file (timings are in ``loss.csv``)."""
     from vcm.io import provenance
 
     s, losses = run.settings, state.history["loss"]
@@ -405,7 +410,6 @@ def _model_file(
         "steps": int(state.step),
         "batch_size": s.batch_size,
         "processes": run.world,
-        "train_seconds": float(seconds),
         "final_loss": final_loss,
         "settings": json.loads(json.dumps(asdict(s))),
         "provenance": provenance(
