@@ -61,7 +61,7 @@ def test_every_job_went_through_sbatch_on_its_partition(slurm_run):
     submitted = dict(re.findall(r"has been submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", out))
     arrays = re.findall(r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)", out)
     assert len(arrays) == 1 and len(arrays[0][0].split(",")) == 2, arrays
-    local = {"all", "models", "cohorts"}
+    local = {"all", "models", "cohorts", "subject_gates"}  # the rules with `localrule: True`
     assert len(submitted) + 2 == len([r for r in finished if r not in local]), (submitted, finished)
     acct = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-o", "JobID,State,Partition", "-j", ",".join(submitted)],
