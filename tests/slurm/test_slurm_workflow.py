@@ -183,11 +183,11 @@ def test_whole_demo_dag_to_the_cohort_through_slurm(runs):
             "batch_size": 2,
             "checkpoint_every": 2,
             "vcm": TINY_VCM,
-            "preview": {"subjects": 1, "ddim_steps": 2},
+            "preview": {"subjects": 1, "steps": 2},
         },
-        cohort={"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "ddim_steps": 2, "batch_size": 2},
+        cohort={"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "steps": 2, "batch_size": 2},
         qc={"max_tries": 1, "segmenter": {"steps": 10}},
-        evaluation={"ddim_steps": 2},
+        evaluation={"steps": 2},
         tstr={"steps": 4, "passed_only": False},  # random weights: no subject passes QC
     )
     proc = run_snakemake(cfg, "--profile", "profiles/slurm", *FAST, timeout=2400)
