@@ -166,6 +166,36 @@ def make_encoded(root: Path) -> dict[str, Path]:
     return {"dataset": dataset, "bundle": bundle, "latents": encode(dataset, bundle, root / "latents.h5")}
 
 
+def make_vcm(path: Path, groups: list, bundle: Path, condset: str, seed: int = 0) -> Path:
+    """A tiny ``vcm.pt`` on ``bundle`` whose weights leave the identity (a visible control, the same every run)."""
+    from vcm.latents import bundle_sha256
+    from vcm.models.backbone import load_bundle
+    from vcm.models.build import build_model
+
+    backbone = load_bundle(bundle)
+    torch.manual_seed(seed)
+    model = build_model("vcm", groups, backbone, TINY_VCM)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "format": 1,
+            "method": "vcm",
+            "model": model.state_dict(),
+            "model_config": model.config,
+            "condition_set": condset,
+            "condition_groups": [[[n, c] for n, c in g] for g in groups],
+            "training_size": 2,
+            "backbone_sha256": bundle_sha256(bundle),
+            "scale_factor": 1.0,
+        },
+        path,
+    )
+    return path
+
+
 # --- phantoms with visible structures: dataset.h5 and cohort.h5 --------------------------------------------
 
 

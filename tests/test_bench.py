@@ -107,4 +107,91 @@ def test_bench_command_line_lists_every_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    assert "{dag,register,sample,train,labels}" in capsys.readouterr().out
+    assert "{dag,register,sample,train,labels,steps}" in capsys.readouterr().out
+
+
+# --- steps: label fidelity against sampling steps ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A results folder as a finished run leaves it: dataset.h5, one vcm.pt, the QC segmenter; and its bundle."""
+    from tests.fixtures import make_bundle, make_dataset, make_vcm
+    from vcm.models.segmenter import SegmenterSpec, build_segmenter, save_segmenter
+
+    root = tmp_path_factory.mktemp("finished")
+    results = root / "results"
+    results.mkdir()
+    make_dataset(results / "dataset.h5")  # validation subjects sub-04, sub-05
+    bundle = make_bundle(root / "bundle")
+    make_vcm(results / "models" / "lv" / "n2" / "vcm.pt", [[("lv", 1)]], bundle, "lv")
+    spec = SegmenterSpec(channels=[4, 8], strides=[2], num_res_units=0)
+    save_segmenter(results / "models" / "qc_segmenter" / "segmenter.pt", build_segmenter(spec), spec, {})
+    return results, bundle
+
+
+def test_bench_steps_writes_a_row_per_setting_and_the_plot(finished_run, capsys, one_thread):
+    import json
+
+    import pandas as pd
+
+    from vcm.bench.__main__ import main
+    from vcm.bench.common import REPO
+
+    results, bundle = finished_run
+    args = ["steps", "--results", str(results), "--config", str(REPO / "config" / "config.yaml")]
+    args += ["--bundle", str(bundle), "--steps", "2,3", "--subjects", "2", "--reference-steps", "4"]
+    assert main(args) == 0
+    table = pd.read_csv(results / "benchmarks" / "bench_steps.csv")
+    assert list(table.columns) == [
+        "sampler",
+        "steps",
+        "n",
+        "lv_dice",
+        "lv_dice_sd",
+        "lv_dice_diff",
+        "lv_dice_diff_ci_low",
+        "lv_dice_diff_ci_high",
+        "ssim_to_reference",
+        "ssim_sd",
+        "s_per_volume",
+    ]
+    # both samplers at 2 and 3 steps, and the DDIM reference (4 steps) that every image is compared with
+    assert list(zip(table["sampler"], table["steps"], strict=True)) == [
+        ("ddim", 2),
+        ("ddim", 3),
+        ("ddim", 4),
+        ("dpmpp_2m", 2),
+        ("dpmpp_2m", 3),
+    ]
+    assert (
+        (table["n"] == 2).all() and table["lv_dice"].between(0, 1).all() and (table["s_per_volume"] > 0).all()
+    )
+    reference = table.iloc[2]
+    assert reference["ssim_to_reference"] == pytest.approx(1.0) and reference["lv_dice_diff"] == 0.0
+    assert (table.drop(index=2)["ssim_to_reference"] < 1.0).all()  # fewer steps, another image
+    subjects = pd.read_csv(results / "benchmarks" / "bench_steps_subjects.csv")
+    assert len(subjects) == 10 and set(subjects["subject"]) == {"sub-04", "sub-05"}
+    png = results / "benchmarks" / "bench_steps.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads((results / "benchmarks" / "bench_steps.json").read_text())
+    assert set(info["fewest_steps"]) == {"ddim", "dpmpp_2m"} and info["subjects"] == ["sub-04", "sub-05"]
+    out = capsys.readouterr().out
+    assert "| sampler | steps | n | lv_dice |" in out and "within 0.01 LV Dice of DDIM-4" in out
+
+
+def test_fewest_steps_within_the_tolerance_of_the_reference():
+    import pandas as pd
+
+    from vcm.bench.steps import fewest_steps
+
+    table = pd.DataFrame(
+        {
+            "sampler": ["ddim"] * 3 + ["dpmpp_2m"] * 3 + ["other"],
+            "steps": [10, 50, 200, 10, 15, 20, 10],
+            "lv_dice_diff": [-0.05, -0.005, 0.0, -0.02, 0.03, -0.011, -0.5],
+        }
+    )
+    # better than the reference counts; an earlier setting within and a later one outside still gives the first
+    assert fewest_steps(table) == {"ddim": 50, "dpmpp_2m": 15, "other": None}
+    assert fewest_steps(table, tolerance=0.02)["dpmpp_2m"] == 10

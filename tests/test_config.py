@@ -27,6 +27,8 @@ def test_defaults_are_filled_for_absent_sections():
             "config key 'registration.transform': 'Bspline' is not one of",
         ),
         ({"cohort": {"size": -3}}, "config key 'cohort.size': -3 is less than the minimum of 1"),
+        ({"cohort": {"sampler": "euler"}}, "config key 'cohort.sampler': 'euler' is not one of"),
+        ({"evaluation": {"sampler": "dpm"}}, "config key 'evaluation.sampler': 'dpm' is not one of"),
         ({"segmentaton": {}}, "config: unknown key 'segmentaton' under top level"),
         ({"registration": {"transfrom": "SyN"}}, "config: unknown key 'transfrom' under 'registration'"),
         ({"grid": "huge"}, "config key 'grid': expected 'demo', 'brainldm' or"),
@@ -155,7 +157,11 @@ def _settings_classes():
     from vcm.training.settings import Settings
     from vcm.tstr import TstrSettings
 
-    preview = {"preview_subjects": "preview.subjects", "preview_ddim_steps": "preview.ddim_steps"}
+    preview = {
+        "preview_subjects": "preview.subjects",
+        "preview_sampler": "preview.sampler",
+        "preview_steps": "preview.steps",
+    }
     return [
         (EvalSettings, "evaluation", {}),
         (TstrSettings, "tstr", {}),
@@ -188,7 +194,7 @@ def test_settings_defaults_are_the_schema_defaults(cls, section, renamed):
     for f in dataclasses.fields(cls):
         value = getattr(read, f.name)
         expected = _at(schema_defaults, renamed.get(f.name, f.name))
-        if expected is not None:  # None defers to another key (cohort.ddim_steps, qc.backend, ...)
+        if expected is not None:  # None defers to another key (cohort.steps, qc.backend, ...)
             assert (list(value) if isinstance(value, tuple) else value) == expected, f"{section}.{f.name}"
 
 

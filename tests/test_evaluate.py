@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.fixtures import TINY_VCM, make_bundle, make_dataset
+from tests.fixtures import make_bundle, make_dataset, make_vcm
 from vcm.cli import main
 from vcm.config import load_config, validate_config
 from vcm.errors import StageError
@@ -28,10 +28,7 @@ from vcm.evaluation.metrics import (
 )
 from vcm.evaluation.run import evaluate_model
 from vcm.evaluation.settings import EvalSettings
-from vcm.latents import bundle_sha256
 from vcm.mask_edit import VARIANTS, edited_masks, mask_edit_check
-from vcm.models.backbone import load_bundle
-from vcm.models.build import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -179,7 +176,7 @@ def test_settings_follow_the_qc_segmentation_backend():
         ).segmentation
         == "synthseg"
     )
-    assert EvalSettings.from_config(cfg).ddim_steps == cfg["cohort"]["ddim_steps"]
+    assert EvalSettings.from_config(cfg).steps == cfg["cohort"]["steps"]
     with pytest.raises(StageError, match="'evaluation.ssim_kernel': expected an odd size"):
         EvalSettings.from_config(cfg, ssim_kernel=8)
     with pytest.raises(StageError, match="unknown key 'kernel' under 'evaluation'"):
@@ -193,31 +190,9 @@ def test_settings_follow_the_qc_segmentation_backend():
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     dataset, bundle = make_dataset(root / "dataset.h5"), make_bundle(root / "bundle")
-    backbone = load_bundle(bundle)
     models = {}
     for condset, groups in (("lv", [[("lv", 1)]]), ("two", [[("lv", 1), ("brain", 1)], [("skull", 1)]])):
-        torch.manual_seed(0)
-        model = build_model("vcm", groups, backbone, TINY_VCM)
-        with torch.no_grad():  # leave the identity: a visible control, the same for every run
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        path = root / condset / "vcm.pt"
-        path.parent.mkdir()
-        torch.save(
-            {
-                "format": 1,
-                "method": "vcm",
-                "model": model.state_dict(),
-                "model_config": model.config,
-                "condition_set": condset,
-                "condition_groups": [[[n, c] for n, c in g] for g in groups],
-                "training_size": 2,
-                "backbone_sha256": bundle_sha256(bundle),
-                "scale_factor": 1.0,
-            },
-            path,
-        )
-        models[condset] = path
+        models[condset] = make_vcm(root / condset / "vcm.pt", groups, bundle, condset)
     return {"dataset": dataset, "bundle": bundle, **models}
 
 
@@ -232,7 +207,7 @@ def fake_segment(image: np.ndarray) -> np.ndarray:
 
 def test_stage_tables_controlled_vs_uncontrolled(tmp_path, files):
     cfg = load_config(REPO / "config" / "config.yaml")
-    settings = EvalSettings.from_config(cfg, ddim_steps=3, batch_size=1)
+    settings = EvalSettings.from_config(cfg, steps=3, batch_size=1)
     out = tmp_path / "eval" / "two_n2.csv"
     table = evaluate_model(
         cfg,
@@ -289,7 +264,7 @@ def test_stage_tables_controlled_vs_uncontrolled(tmp_path, files):
 def test_stage_with_fid_3d(tmp_path, files):
     cfg = load_config(REPO / "config" / "config.yaml")
     weights = medicalnet_checkpoint(tmp_path / "resnet_10_23dataset.pth")
-    settings = EvalSettings.from_config(cfg, ddim_steps=2, medicalnet_weights=str(weights))
+    settings = EvalSettings.from_config(cfg, steps=2, medicalnet_weights=str(weights))
     table = evaluate_model(
         cfg,
         files["dataset"],
@@ -319,7 +294,7 @@ def test_cli_with_atlas_segmentation_and_tables(tmp_path, files, template_dir, c
         "--template-dir",
         str(template_dir),
     ]
-    assert main([*args, "--out", str(out), "--subjects", "1", "--ddim-steps", "2", "--device", "cpu"]) == 0
+    assert main([*args, "--out", str(out), "--subjects", "1", "--steps", "2", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "FID 3D: skipped (evaluation.medicalnet_weights not set" in text
     assert (

@@ -55,7 +55,7 @@ def _base_cfg(root: Path) -> dict:
         sets=["two"],
         size=5,
         shard_size=2,
-        ddim_steps=2,
+        steps=2,
         new_anatomy_fraction=0.5,
         seed=0,
         batch_size=2,
@@ -159,9 +159,10 @@ def test_cohort_settings_read_the_validated_config():
     """The schema owns the defaults: the settings take them from the validated config, not their own."""
     cfg = validate_config({})
     schema = load_schema()["properties"]["cohort"]["properties"]
-    assert CohortSettings.from_config(cfg).ddim_steps == schema["ddim_steps"]["default"]
-    del cfg["cohort"]["ddim_steps"]
-    with pytest.raises(StageError, match="'cohort.ddim_steps' is missing"):
+    assert CohortSettings.from_config(cfg).steps == schema["steps"]["default"]
+    assert CohortSettings.from_config(cfg).sampler == schema["sampler"]["default"]
+    del cfg["cohort"]["steps"]
+    with pytest.raises(StageError, match="'cohort.steps' is missing"):
         CohortSettings.from_config(cfg)
 
 
@@ -478,7 +479,7 @@ def test_resume_after_an_interruption_is_byte_identical(files, gcfg, cohorts, tm
         assert subject_arrays(fresh / subject_id(i)) == subject_arrays(reference / subject_id(i))
 
     # other settings: the complete subjects are not reused
-    gcfg["cohort"]["ddim_steps"] = 3
+    gcfg["cohort"]["steps"] = 3
     generate_shard(
         gcfg,
         files["dataset"],
@@ -528,7 +529,7 @@ def _write_cfg(cfg: dict, path: Path) -> Path:
 def test_cli_with_the_atlas_backend_survives_a_kill(files, gcfg, template_dir, tmp_path, capsys):
     """The real stage in a subprocess, killed while it makes its subject; the rerun matches an uninterrupted
     run byte for byte (the resume test covers a shard killed between subjects)."""
-    gcfg["cohort"].update(size=1, shard_size=1, ddim_steps=3)  # one atlas segmentation per run: ~3 s
+    gcfg["cohort"].update(size=1, shard_size=1, steps=3)  # one atlas segmentation per run: ~3 s
     gcfg["qc"].update(max_tries=1, backend="atlas")
     config = _write_cfg(gcfg, tmp_path / "config.yaml")
     args = [

@@ -335,7 +335,7 @@ def test_preview_writes_images_montage_and_lv_dice(tmp_path, files, tcfg, templa
         assert (out / f"sub-04_{name}.nii.gz").is_file()
     assert (out / "preview.png").stat().st_size > 0
     assert json.loads((out / "preview_metrics.json").read_text()) == metrics
-    assert metrics["ddim_steps"] == 3 and [s["subject"] for s in metrics["subjects"]] == ["sub-04"]
+    assert metrics["steps"] == 3 and [s["subject"] for s in metrics["subjects"]] == ["sub-04"]
     assert 0.0 <= metrics["lv_dice_controlled"] <= 1.0
     # an identity VCM from the same noise generates the uncontrolled image exactly
     assert metrics["lv_dice_controlled"] == metrics["lv_dice_uncontrolled"]
@@ -374,7 +374,7 @@ def test_cli_trains_controlnet_and_previews(tmp_path, files, capsys):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["condition_sets"] = {"lv": [["lv"]]}
     cfg["training"].update(steps=2, batch_size=2, checkpoint_every=1)
-    cfg["cohort"].update(sets=[], ddim_steps=2)
+    cfg["cohort"].update(sets=[], steps=2)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     common = ["--config", str(tmp_path / "config.yaml"), "--dataset", str(files["dataset"])]
     common += ["--bundle", str(files["bundle"]), "--device", "cpu", "--threads", "1"]

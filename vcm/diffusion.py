@@ -1,18 +1,25 @@
-"""Noise schedules, the VCM loss (paper eq. 4) and DDIM sampling with VCM's modulation.
+"""Noise schedules, the VCM loss (paper eq. 4) and sampling with VCM's modulation (DDIM or DPM-Solver++).
 
 Training (paper §3.2, B.2): DDPM with 1000 steps and a ``scaled_linear_beta`` schedule (linear in √β) from
-0.0015 to 0.0205, as BrainLDM was trained. Sampling: DDIM, 200 steps by default, on the same schedule.
+0.0015 to 0.0205, epsilon prediction, as BrainLDM was trained. Sampling (``cohort.sampler``, :data:`SAMPLERS`)
+on the same schedule:
 
-Sampling with VCM: at every step the frozen backbone predicts ``eps_t``, VCM predicts ``(gamma, beta)`` and
-the scheduler steps with ``eps_t * (1 + gamma) + beta``. VCM's condition encoders are time-free, so
-:func:`ddim_sample` computes their features once per sample (``cache_features=True``); the authors' released
-code reruns them at every step (``cache_features=False``, kept as the reference), which gives the same result.
+* ``ddim``: MONAI's DDIM scheduler (the paper's, 200 steps);
+* ``dpmpp_2m``: DPM-Solver++ 2M, diffusers' ``DPMSolverMultistepScheduler`` (MONAI has no DPM-Solver): a
+  second-order multistep solver, one network evaluation per step, that needs far fewer steps than DDIM.
+
+One loop, :func:`sample_latents`, serves both: at every step the frozen backbone predicts ``eps_t``, VCM predicts
+``(gamma, beta)`` and the scheduler steps with ``eps_t * (1 + gamma) + beta``. VCM's condition encoders are
+time-free, so the loop computes their features once per sample (``cache_features=True``); the authors'
+released code reruns them at every step (``cache_features=False``, kept as the reference), which gives the
+same result.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,12 +32,16 @@ __all__ = [
     "BETA_END",
     "BETA_START",
     "NUM_TRAIN_TIMESTEPS",
+    "SAMPLERS",
     "SCHEDULE",
-    "ddim_sample",
     "ddim_scheduler",
     "ddpm_scheduler",
+    "dpmpp_2m_scheduler",
+    "make_scheduler",
     "noise_from_seeds",
     "regularisation_weight",
+    "sample_images",
+    "sample_latents",
     "vcm_loss",
 ]
 
@@ -38,6 +49,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 SCHEDULE = "scaled_linear_beta"
 BETA_START = 0.0015
 BETA_END = 0.0205
+SAMPLERS = ("ddim", "dpmpp_2m")
+"""The samplers ``cohort.sampler`` names (:func:`make_scheduler`)."""
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,6 +88,51 @@ def ddim_scheduler(
     )
     scheduler.set_timesteps(num_inference_steps)
     return scheduler
+
+
+def dpmpp_2m_scheduler(
+    num_inference_steps: int,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    beta_start: float = BETA_START,
+    beta_end: float = BETA_END,
+) -> Any:
+    """DPM-Solver++ 2M on BrainLDM's schedule: diffusers' ``DPMSolverMultistepScheduler``, its steps set.
+
+    diffusers' ``scaled_linear`` is MONAI's ``scaled_linear_beta`` (the same float32 ``alphas_cumprod``,
+    tested); epsilon prediction, no thresholding, time steps spread evenly from 999 (``linspace``), and the
+    last step lands on the clean latent (``final_sigmas_type="zero"``, first order there). One network
+    evaluation per step: the second-order update reuses the previous step's prediction.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule="scaled_linear",
+        solver_order=2,
+        prediction_type="epsilon",
+        algorithm_type="dpmsolver++",
+        thresholding=False,
+        timestep_spacing="linspace",
+        final_sigmas_type="zero",
+        lower_order_final=True,
+    )
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler
+
+
+def make_scheduler(kind: str, steps: int) -> Any:
+    """The sampling scheduler ``kind`` (one of :data:`SAMPLERS`) with ``steps`` steps set.
+
+    Raises:
+        ValueError: an unknown sampler.
+    """
+    if kind == "ddim":
+        return ddim_scheduler(steps)
+    if kind == "dpmpp_2m":
+        return dpmpp_2m_scheduler(steps)
+    raise ValueError(f"unknown sampler {kind!r}: expected one of {', '.join(SAMPLERS)}")
 
 
 def regularisation_weight(latent_shape: Sequence[int]) -> float:
@@ -145,11 +203,28 @@ def noise_from_seeds(
     return torch.stack(noise).to(device)
 
 
+def _step(
+    scheduler: Any,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    z: torch.Tensor,
+    eta: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One scheduler step from ``z`` at ``t`` with the (modulated) prediction ``eps``."""
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler.step(eps, int(t), z, eta=eta, generator=generator)[0]
+    if eta:
+        raise ValueError(f"eta = {eta}: only DDIM samples stochastically here")
+    # diffusers casts its result to the prediction's dtype: keep z in its own (bf16 predictions under autocast)
+    return scheduler.step(eps.to(z.dtype), t, z, return_dict=False)[0]
+
+
 @torch.no_grad()
-def ddim_sample(
+def sample_latents(
     eps_fn: EpsFn,
     noise: torch.Tensor,
-    scheduler: DDIMScheduler,
+    scheduler: Any,
     vcm: VCM | None = None,
     conditions: Mapping[str, torch.Tensor] | None = None,
     keep: torch.Tensor | None = None,
@@ -158,25 +233,31 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """DDIM sampling of diffusion latents, modulated by VCM.
+    """Sampling of diffusion latents (DDIM or DPM-Solver++), modulated by VCM at every network evaluation.
 
     Args:
         eps_fn: the frozen backbone's noise prediction ``eps_fn(z_t, t)`` with ``t`` of shape (B,), e.g.
             ``lambda z, t: backbone.eps(z, t, cov)``.
         noise: initial latent noise (B, C, *latent grid), e.g. from :func:`noise_from_seeds`.
-        scheduler: a DDIM scheduler with its time steps set (:func:`ddim_scheduler`).
+        scheduler: a scheduler with its time steps set (:func:`make_scheduler`). A multistep solver's history
+            is reset first, so one scheduler serves several runs.
         vcm: the trained VCM; ``None`` samples the unmodulated backbone.
         conditions: name -> condition tensor at image resolution (groups not given get zero features).
         keep: optional (B, n_groups) mask of the condition groups to use.
         cache_features: compute VCM's time-free features once (True) or at every step (False, reference).
         eta: DDIM stochasticity; 0 is deterministic given the noise. With ``eta > 0`` the step noise comes
-            from ``generator`` and depends on the batch composition.
+            from ``generator`` and depends on the batch composition. DDIM only.
         generator: random generator for ``eta > 0``.
         progress: called as ``progress(step, total)`` after every step.
 
     Returns:
         the denoised diffusion latent z_0 (same shape as ``noise``).
+
+    Raises:
+        ValueError: ``eta > 0`` with a scheduler other than DDIM.
     """
+    if not isinstance(scheduler, DDIMScheduler):
+        scheduler.set_timesteps(len(scheduler.timesteps))
     conditions = {} if conditions is None else conditions
     features = vcm.encode(conditions, keep) if (vcm is not None and cache_features) else None
     z = noise
@@ -190,7 +271,7 @@ def ddim_sample(
             else:
                 gamma, beta = vcm(z, eps_t, t_batch, conditions, keep)
             eps_t = modulate(eps_t, gamma, beta)
-        z, _ = scheduler.step(eps_t, int(t), z, eta=eta, generator=generator)
+        z = _step(scheduler, eps_t, t, z, eta, generator)
         if progress is not None:
             progress(i + 1, total)
     return z
@@ -204,27 +285,28 @@ def sample_images(
     conditions: Mapping[str, torch.Tensor],
     cov: torch.Tensor,
     noise: torch.Tensor,
-    ddim_steps: int,
+    sampler: str,
+    steps: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Images (B, *grid) in [0, 1] from ``noise`` by :func:`ddim_sample`: controlled by ``model`` (``method``
-    ``vcm``: VCM's features computed once; otherwise a ControlNet-style module called as
-    ``model(backbone, z, t, cov, model.condition_input(conditions))``), or uncontrolled (``model=None``).
-    bfloat16 autocast on CUDA."""
+    """Images (B, *grid) in [0, 1] from ``noise`` by :func:`sample_latents` with ``sampler`` (one of
+    :data:`SAMPLERS`) at ``steps`` steps: controlled by ``model`` (``method`` ``vcm``: VCM's features computed
+    once; otherwise a ControlNet-style module called as ``model(backbone, z, t, cov,
+    model.condition_input(conditions))``), or uncontrolled (``model=None``). bfloat16 autocast on CUDA."""
 
     def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return backbone.eps(z, t, cov)
 
-    scheduler = ddim_scheduler(ddim_steps)
+    scheduler = make_scheduler(sampler, steps)
     on_cuda = noise.device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
         if model is None:
-            z = ddim_sample(eps_fn, noise, scheduler, progress=progress)
+            z = sample_latents(eps_fn, noise, scheduler, progress=progress)
         elif method == "vcm":
-            z = ddim_sample(eps_fn, noise, scheduler, model, conditions, progress=progress)
+            z = sample_latents(eps_fn, noise, scheduler, model, conditions, progress=progress)
         else:
             cond = model.condition_input(conditions)
-            z = ddim_sample(
+            z = sample_latents(
                 lambda z, t: model(backbone, z, t, cov, cond), noise, scheduler, progress=progress
             )
         # decode one at a time: the decoder's activations dominate memory at full resolution

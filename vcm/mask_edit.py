@@ -48,21 +48,23 @@ def mask_edit_check(
     bundle: str | Path,
     segment: Callable[[np.ndarray], np.ndarray],
     n_subjects: int = 4,
-    ddim_steps: int | None = None,
+    steps: int | None = None,
     seed: int = 0,
+    sampler: str | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Sample each subject's three LV variants from the same noise; measure how the anatomy follows.
 
     Args:
-        cfg: the validated config (``conditions.lv_labels``, ``cohort.ddim_steps``).
+        cfg: the validated config (``conditions.lv_labels``, ``cohort.sampler`` and ``steps``).
         dataset: ``dataset.h5`` (validation subjects, conditions, covariates).
         model_path: the trained ``vcm.pt`` (its condition set must use ``lv``).
         bundle: the backbone bundle it was trained on.
         segment: ``segment(image) -> FreeSurfer labels`` on the grid.
         n_subjects: first validation subjects.
-        ddim_steps: DDIM steps (default ``cohort.ddim_steps``).
+        steps: sampling steps (default ``cohort.steps``).
         seed: subject ``i`` gets the noise of seed ``seed * 1_000_003 + i`` (as previews and evaluation).
+        sampler: ``ddim`` or ``dpmpp_2m`` (default ``cohort.sampler``).
         device: where to sample.
     """
     from vcm.diffusion import noise_from_seeds, sample_images
@@ -79,7 +81,8 @@ def mask_edit_check(
         )
     backbone = load_bundle(bundle, scale_factor=meta.get("scale_factor"), device=device)
     lv_labels = tuple(cfg["conditions"]["lv_labels"])
-    steps = int(ddim_steps or cfg["cohort"]["ddim_steps"])
+    steps = int(steps or cfg["cohort"]["steps"])
+    sampler = sampler or cfg["cohort"]["sampler"]
     with DatasetFile(dataset) as data:
         val = data.split("val")[:n_subjects]
         if val.size == 0:
@@ -102,7 +105,7 @@ def mask_edit_check(
         cond = dict(stored)
         cond["lv"] = np.stack([v[variant] for v in variants])[:, None].astype(stored["lv"].dtype)
         tensors = {n: condition_tensor(n, torch.from_numpy(x), n_sem).to(device) for n, x in cond.items()}
-        images[variant] = sample_images(model, meta["method"], backbone, tensors, cov, noise, steps)
+        images[variant] = sample_images(model, meta["method"], backbone, tensors, cov, noise, sampler, steps)
     for k, subject in enumerate(subjects):
         ring = variants[k]["dilated"] & ~variants[k]["original"]
         for variant in VARIANTS:
@@ -118,7 +121,13 @@ def mask_edit_check(
                     "ring_intensity": float(image[ring].mean()) if ring.any() else float("nan"),
                 }
             )
-    return {"subjects": subjects, "ddim_steps": steps, "rows": rows, "summary": summarise(rows)}
+    return {
+        "subjects": subjects,
+        "sampler": sampler,
+        "steps": steps,
+        "rows": rows,
+        "summary": summarise(rows),
+    }
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -161,7 +170,7 @@ def run_mask_edit(
     """The stage: :func:`mask_edit_check` with the evaluation's settings and segmenter; writes ``out`` (JSON).
 
     Args:
-        cfg: the validated config (``evaluation``: DDIM steps, seed and segmentation backend).
+        cfg: the validated config (``evaluation``: sampler, steps, seed and segmentation backend).
         dataset: ``dataset.h5``.
         model_path: the trained ``vcm.pt``.
         bundle: the backbone bundle it was trained on.
@@ -183,7 +192,16 @@ def run_mask_edit(
         affine, shape = data.affine, data.grid_shape
     segment = make_image_segmenter(cfg, settings.segmentation, template_dir, affine, shape, segmenter_path)
     result = mask_edit_check(
-        cfg, dataset, model_path, bundle, segment, n_subjects, settings.ddim_steps, settings.seed, device
+        cfg,
+        dataset,
+        model_path,
+        bundle,
+        segment,
+        n_subjects,
+        settings.steps,
+        settings.seed,
+        device=device,
+        sampler=settings.sampler,
     )
     result["segmentation"] = settings.segmentation
     result["provenance"] = provenance(None)
@@ -219,7 +237,7 @@ def cli(argv: list[str]) -> int:
     )
     s = result["summary"]
     print(
-        f"mask edit ({s['subjects']} subjects, DDIM-{result['ddim_steps']}, {result['segmentation']}): LV volume follows"
+        f"mask edit ({s['subjects']} subjects, {result['sampler']}-{result['steps']}, {result['segmentation']}): LV volume follows"
         f" the edits in {s['volume_follows_edits']:.0%}; segmented LV x{s['seg_volume_ratio_dilated_to_original']:.2f}"
         f" for a mask x{s['mask_volume_ratio_dilated_to_original']:.2f}; Dice to the edited mask"
         f" {', '.join(f'{v} {d:.3f}' for v, d in s['dice_to_variant'].items())}; added ring darker by"

@@ -150,7 +150,7 @@ def test_training_job_survives_three_preemptions(slurm_run):
     results, pre_emptions, steps = slurm_run["results"], 3, 300
     cfg = yaml.safe_load(slurm_run["config"].read_text())
     cfg["training"].update(
-        steps=steps, checkpoint_every=5, vcm=TINY_VCM, preview={"subjects": 0, "ddim_steps": 3}
+        steps=steps, checkpoint_every=5, vcm=TINY_VCM, preview={"subjects": 0, "steps": 3}
     )
     configfile = slurm_run["config"].with_name("slurm_preempted.yaml")
     configfile.write_text(yaml.safe_dump(cfg))

@@ -92,9 +92,9 @@ def full_config(root: Path, name: str) -> tuple[Path, Path]:
             "minutes": None,
             "batch_size": 2,
             "checkpoint_every": 3,
-            "preview": {"subjects": 1, "ddim_steps": 3},
+            "preview": {"subjects": 1, "steps": 3},
         },
-        "cohort": {"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "ddim_steps": 3, "batch_size": 2},
+        "cohort": {"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "steps": 3, "batch_size": 2},
         "qc": {"max_tries": 2, "segmenter": {"steps": 20}},
         "tstr": {"steps": 10, "passed_only": False},  # random weights: no subject passes QC
     }

@@ -34,7 +34,7 @@ def sample_images(
     backbone: Any, covariates: torch.Tensor, seeds: Sequence[int], ddim_steps: int
 ) -> torch.Tensor:
     """DDIM samples decoded to images (B, 1, *grid), one per seed, all at ``covariates`` (4,) or (B, 4)."""
-    from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
+    from vcm.diffusion import ddim_scheduler, noise_from_seeds, sample_latents
 
     factor = backbone.downsample_factor
     grid = backbone.definitions.get("grid") if backbone.definitions else None
@@ -44,7 +44,7 @@ def sample_images(
     device = module_device(backbone)
     cov = covariates.reshape(-1, 1, 4).expand(len(seeds), 1, 4).to(device)
     noise = noise_from_seeds(seeds, shape, device=device)
-    z = ddim_sample(lambda z, t: backbone.eps(z, t, cov), noise, ddim_scheduler(ddim_steps))
+    z = sample_latents(lambda z, t: backbone.eps(z, t, cov), noise, ddim_scheduler(ddim_steps))
     return backbone.decode(z).clamp(0, 1).cpu()
 
 

@@ -14,12 +14,16 @@
   size, at either scale, with or without activation checkpointing of the full-resolution encoders.
 * ``labels``: the LV Dice ceilings of :mod:`vcm.label_fidelity` (QC segmenter on real and autoencoder images;
   the atlas backend).
+* ``steps``: label fidelity against sampling steps on a finished run's trained model: for DDIM and DPM-Solver++
+  2M at 10 … 200 steps, the LV Dice of the QC segmenter on the samples, their SSIM to the DDIM-200 image from
+  the same noise and the seconds per volume; the fewest steps per sampler within 0.01 LV Dice of DDIM-200
+  (the rule for ``cohort.sampler`` / ``cohort.steps``). CSV, PNG plot and JSON.
 
 ``bench/gpu.sh`` runs the BrainLDM-scale benchmarks in one go on a GPU machine.
 
 The package: one module per benchmark family (:mod:`~vcm.bench.dag`, :mod:`~vcm.bench.registration`,
-:mod:`~vcm.bench.sampling`, :mod:`~vcm.bench.train_step`, :mod:`~vcm.bench.labels`), each with its
-``bench_*`` function, its sub-command's options (``add_parser``) and its printout (``run``); the random
+:mod:`~vcm.bench.sampling`, :mod:`~vcm.bench.train_step`, :mod:`~vcm.bench.labels`, :mod:`~vcm.bench.steps`),
+each with its ``bench_*`` function, its sub-command's options (``add_parser``) and its printout (``run``); the random
 networks that ``sample`` and ``train`` time in :mod:`~vcm.bench.networks`; timing, peak memory and writing a
 result in :mod:`~vcm.bench.common`; the dispatch in :mod:`~vcm.bench.__main__`.
 """

@@ -64,17 +64,17 @@ def bench_sample(
     conds, cov, grid, inputs_desc = _sample_inputs(dataset if scale == "demo" else None, names, volumes, grid)
     seeds = [noise_seed(0, i) for i in range(volumes)]
     n_sem = 8
-    production = CohortSampler(vcm, "vcm", backbone, grid, steps, volumes, chunk, n_sem, dev)
-    floor = CohortSampler(None, "vcm", backbone, grid, steps, volumes, chunk, n_sem, dev)
+    production = CohortSampler(vcm, "vcm", backbone, grid, "ddim", steps, volumes, chunk, n_sem, dev)
+    floor = CohortSampler(None, "vcm", backbone, grid, "ddim", steps, volumes, chunk, n_sem, dev)
     latent = production.latent_shape
     naive = _NaiveSampler(vcm, backbone, names, conds, cov, seeds, latent, n_sem, dev)
 
     # warm-up: one-off costs (allocator, oneDNN primitives) are not what is being compared
     naive.decode(naive.latents(0, 1))
     for s in (production, floor):
-        s.ddim_steps = 1
+        s.steps = 1
         s.sample(conds, cov, seeds)
-        s.ddim_steps = steps
+        s.steps = steps
 
     sync = synchronizer(dev)
     results = {"naive": _time_naive(naive, volumes, steps, dev, sync)}
@@ -155,7 +155,7 @@ class _NaiveSampler:
         import numpy as np
         import torch
 
-        from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
+        from vcm.diffusion import ddim_scheduler, noise_from_seeds, sample_latents
         from vcm.models.conditions import condition_tensor
 
         dev = self.device
@@ -166,7 +166,7 @@ class _NaiveSampler:
             for k in self.names
         }
         cv = torch.from_numpy(self.cov[i : i + 1]).reshape(1, 1, -1).to(dev)
-        z = ddim_sample(
+        z = sample_latents(
             lambda z, t: self.backbone.eps(z, t, cv),
             noise_from_seeds(self.seeds[i : i + 1], self.latent, device=dev),
             ddim_scheduler(n_steps),

@@ -9,8 +9,8 @@ condition set's cohort. For each subject (global index ``i``):
    by a random smooth deformation (nearest label), its skull and low-resolution images warped linearly, and
    the LV / brain / semantic conditions re-derived from the warped labels (:mod:`vcm.labels`). Covariates
    are the source's; a new anatomy's LV and brain volumes are scaled by the warped / original voxel counts.
-2. **Sampling** with the trained control module on the frozen backbone: DDIM, batched
-   (``cohort.batch_size``), VCM's time-free condition features computed once per sample, bf16 autocast on
+2. **Sampling** with the trained control module on the frozen backbone: ``cohort.sampler`` (DDIM or
+   DPM-Solver++ 2M) at ``cohort.steps`` steps, batched (``cohort.batch_size``), VCM's time-free condition features computed once per sample, bf16 autocast on
    CUDA only, the full-resolution passes (condition encoder, decoder) in chunks of ``cohort.decode_chunk``
    samples so that a 24 GB GPU suffices at the BrainLDM grid. The initial noise of attempt ``a`` comes from
    a seed derived from ``(cohort.seed, i, a)`` only.
@@ -50,7 +50,7 @@ The modules, one concept each:
   Snakefile asks it for the shard ids).
 * :mod:`vcm.cohort.sources`: the real subject that lends a synthetic one its conditions, or the new anatomy
   warped from it.
-* :mod:`vcm.cohort.sampler`: batched DDIM sampling and chunked decoding.
+* :mod:`vcm.cohort.sampler`: batched sampling and chunked decoding.
 * :mod:`vcm.cohort.subjects`: a subject folder's files (NIfTIs and ``subject.json``, the completion mark).
 * :mod:`vcm.cohort.store`: the HDF5 files (``shard.h5``, ``cohort.h5``) and the tables next to them; every
   other module reads them through it.

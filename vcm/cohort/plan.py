@@ -38,10 +38,11 @@ class CohortSettings:
     Args:
         size: synthetic subjects in the cohort.
         shard_size: subjects per shard (one job each).
-        ddim_steps: DDIM steps.
+        sampler: ``ddim`` or ``dpmpp_2m`` (:data:`vcm.diffusion.SAMPLERS`; the schema checks the name).
+        steps: sampling steps (network evaluations per sample).
         new_anatomy_fraction: probability that a subject gets a deformed (new) anatomy.
         seed: base seed; every subject's randomness derives from ``(seed, index[, attempt])``.
-        batch_size: samples per DDIM batch (partial batches are padded to this size).
+        batch_size: samples per sampling batch (partial batches are padded to this size).
         decode_chunk: samples per full-resolution pass (condition encoder, autoencoder decoder).
         sources: real subjects that lend their conditions: ``train`` (the model's training split), ``val``,
             ``all``. Conditions of validation subjects would leak into a train-on-synthetic evaluation on
@@ -55,7 +56,8 @@ class CohortSettings:
 
     size: int
     shard_size: int
-    ddim_steps: int
+    sampler: str
+    steps: int
     new_anatomy_fraction: float
     seed: int
     batch_size: int
@@ -88,7 +90,7 @@ class CohortSettings:
             raise StageError(
                 f"config key 'cohort.sources': expected a list of train, val, all; got {out.sources!r}"
             )
-        for key in ("size", "shard_size", "ddim_steps", "batch_size", "decode_chunk"):
+        for key in ("size", "shard_size", "steps", "batch_size", "decode_chunk"):
             if int(getattr(out, key)) < 1:
                 raise StageError(f"config key 'cohort.{key}': expected >= 1, got {getattr(out, key)}")
         if int(out.qc_workers) < 0:

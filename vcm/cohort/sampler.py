@@ -1,8 +1,8 @@
-"""Batched DDIM sampling of a synthetic cohort with a trained control module on the frozen backbone.
+"""Batched sampling (DDIM or DPM-Solver++) of a synthetic cohort with a trained control module on the backbone.
 
 VCM's time-free condition features are computed once per sample, bf16 autocast runs on CUDA only, and the
 full-resolution passes (condition encoder, decoder) run in chunks of ``cohort.decode_chunk`` samples so that
-a 24 GB GPU suffices at the BrainLDM grid. Every DDIM batch is padded to exactly ``cohort.batch_size`` samples
+a 24 GB GPU suffices at the BrainLDM grid. Every sampling batch is padded to exactly ``cohort.batch_size`` samples
 and every chunk to exactly ``cohort.decode_chunk`` (padding rows are zeros and are discarded): a sample's
 values then do not depend on which other samples share its batch.
 """
@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from vcm.diffusion import ddim_sample, ddim_scheduler, noise_from_seeds
+from vcm.diffusion import make_scheduler, noise_from_seeds, sample_latents
 from vcm.models.conditions import condition_tensor
 
 __all__ = ["CohortSampler", "in_chunks"]
 
 
 class _Features:
-    """Stands in for VCM in :func:`~vcm.diffusion.ddim_sample`: precomputed (chunked) features, VCM's head."""
+    """Stands in for VCM in :func:`~vcm.diffusion.sample_latents`: precomputed (chunked) features, VCM's head."""
 
     def __init__(self, vcm: nn.Module, features: torch.Tensor | None) -> None:
         self.vcm, self.features = vcm, features
@@ -51,9 +51,9 @@ def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk
 
 
 class CohortSampler:
-    """Batched DDIM sampling with a trained control module on the frozen backbone, then chunked decoding.
+    """Batched sampling with a trained control module on the frozen backbone, then chunked decoding.
 
-    Every DDIM batch holds exactly ``batch_size`` samples and every full-resolution pass exactly ``chunk``
+    Every sampling batch holds exactly ``batch_size`` samples and every full-resolution pass exactly ``chunk``
     (zero padding, discarded), so that a sample's result never depends on its batch-mates or their number.
 
     Args:
@@ -62,7 +62,8 @@ class CohortSampler:
         method: ``vcm`` or ``controlnet`` (``vcm.pt`` metadata).
         backbone: the frozen :class:`~vcm.models.backbone.Backbone`.
         grid: the image grid.
-        ddim_steps: DDIM steps.
+        sampler: ``ddim`` or ``dpmpp_2m`` (:data:`~vcm.diffusion.SAMPLERS`).
+        steps: sampling steps (network evaluations).
         batch_size: every batch is padded to this many samples.
         chunk: samples per full-resolution pass (condition encoder, decoder).
         n_semantic: semantic classes (one-hot channels).
@@ -75,7 +76,8 @@ class CohortSampler:
         method: str,
         backbone: nn.Module,
         grid: Sequence[int],
-        ddim_steps: int,
+        sampler: str,
+        steps: int,
         batch_size: int,
         chunk: int = 1,
         n_semantic: int = 8,
@@ -86,7 +88,8 @@ class CohortSampler:
         self.method = method
         self.backbone = backbone.to(self.device).eval()
         self.grid = tuple(int(s) for s in grid)
-        self.ddim_steps = int(ddim_steps)
+        self.sampler = sampler
+        self.steps = int(steps)
         self.batch_size = int(batch_size)
         self.chunk = int(chunk)
         self.n_semantic = n_semantic
@@ -138,28 +141,28 @@ class CohortSampler:
             conditions: per sample, name -> condition volume (stored dtype, no channel axis).
             covariates: (n, 4) scaled covariates.
             seeds: per sample, the initial-noise seed.
-            progress: called as ``progress(step, total)`` after every DDIM step.
+            progress: called as ``progress(step, total)`` after every sampling step.
         """
         n = len(seeds)
         if not 0 < n <= self.batch_size or len(conditions) != n or len(covariates) != n:
             raise ValueError(f"expected 1..{self.batch_size} samples with conditions, covariates and seeds")
         noise = self._pad(noise_from_seeds(seeds, self.latent_shape)).to(self.device)
         cov = self._pad(torch.as_tensor(np.asarray(covariates, np.float32)).reshape(n, 1, -1)).to(self.device)
-        scheduler = ddim_scheduler(self.ddim_steps)
+        scheduler = make_scheduler(self.sampler, self.steps)
 
         def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.backbone.eps(z, t, cov)
 
         with self.autocast:
             if self.model is None:  # the backbone alone
-                return ddim_sample(eps_fn, noise, scheduler, progress=progress)[:n]
+                return sample_latents(eps_fn, noise, scheduler, progress=progress)[:n]
             cond = self.condition_batch(conditions)
             if self.method == "vcm":
                 # padding rows get zero features: their results are discarded, so they need no encoder pass
                 feats = _Features(self.model, self._pad(self.features(cond)))
-                return ddim_sample(eps_fn, noise, scheduler, feats, {}, progress=progress)[:n]
+                return sample_latents(eps_fn, noise, scheduler, feats, {}, progress=progress)[:n]
             cn_cond = self._pad(self.model.condition_input(cond)).to(self.device)
-            return ddim_sample(
+            return sample_latents(
                 lambda z, t: self.model(self.backbone, z, t, cov, cn_cond),
                 noise,
                 scheduler,

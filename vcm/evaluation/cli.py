@@ -15,6 +15,7 @@ def cli(argv: list[str]) -> int:
     """``python -m vcm evaluate``: the paper's table for one trained model."""
     import vcm.evaluation
     from vcm.config import load_config
+    from vcm.diffusion import SAMPLERS
     from vcm.evaluation.run import evaluate_model
     from vcm.evaluation.settings import EvalSettings
     from vcm.evaluation.tables import display_table, markdown_table
@@ -27,13 +28,20 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--segmenter", default=None, help="segmenter.pt (segmenter backend)")
     parser.add_argument("--out", required=True, help="results/eval/<set>_n<size>.csv")
     parser.add_argument("--subjects", type=int, default=None, help="first N validation subjects")
-    parser.add_argument("--ddim-steps", type=int, default=None, help="default evaluation/cohort.ddim_steps")
+    parser.add_argument(
+        "--sampler", choices=SAMPLERS, default=None, help="default evaluation.sampler / cohort.sampler"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="default evaluation.steps / cohort.steps")
     parser.add_argument("--medicalnet-weights", default=None, help="local MedicalNet checkpoint (FID 3D)")
     args = parser.parse_args(argv)
     device = configure_runtime(args)
     cfg = load_config(args.config)
     settings = EvalSettings.from_config(
-        cfg, subjects=args.subjects, ddim_steps=args.ddim_steps, medicalnet_weights=args.medicalnet_weights
+        cfg,
+        subjects=args.subjects,
+        sampler=args.sampler,
+        steps=args.steps,
+        medicalnet_weights=args.medicalnet_weights,
     )
     if settings.medicalnet_weights is None:
         print(
@@ -51,7 +59,7 @@ def cli(argv: list[str]) -> int:
         segmenter_path=args.segmenter,
     )
     print(markdown_table(display_table([table])), end="")
-    print(f"{args.out}: {int(table['n'].iloc[0])} validation subjects at DDIM-{settings.ddim_steps}")
+    print(f"{args.out}: {int(table['n'].iloc[0])} validation subjects at {settings.sampler}-{settings.steps}")
     return 0
 
 

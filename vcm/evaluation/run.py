@@ -179,8 +179,8 @@ class Evaluation:
         # MedicalNet features per batch: keeping the images would cost 2 x N volumes of memory
         features: dict[str, list[torch.Tensor]] = {self.method: [], UNCONTROLLED: []}
         bs = max(1, int(self.settings.batch_size))
-        total = 2 * n * self.settings.ddim_steps
-        bar = tqdm(total=total, desc="evaluate DDIM", unit="step", disable=not progress)
+        total = 2 * n * self.settings.steps
+        bar = tqdm(total=total, desc=f"evaluate {self.settings.sampler}", unit="step", disable=not progress)
         tick = lambda _step, _steps: bar.update(1)  # noqa: E731
         for lo in range(0, n, bs):
             for name, imgs in self.sample(slice(lo, lo + bs), tick).items():
@@ -202,12 +202,10 @@ class Evaluation:
         conditions = {
             n: condition_tensor(n, x[sl], n_sem).to(self.device) for n, x in self.data.conditions.items()
         }
-        steps, backbone = self.settings.ddim_steps, self.backbone
+        how = (self.settings.sampler, self.settings.steps, tick)
         return {
-            self.method: sample_images(
-                self.model, self.method, backbone, conditions, cov, noise, steps, tick
-            ),
-            UNCONTROLLED: sample_images(None, self.method, backbone, conditions, cov, noise, steps, tick),
+            self.method: sample_images(self.model, self.method, self.backbone, conditions, cov, noise, *how),
+            UNCONTROLLED: sample_images(None, self.method, self.backbone, conditions, cov, noise, *how),
         }
 
     def score(self, name: str, imgs: np.ndarray, lo: int) -> list[dict[str, Any]]:
@@ -298,7 +296,8 @@ def evaluate_model(
     """Controlled vs uncontrolled on the validation subjects; writes the table, the per-subject rows and a JSON.
 
     Args:
-        cfg: the validated config (``evaluation``, ``cohort.ddim_steps``, ``conditions``, ``segmentation``).
+        cfg: the validated config (``evaluation``, ``cohort.sampler`` and ``steps``, ``conditions``,
+            ``segmentation``).
         dataset: ``dataset.h5``.
         model_path: the model's ``vcm.pt``.
         bundle: the backbone bundle the model was trained on.

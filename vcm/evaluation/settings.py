@@ -2,8 +2,8 @@
 
 The schema (``workflow/schemas/config.schema.yaml``) owns the defaults; :meth:`EvalSettings.from_config`
 reads a validated config (:func:`vcm.config.load_config` / :func:`~vcm.config.validate_config`) and resolves
-the two keys that defer to other sections (``ddim_steps`` to ``cohort.ddim_steps``, ``segmentation`` to
-``qc.backend``).
+the keys that defer to other sections (``sampler`` and ``steps`` to ``cohort.sampler`` and ``cohort.steps``,
+``segmentation`` to ``qc.backend``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class EvalSettings:
 
     Args:
         subjects: evaluate the first N validation subjects (``None``: all of them).
-        ddim_steps: DDIM steps (default ``cohort.ddim_steps``).
+        sampler: ``ddim`` or ``dpmpp_2m`` (default ``cohort.sampler``).
+        steps: sampling steps (default ``cohort.steps``).
         seed: validation subject ``i`` of ``dataset.h5`` starts from the noise of seed ``seed * 1_000_003 + i``
             (the previews' scheme: the same subject gets the same noise in previews and evaluation).
         batch_size: subjects sampled together.
@@ -38,7 +39,8 @@ class EvalSettings:
     """
 
     subjects: int | None = None
-    ddim_steps: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
     seed: int = 0
     batch_size: int = 4
     segmentation: str | None = None
@@ -49,16 +51,17 @@ class EvalSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> EvalSettings:
-        """Read ``cfg["evaluation"]`` of a validated config (and ``cohort.ddim_steps``, ``qc.backend`` where
-        it defers to them); ``overrides`` that are not ``None`` win.
+        """Read ``cfg["evaluation"]`` of a validated config (and ``cohort.sampler``, ``cohort.steps``,
+        ``qc.backend`` where it defers to them); ``overrides`` that are not ``None`` win.
 
         Raises:
             StageError: an unknown segmentation backend or an even SSIM window (overrides; the schema checks
                 the config's values).
         """
         values = section_values(cfg, "evaluation", [f.name for f in fields(cls)], overrides)
-        if values.get("ddim_steps") is None:
-            values["ddim_steps"] = int(cfg["cohort"]["ddim_steps"])
+        for key in ("sampler", "steps"):
+            if values.get(key) is None:
+                values[key] = cfg["cohort"][key]
         out = cls(**values)
         if out.segmentation is None:
             out.segmentation = cfg["qc"]["backend"]

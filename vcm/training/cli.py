@@ -139,7 +139,8 @@ def _preview_trained(
         args.dataset,
         folder,
         n_subjects=settings.preview_subjects,
-        ddim_steps=settings.preview_ddim_steps,
+        steps=settings.preview_steps,
+        sampler=settings.preview_sampler,
         seed=settings.preview_seed,
         template_dir=args.template_dir,
         lv_labels=cfg["conditions"]["lv_labels"],
@@ -152,6 +153,7 @@ def _preview_trained(
 def preview_cli(argv: list[str]) -> int:
     """``python -m vcm preview``: controlled vs uncontrolled previews of a trained model."""
     from vcm.config import load_config
+    from vcm.diffusion import SAMPLERS
     from vcm.models.backbone import load_bundle
 
     parser = _parser("preview", preview.__doc__)
@@ -161,8 +163,9 @@ def preview_cli(argv: list[str]) -> int:
         "--subjects", type=int, default=None, help="validation subjects (default training.preview)"
     )
     parser.add_argument(
-        "--ddim-steps", type=int, default=None, help="default training.preview / cohort.ddim_steps"
+        "--sampler", choices=SAMPLERS, default=None, help="default training.preview / cohort.sampler"
     )
+    parser.add_argument("--steps", type=int, default=None, help="default training.preview / cohort.steps")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     device = configure_runtime(args)
@@ -179,7 +182,8 @@ def preview_cli(argv: list[str]) -> int:
         args.dataset,
         args.out_dir,
         n_subjects=args.subjects or settings.preview_subjects or 2,
-        ddim_steps=args.ddim_steps or settings.preview_ddim_steps,
+        steps=args.steps or settings.preview_steps,
+        sampler=args.sampler or settings.preview_sampler,
         seed=settings.preview_seed if args.seed is None else args.seed,
         template_dir=args.template_dir,
         lv_labels=cfg["conditions"]["lv_labels"],

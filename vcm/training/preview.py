@@ -1,4 +1,4 @@
-"""Previews of a trained control module: controlled vs uncontrolled DDIM samples and the held-out objective.
+"""Previews of a trained control module: controlled vs uncontrolled samples and the held-out objective.
 
 At the end of training (and by the ``preview`` stage) a few validation subjects are sampled twice from the
 same noise, with and without the control, next to the real image and the autoencoder's reconstruction of it
@@ -154,7 +154,8 @@ def _sample(
     method: str,
     backbone: nn.Module,
     val: _Validation,
-    ddim_steps: int,
+    sampler: str,
+    steps: int,
     seed: int,
     progress: bool,
 ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
@@ -164,10 +165,10 @@ def _sample(
     factor = backbone.downsample_factor
     latent = (backbone.latent_channels, *(s // factor for s in val.real.shape[1:]))
     noise = noise_from_seeds([val.seed(seed, i) for i in range(len(val.index))], latent, device=device)
-    bar = tqdm(total=2 * ddim_steps, desc="preview DDIM", unit="step", disable=not progress)
+    bar = tqdm(total=2 * steps, desc=f"preview {sampler}", unit="step", disable=not progress)
     tick = lambda i, n: bar.update(1)  # noqa: E731
     images = {
-        name: sample_images(control, method, backbone, val.conditions, val.cov, noise, ddim_steps, tick)
+        name: sample_images(control, method, backbone, val.conditions, val.cov, noise, sampler, steps, tick)
         for name, control in (("controlled", model), ("uncontrolled", None))
     }
     bar.close()
@@ -236,7 +237,8 @@ def preview(
     dataset: str | Path,
     out_dir: str | Path,
     n_subjects: int = 2,
-    ddim_steps: int = 200,
+    steps: int = 200,
+    sampler: str = "ddim",
     seed: int = 0,
     template_dir: str | Path | None = None,
     lv_labels: Sequence[int] = (4, 43),
@@ -244,7 +246,7 @@ def preview(
     progress: bool = True,
     segmenter_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Controlled vs uncontrolled DDIM previews of a few validation subjects, from the same noise.
+    """Controlled vs uncontrolled previews of a few validation subjects, from the same noise.
 
     Writes ``<out_dir>/<subject>_{controlled,uncontrolled,reconstruction,real,lv}.nii.gz`` (grid affine),
     ``preview.png`` (LV-mask contour on the images) and ``preview_metrics.json``: the LV Dice of each
@@ -260,7 +262,8 @@ def preview(
         dataset: ``dataset.h5`` (``/splits/val``, conditions, covariates, ``grid_affine``).
         out_dir: the preview folder.
         n_subjects: first validation subjects to preview.
-        ddim_steps: DDIM steps.
+        steps: sampling steps.
+        sampler: ``ddim`` or ``dpmpp_2m`` (:data:`~vcm.diffusion.SAMPLERS`).
         seed: subject ``i`` of the dataset gets the noise of seed ``seed * 1_000_003 + i``.
         template_dir: the template (``t1_head.nii.gz``, ``labels.nii.gz``) for the atlas Dice.
         segmenter_path: the QC segmenter (``segmenter.pt``) for the Dice; with neither, no Dice.
@@ -278,7 +281,7 @@ def preview(
     names = [n for g in meta["condition_groups"] for n, _ in g]
     model = model.to(device).eval()
     val = _read_validation(dataset, names, n_subjects, device)
-    images, z0 = _sample(model, meta["method"], backbone, val, ddim_steps, seed, progress)
+    images, z0 = _sample(model, meta["method"], backbone, val, sampler, steps, seed, progress)
     sample_s = time.perf_counter() - start
     errors = noise_error(model, meta["method"], backbone, z0, val.conditions, val.cov, seed=seed)
     dice_method, segment = _lv_segmenter(val, template_dir, segmenter_path)
@@ -292,7 +295,8 @@ def preview(
     metrics = {
         "method": meta["method"],
         "condition_set": meta.get("condition_set"),
-        "ddim_steps": int(ddim_steps),
+        "sampler": sampler,
+        "steps": int(steps),
         "subjects": per_subject,
         "lv_dice_controlled": mean("dice_controlled"),
         "lv_dice_uncontrolled": mean("dice_uncontrolled"),
@@ -329,7 +333,9 @@ def preview_summary(folder: str | Path, metrics: Mapping[str, Any]) -> str:
         if dc is not None
         else "no Dice (no template)"
     )
-    lines = [f"{folder}: {len(metrics['subjects'])} subjects at DDIM-{metrics['ddim_steps']}, {dice}"]
+    lines = [
+        f"{folder}: {len(metrics['subjects'])} subjects at {metrics['sampler']}-{metrics['steps']}, {dice}"
+    ]
     if metrics.get("noise_error"):
         ratios = ", ".join(f"t={r['t']} {r['ratio']:.3f}" for r in metrics["noise_error"])
         lines.append(

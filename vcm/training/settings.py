@@ -1,6 +1,6 @@
 """The training settings of a control module: one dataclass read from the config's ``training`` section.
 
-Kept apart from the loop so that the stages which only read a setting (the previews' DDIM steps and seed)
+Kept apart from the loop so that the stages which only read a setting (the previews' sampler, steps and seed)
 do not import the loop.
 """
 
@@ -18,7 +18,12 @@ from vcm.training.batches import TIMESTEP_SAMPLING
 __all__ = ["Settings"]
 
 # training.preview's keys -> the fields that hold them
-_PREVIEW = {"subjects": "preview_subjects", "ddim_steps": "preview_ddim_steps", "seed": "preview_seed"}
+_PREVIEW = {
+    "subjects": "preview_subjects",
+    "sampler": "preview_sampler",
+    "steps": "preview_steps",
+    "seed": "preview_seed",
+}
 
 
 @dataclass
@@ -53,7 +58,8 @@ class Settings:
         vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
         controlnet: overrides of :class:`~vcm.models.controlnet.ControlNetControl` arguments.
         preview_subjects: validation subjects previewed at the end of training (0: no preview).
-        preview_ddim_steps: DDIM steps of the previews; default ``cohort.ddim_steps``.
+        preview_sampler: sampler of the previews; default ``cohort.sampler``.
+        preview_steps: sampling steps of the previews; default ``cohort.steps``.
         preview_seed: base seed of the previews' noise.
     """
 
@@ -77,19 +83,21 @@ class Settings:
     vcm: dict[str, Any] = field(default_factory=dict)
     controlnet: dict[str, Any] = field(default_factory=dict)
     preview_subjects: int = 2
-    preview_ddim_steps: int | None = None
+    preview_sampler: str | None = None
+    preview_steps: int | None = None
     preview_seed: int = 0
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> Settings:
-        """Read ``cfg["training"]`` of a validated config (and ``cohort.ddim_steps`` for the previews);
-        ``overrides`` that are not ``None`` win."""
+        """Read ``cfg["training"]`` of a validated config (and ``cohort.sampler`` and ``cohort.steps`` where
+        the previews defer to them); ``overrides`` that are not ``None`` win."""
         names = [f.name for f in fields(cls) if f.name not in _PREVIEW.values()]
         values = section_values(cfg, "training", names, read_elsewhere=("sizes", "preview"))
         preview = section_values(cfg, "training.preview", list(_PREVIEW))
         values.update({name: preview[key] for key, name in _PREVIEW.items()})
-        if values["preview_ddim_steps"] is None:
-            values["preview_ddim_steps"] = cfg["cohort"]["ddim_steps"]
+        for key in ("sampler", "steps"):
+            if values[f"preview_{key}"] is None:
+                values[f"preview_{key}"] = cfg["cohort"][key]
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values.get("minutes") == 0:  # an override of 0 removes the time budget
             values["minutes"] = None

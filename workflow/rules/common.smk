@@ -157,7 +157,8 @@ def model_settings(wildcards):
         {k: v for k, v in CFG["training"].items() if k != "sizes"},
         CFG["backbone"],
         CFG["condition_sets"].get(wildcards.condset),
-        CFG["cohort"]["ddim_steps"],  # previews
+        CFG["cohort"]["sampler"],  # previews
+        CFG["cohort"]["steps"],
         CFG["conditions"]["lv_labels"],  # previews' LV Dice
     ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -67,7 +67,8 @@ rule evaluate:
     params:
         settings=lambda w: eval_digest(
             CFG.get("evaluation"),
-            CFG["cohort"]["ddim_steps"],
+            CFG["cohort"]["sampler"],
+            CFG["cohort"]["steps"],
             CFG["conditions"],
             CFG["segmentation"],
             CFG["qc"].get("backend"),
@@ -112,7 +113,11 @@ rule mask_edit:
         mem_mb=mem_mb("evaluate"),
     params:
         settings=lambda w: eval_digest(
-            CFG.get("evaluation"), CFG["cohort"]["ddim_steps"], CFG["conditions"], CFG["qc"].get("backend")
+            CFG.get("evaluation"),
+            CFG["cohort"]["sampler"],
+            CFG["cohort"]["steps"],
+            CFG["conditions"],
+            CFG["qc"].get("backend"),
         ),
         config=CONFIG_FILE,
         bundle=bundle_dir,
