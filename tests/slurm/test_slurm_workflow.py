@@ -149,9 +149,7 @@ def test_training_job_survives_three_preemptions(slurm_run):
     resumes from its latest checkpoint; it ends at the step budget with the final checkpoint."""
     results, pre_emptions, steps = slurm_run["results"], 3, 300
     cfg = yaml.safe_load(slurm_run["config"].read_text())
-    cfg["training"].update(
-        steps=steps, checkpoint_every=5, vcm=TINY_VCM, preview={"subjects": 0, "steps": 3}
-    )
+    cfg["training"].update(steps=steps, checkpoint_every=5, vcm=TINY_VCM, preview={"subjects": 0, "steps": 3})
     configfile = slurm_run["config"].with_name("slurm_preempted.yaml")
     configfile.write_text(yaml.safe_dump(cfg))
     model_dir = results / "models" / "t2" / "n3"
