@@ -26,9 +26,17 @@ FAST = ["--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5",
 PROFILE = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
 GPU_RULES = {rule for rule, res in PROFILE["set-resources"].items() if res.get("gpu")}
 # What a file records about where and how it was made, not what it holds: the config text names the results
-# folder, SLURM jobs record their ids, and a model's hash covers its provenance.
-PROVENANCE = {"config_yaml", "config_sha256", "slurm_job_id", "slurm_array_job_id", "slurm_array_task_id"}
-PROVENANCE_OF_INPUTS = {"model_sha256", "dataset", "latents"}
+# folder, SLURM jobs record their ids (a cohort lists its shards' jobs), and the inputs' paths and hashes (a
+# model's hash covers its own provenance; a cohort's signature hashes those hashes) name the other run's files.
+PROVENANCE = {
+    "config_yaml",
+    "config_sha256",
+    "slurm_job_id",
+    "slurm_array_job_id",
+    "slurm_array_task_id",
+    "shards",
+}
+PROVENANCE_OF_INPUTS = {"model", "model_sha256", "dataset", "latents", "signature"}
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +145,11 @@ def _running_job() -> str | None:
     return ids[0] if ids else None
 
 
-def _checkpoint_step(path: Path) -> int:
+def _resumes_saved(path: Path) -> int:
+    """How many resumes the latest checkpoint has seen (-1: none written yet, or replaced while reading)."""
     try:
-        return int(torch.load(path, weights_only=True)["step"])
-    except (FileNotFoundError, RuntimeError, EOFError):  # not there yet, or replaced while reading
+        return len(torch.load(path, weights_only=True)["resumed_at"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
         return -1
 
 
@@ -158,16 +167,17 @@ def test_training_job_survives_three_preemptions(slurm_run):
     proc = run_snakemake(configfile, "--profile", "profiles/slurm", *FAST, targets=(target,), background=True)
     cancelled: list[str] = []
     try:
-        deadline, seen = time.time() + 900, -1
+        deadline = time.time() + 900
         while len(cancelled) < pre_emptions:
             assert proc.poll() is None, proc.stdout.read()[-4000:]
-            assert time.time() < deadline, f"{len(cancelled)} pre-emptions, no newer checkpoint"
-            step, job = _checkpoint_step(latest), _running_job()
-            if step > seen and job is not None and job not in cancelled:
+            assert time.time() < deadline, f"{len(cancelled)} pre-emptions, no checkpoint of the next attempt"
+            # pre-empt each attempt once it has saved a checkpoint of its own (after k pre-emptions, the
+            # latest checkpoint lists k resumes), long before the step budget
+            job = _running_job()
+            if job is not None and job not in cancelled and _resumes_saved(latest) == len(cancelled):
                 subprocess.run(["scancel", job], check=True)
                 cancelled.append(job)
-                seen = step
-            time.sleep(1)
+            time.sleep(0.5)
         out, _ = proc.communicate(timeout=1200)
     finally:
         if proc.poll() is None:  # a failure above: leave the node and the folder to the next test

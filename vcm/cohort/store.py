@@ -60,13 +60,12 @@ COHORT_FILE = "cohort.h5"
 MANIFEST_FILE = "manifest.csv"
 QC_FILE = "qc.csv"
 COVARIATES = ("sex", "age", "lv_volume", "brain_volume")
-# attributes of each shard that the merged file lists under its "shards" attribute
+# attributes of each shard that the merged file lists under its "shards" attribute: where it ran, not how
+# long (each shard.h5 keeps its timings), so that the same config and seed give the same cohort.h5 bytes
 _SHARD_INFO = (
     "shard",
     "host",
     "device",
-    "seconds",
-    "sampling_seconds_per_sample",
     "slurm_job_id",
     "slurm_array_job_id",
     "slurm_array_task_id",
