@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ..workflow.conftest import full_run  # noqa: F401  (the local run the SLURM run is compared with)
+
 REPO = Path(__file__).resolve().parents[2]
 
 
