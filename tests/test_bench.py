@@ -237,8 +237,10 @@ def test_bench_cohort_reports_subjects_per_hour_per_variant(finished_run, tmp_pa
         "wall_s",
         "s_per_subject",
         *[f"s_{step}" for step in STEPS],
+        "subjects_per_hour",
         "passed_per_hour",
-        "per_hour_ratio",
+        "subjects_ratio",
+        "passed_ratio",
     ]
     assert table[["variant", "sampler", "steps"]].values.tolist() == [
         ["ddim-3", "ddim", 3],
@@ -246,11 +248,13 @@ def test_bench_cohort_reports_subjects_per_hour_per_variant(finished_run, tmp_pa
     ]
     assert (table["subjects"] == 2).all() and (table["passed"] == 2).all()
     assert (table["attempts_per_subject"] == 1.0).all() and (table["qc_pass_rate"] == 1.0).all()
-    assert (table["passed_per_hour"] > 0).all()
+    assert (table["passed_per_hour"] > 0).all() and (
+        table["subjects_per_hour"] == table["passed_per_hour"]
+    ).all()
     assert table["passed_per_hour"].to_numpy() == pytest.approx(
         table["passed"] / table["wall_s"] * 3600, rel=1e-5
     )
-    assert table["per_hour_ratio"].to_numpy() == pytest.approx(
+    assert table["passed_ratio"].to_numpy() == pytest.approx(
         table["passed_per_hour"] / table["passed_per_hour"].iloc[0], rel=1e-5
     )
     parts = table[[f"s_{step}" for step in STEPS]]

@@ -14,8 +14,9 @@ Per variant: the wall seconds of the call and per subject; the engine's own spli
 ``step_seconds``, :data:`vcm.cohort.shard.STEPS`: setup, planning, sampling, decode, QC, writing; summed over
 threads: with ``cohort.qc_workers`` > 0, QC and writing run beside sampling and the parts can add up to more
 than the wall time; writing ``shard.h5`` itself is in the wall time only); attempts per subject; the QC pass
-rate (subjects that passed within ``qc.max_tries``); the median LV Dice of the kept samples; QC-passed
-subjects per hour of this machine (passed / wall seconds × 3600) and its ratio to the first variant's.
+rate (subjects that passed within ``qc.max_tries``); the median LV Dice of the kept samples; labelled
+subjects (passed QC or flagged) and QC-passed subjects per hour of this machine (subjects or passed / wall
+seconds × 3600) and their ratios to the first variant's.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def _row(variant: Variant, summary: Mapping[str, Any], wall: float) -> dict[str,
         "wall_s": wall,
         "s_per_subject": wall / n,
         **{f"s_{step}": parts.get(step, math.nan) / n for step in STEPS},
+        "subjects_per_hour": n / wall * 3600,
         "passed_per_hour": passed / wall * 3600,
     }
 
@@ -135,7 +137,8 @@ def bench_cohort(
 
     Returns:
         one row per variant: the counts, rates and seconds described in the module docstring, and
-        ``per_hour_ratio``, its QC-passed subjects per hour over the first variant's.
+        ``subjects_ratio`` and ``passed_ratio``, its subjects and QC-passed subjects per hour over the first
+        variant's (NaN when the first passed none).
     """
     from vcm.cohort.shard import generate_shard
     from vcm.cohort.store import read_qc_summary
@@ -169,10 +172,12 @@ def bench_cohort(
             r = rows[-1]
             progress(
                 f"{v.name} ({v.sampler}-{v.steps}): {r['passed']}/{r['subjects']} passed QC in {wall:.1f} s, "
-                f"{r['passed_per_hour']:.1f} passed subjects per hour"
+                f"{r['subjects_per_hour']:.1f} subjects ({r['passed_per_hour']:.1f} passed) per hour"
             )
     table = pd.DataFrame(rows)
-    table["per_hour_ratio"] = table["passed_per_hour"] / table["passed_per_hour"].iloc[0]
+    for what in ("subjects", "passed"):
+        first = table[f"{what}_per_hour"].iloc[0]
+        table[f"{what}_ratio"] = table[f"{what}_per_hour"] / first if first > 0 else math.nan
     return table
 
 
