@@ -263,6 +263,7 @@ def test_bench_cohort_reports_subjects_per_hour_per_variant(finished_run, tmp_pa
     assert list(tmp_path.glob("vcm-bench-cohort-*")) == []  # the shards were temporary
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["condition_set"] == "lv" and [r["variant"] for r in info["rows"]] == ["ddim-3", "after"]
+    assert info["rows"][1]["passed_per_hour"] == pytest.approx(table["passed_per_hour"][1], rel=1e-5)
     printed = capsys.readouterr().out
     assert (
         "| variant | sampler | steps | subjects | passed |" in printed

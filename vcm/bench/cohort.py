@@ -204,6 +204,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Run the benchmark of the parsed ``args``; print the table; write CSV and JSON."""
+    import json
     import os
 
     import torch
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> None:
         "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "cohort": {k: cfg["cohort"][k] for k in ("batch_size", "decode_chunk", "qc_workers", "seed")},
         "qc": {k: cfg["qc"][k] for k in ("backend", "max_tries", "dice_min")},
-        "rows": table.to_dict(orient="records"),
+        "rows": json.loads(table.to_json(orient="records")),  # NaN as null: strict JSON
     }
     write_result(out.with_suffix(".json"), info)
     print(f"written: {out}")
