@@ -153,16 +153,16 @@ def bench_cohort(
     }
     inputs = (results / "dataset.h5", model_path, bundle, condset, 0)
 
-    def make(vcfg: dict[str, Any]) -> tuple[Path, float]:
+    def make(vcfg: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """The shard's QC summary and the wall seconds of the engine's call."""
         with tempfile.TemporaryDirectory(prefix="vcm-bench-cohort-", dir=work_dir) as tmp:
             start = time.perf_counter()
             path = generate_shard(vcfg, *inputs, Path(tmp) / "shard", **kwargs)
             wall = time.perf_counter() - start
             return read_qc_summary(path), wall
 
-    for sampler in dict.fromkeys(
-        v.sampler for v in variants
-    ):  # warm-up: one-off costs (imports) are nobody's
+    # warm-up, one subject and step per sampler: one-off costs (imports, first kernels) are no variant's
+    for sampler in dict.fromkeys(v.sampler for v in variants):
         make(variant_config(cfg, sampler, 1, 1))
     rows = []
     for v in variants:
