@@ -40,4 +40,9 @@ PYEOF
 "$PY" -m vcm.bench train "${scale[@]}" --batch-sizes "2,$big" --steps "$train_steps" --out "$OUT/train.json"
 "$PY" -m vcm.bench train "${scale[@]}" --batch-sizes "2,$big" --steps "$train_steps" --checkpointing \
   --out "$OUT/train_checkpointing.json"
+# Not here: `python -m vcm.bench cohort` (QC-passed subjects per hour of generate-shard, DDIM-200 vs the config's
+# sampler). It runs the stage's engine on a finished run (dataset.h5 with label maps, a trained vcm.pt of the
+# bundle, the QC segmenter); random BrainLDM weights would need all three built at 160x224x160 first, far more
+# than this script should hold. On a GPU machine with a finished BrainLDM-grid run:
+#   python -m vcm.bench cohort --results RESULTS --device cuda --subjects 16 --out "$OUT/cohort.csv"
 date -u +"end %Y-%m-%dT%H:%M:%SZ"

@@ -107,7 +107,7 @@ def test_bench_command_line_lists_every_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    assert "{dag,register,sample,train,labels,steps}" in capsys.readouterr().out
+    assert "{dag,register,sample,train,labels,steps,cohort}" in capsys.readouterr().out
 
 
 # --- steps: label fidelity against sampling steps ------------------------------------------------------------
@@ -115,14 +115,15 @@ def test_bench_command_line_lists_every_benchmark(capsys):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A results folder as a finished run leaves it: dataset.h5, one vcm.pt, the QC segmenter; and its bundle."""
-    from tests.fixtures import make_bundle, make_dataset, make_vcm
+    """A results folder as a finished run leaves it: dataset.h5 (with label maps, which a cohort is planned
+    from), one vcm.pt, the QC segmenter; and its bundle."""
+    from tests.fixtures import make_bundle, make_labelled_dataset, make_vcm
     from vcm.models.segmenter import SegmenterSpec, build_segmenter, save_segmenter
 
     root = tmp_path_factory.mktemp("finished")
     results = root / "results"
     results.mkdir()
-    make_dataset(results / "dataset.h5")  # validation subjects sub-04, sub-05
+    make_labelled_dataset(results / "dataset.h5")  # validation subjects sub-04, sub-05
     bundle = make_bundle(root / "bundle")
     make_vcm(results / "models" / "lv" / "n2" / "vcm.pt", [[("lv", 1)]], bundle, "lv")
     spec = SegmenterSpec(channels=[4, 8], strides=[2], num_res_units=0)
@@ -195,3 +196,90 @@ def test_fewest_steps_within_the_tolerance_of_the_reference():
     # better than the reference counts; an earlier setting within and a later one outside still gives the first
     assert fewest_steps(table) == {"ddim": 50, "dpmpp_2m": 15, "other": None}
     assert fewest_steps(table, tolerance=0.02)["dpmpp_2m"] == 10
+
+
+# --- cohort: QC-passed subjects per hour of generate-shard ----------------------------------------------------
+
+
+def test_bench_cohort_reports_subjects_per_hour_per_variant(finished_run, tmp_path, capsys, one_thread):
+    """Two subjects, DDIM at 3 steps then the config's own sampler (DPM-Solver++ 2M, 2 steps), through the
+    stage's engine: one row each, the columns documented, per-hour figures positive and passed / wall × 3600."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from vcm.bench.__main__ import main
+    from vcm.cohort.shard import STEPS
+    from vcm.config import load_config
+
+    results, bundle = finished_run
+    cfg = load_config(REPO / "config" / "config.yaml")
+    cfg["cohort"].update(sampler="dpmpp_2m", steps=2, batch_size=2, qc_workers=0)  # no process to spawn
+    cfg["qc"].update(dice_min=0.0, intensity_outliers_max=None)  # a random QC segmenter: every sample passes
+    cfg["conditions"]["covariate_ranges"] = str(REPO / "resources" / "covariate_ranges.yaml")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "bench" / "cohort.csv"
+    args = ["cohort", "--results", str(results), "--config", str(config), "--bundle", str(bundle)]
+    args += ["--variants", "ddim:3,after", "--subjects", "2", "--work-dir", str(tmp_path), "--out", str(out)]
+    assert main(args) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == [
+        "variant",
+        "sampler",
+        "steps",
+        "subjects",
+        "passed",
+        "attempts_per_subject",
+        "qc_pass_rate",
+        "lv_dice_median",
+        "wall_s",
+        "s_per_subject",
+        *[f"s_{step}" for step in STEPS],
+        "subjects_per_hour",
+        "passed_per_hour",
+        "subjects_ratio",
+        "passed_ratio",
+    ]
+    assert table[["variant", "sampler", "steps"]].values.tolist() == [
+        ["ddim-3", "ddim", 3],
+        ["after", "dpmpp_2m", 2],
+    ]
+    assert (table["subjects"] == 2).all() and (table["passed"] == 2).all()
+    assert (table["attempts_per_subject"] == 1.0).all() and (table["qc_pass_rate"] == 1.0).all()
+    assert (table["passed_per_hour"] > 0).all() and (
+        table["subjects_per_hour"] == table["passed_per_hour"]
+    ).all()
+    assert table["passed_per_hour"].to_numpy() == pytest.approx(
+        table["passed"] / table["wall_s"] * 3600, rel=1e-5
+    )
+    assert table["passed_ratio"].to_numpy() == pytest.approx(
+        table["passed_per_hour"] / table["passed_per_hour"].iloc[0], rel=1e-5
+    )
+    parts = table[[f"s_{step}" for step in STEPS]]
+    assert (parts > 0).all().all()
+    assert table["s_per_subject"].to_numpy() == pytest.approx(table["wall_s"] / 2, rel=1e-5)
+    assert list(tmp_path.glob("vcm-bench-cohort-*")) == []  # the shards were temporary
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["condition_set"] == "lv" and [r["variant"] for r in info["rows"]] == ["ddim-3", "after"]
+    assert info["rows"][1]["passed_per_hour"] == pytest.approx(table["passed_per_hour"][1], rel=1e-5)
+    printed = capsys.readouterr().out
+    assert (
+        "| variant | sampler | steps | subjects | passed |" in printed
+        and "after (dpmpp_2m-2): 2/2 passed" in printed
+    )
+
+
+def test_cohort_variants_before_after_and_named():
+    from vcm.bench.cohort import Variant, parse_variants
+    from vcm.errors import StageError
+
+    cfg = {"cohort": {"sampler": "dpmpp_2m", "steps": 20}}
+    assert parse_variants("before,after, ddim:50", cfg) == [
+        Variant("before", "ddim", 200),
+        Variant("after", "dpmpp_2m", 20),
+        Variant("ddim-50", "ddim", 50),
+    ]
+    with pytest.raises(StageError, match="--variants: expected before, after or SAMPLER:STEPS, got 'ddim'"):
+        parse_variants("before,ddim", cfg)

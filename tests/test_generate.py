@@ -325,7 +325,7 @@ def test_failing_qc_is_retried_with_fresh_seeds_and_flagged(files, gcfg, tmp_pat
 def test_a_copy_of_a_real_training_image_is_flagged_and_leaves_the_passed_set(
     files, gcfg, tmp_path, monkeypatch
 ):
-    """A sampler that returns a real training subject verbatim: every attempt is a possible copy of it, is
+    """A decoder that returns a real training subject verbatim: every attempt is a possible copy of it, is
     resampled, and the subject leaves the passed set; qc.csv and cohort.h5 name the real subject."""
     from vcm.cohort.sampler import CohortSampler
 
@@ -333,14 +333,14 @@ def test_a_copy_of_a_real_training_image_is_flagged_and_leaves_the_passed_set(
     gcfg["qc"].update(max_tries=2)
     with h5py.File(files["dataset"]) as h5:
         real = np.asarray(h5["image"][1, 0], np.float32)  # sub-01, of the training split train_4
-    drawn = CohortSampler.sample
+    decoded = CohortSampler.decode
 
-    def copying(self, conditions, covariates, seeds, progress=None):
-        images = drawn(self, conditions, covariates, seeds, progress)
+    def copying(self, z):
+        images = decoded(self, z)
         images[0] = real  # the batch's first sample is a copy; the other is the model's own
         return images
 
-    monkeypatch.setattr(CohortSampler, "sample", copying)
+    monkeypatch.setattr(CohortSampler, "decode", copying)
     shard = run_cohort(gcfg, files, tmp_path)[0]
     merge_cohort(gcfg, [shard], tmp_path)
     with h5py.File(tmp_path / "cohort.h5") as h5:

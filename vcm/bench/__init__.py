@@ -18,14 +18,20 @@
   2M at 10 … 200 steps, the LV Dice of the QC segmenter on the samples, their SSIM to the DDIM-200 image from
   the same noise and the seconds per volume; the fewest steps per sampler within 0.01 LV Dice of DDIM-200
   (the rule for ``cohort.sampler`` / ``cohort.steps``). CSV, PNG plot and JSON.
+* ``cohort``: QC-passed labelled subjects per hour of ``generate-shard`` on a finished run, before
+  (DDIM-200) and after (the config's ``cohort.sampler`` / ``cohort.steps``) or any ``SAMPLER:STEPS``, in one
+  process: the same subjects made by the stage's engine per variant; wall seconds per subject split into
+  setup, planning, sampling, decode, QC and writing (the engine's ``step_seconds``), attempts per subject, QC
+  pass rate, the ratio of subjects per hour to the first variant's. CSV and JSON.
 
 ``bench/gpu.sh`` runs the BrainLDM-scale benchmarks in one go on a GPU machine.
 
 The package: one module per benchmark family (:mod:`~vcm.bench.dag`, :mod:`~vcm.bench.registration`,
-:mod:`~vcm.bench.sampling`, :mod:`~vcm.bench.train_step`, :mod:`~vcm.bench.labels`, :mod:`~vcm.bench.steps`),
-each with its ``bench_*`` function, its sub-command's options (``add_parser``) and its printout (``run``); the random
-networks that ``sample`` and ``train`` time in :mod:`~vcm.bench.networks`; timing, peak memory and writing a
-result in :mod:`~vcm.bench.common`; the dispatch in :mod:`~vcm.bench.__main__`.
+:mod:`~vcm.bench.sampling`, :mod:`~vcm.bench.train_step`, :mod:`~vcm.bench.labels`, :mod:`~vcm.bench.steps`,
+:mod:`~vcm.bench.cohort`), each with its ``bench_*`` function, its sub-command's options (``add_parser``) and
+its printout (``run``); the random networks that ``sample`` and ``train`` time in :mod:`~vcm.bench.networks`;
+a finished run's inputs, timing, peak memory and writing a result in :mod:`~vcm.bench.common`; the dispatch
+in :mod:`~vcm.bench.__main__`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import vcm.bench
-from vcm.bench import dag, labels, registration, sampling, steps, train_step
+from vcm.bench import cohort, dag, labels, registration, sampling, steps, train_step
 
 __all__ = ["FAMILIES", "main"]
 
@@ -16,6 +16,7 @@ FAMILIES = {
     "train": train_step,
     "labels": labels,
     "steps": steps,
+    "cohort": cohort,
 }
 """Benchmark name -> its module (``add_parser`` and ``run``), in the order ``--help`` lists them."""
 

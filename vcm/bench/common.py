@@ -1,4 +1,5 @@
-"""What every benchmark shares: default paths, wall/CPU timing, peak memory, allocation failures, results.
+"""What every benchmark shares: default paths, a finished run's inputs, wall/CPU timing, peak memory,
+allocation failures, results.
 
 Timing waits for CUDA before and after the timed block (:func:`synchronizer`, :func:`timed`), so that wall time
 is the device's work and not the launch; peak memory is CUDA's allocator peak, or on the CPU the process's
@@ -7,13 +8,23 @@ resident set size polled every 2 ms (:class:`PeakMemory`).
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["REPO", "PeakMemory", "ints", "out_of_memory", "synchronizer", "timed", "write_result"]
+__all__ = [
+    "REPO",
+    "PeakMemory",
+    "ints",
+    "out_of_memory",
+    "run_inputs",
+    "synchronizer",
+    "timed",
+    "write_result",
+]
 
 REPO = Path(__file__).resolve().parent.parent.parent
 """The repository root: the benchmarks' default inputs and outputs live under it."""
@@ -94,6 +105,31 @@ def out_of_memory(err: BaseException) -> bool:
 def ints(text: str) -> list[int]:
     """``"2,16"`` -> ``[2, 16]``: the comma-separated integers of an option."""
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
+    """The config, the backbone bundle and the trained model of a finished run, from the parsed ``args``.
+
+    ``args.config`` defaults to ``<args.results>/.vcm/config.yaml``, ``args.bundle`` to the config's
+    ``backbone.bundle`` and ``args.model`` to the one ``<args.results>/models/*/n*/vcm.pt``.
+
+    Raises:
+        StageError: no ``--model`` and not exactly one trained model in the results folder.
+    """
+    from vcm.config import load_config
+    from vcm.errors import StageError
+
+    config = args.config or args.results / ".vcm" / "config.yaml"
+    cfg = load_config(config)
+    bundle = args.bundle or Path(cfg["backbone"]["bundle"])
+    if args.model is not None:
+        return cfg, bundle, args.model
+    models = sorted((args.results / "models").glob("*/n*/vcm.pt"))
+    if len(models) != 1:
+        raise StageError(
+            f"{args.results / 'models'}: {len(models)} trained models (*/n*/vcm.pt); name one with --model"
+        )
+    return cfg, bundle, models[0]
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

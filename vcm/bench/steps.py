@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vcm.bench.common import REPO, ints, write_result
-from vcm.errors import StageError
+from vcm.bench.common import REPO, ints, run_inputs, write_result
 
 __all__ = ["add_parser", "bench_steps", "fewest_steps", "plot_steps", "run"]
 
@@ -271,23 +270,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
-    """The config, the bundle and the model of the parsed ``args`` (defaults from the results folder)."""
-    from vcm.config import load_config
-
-    config = args.config or args.results / ".vcm" / "config.yaml"
-    cfg = load_config(config)
-    bundle = args.bundle or Path(cfg["backbone"]["bundle"])
-    if args.model is not None:
-        return cfg, bundle, args.model
-    models = sorted((args.results / "models").glob("*/n*/vcm.pt"))
-    if len(models) != 1:
-        raise StageError(
-            f"{args.results / 'models'}: {len(models)} trained models (*/n*/vcm.pt); name one with --model"
-        )
-    return cfg, bundle, models[0]
-
-
 def run(args: argparse.Namespace) -> None:
     """Run the benchmark of the parsed ``args``; print the table and the fewest steps; write CSV, PNG, JSON."""
     import torch
@@ -296,7 +278,7 @@ def run(args: argparse.Namespace) -> None:
     from vcm.io import atomic_path
 
     torch.set_num_threads(args.threads)
-    cfg, bundle, model = _inputs(args)
+    cfg, bundle, model = run_inputs(args)
     samplers = [s for s in args.samplers.split(",") if s]
     per_subject = bench_steps(
         cfg,

@@ -8,19 +8,22 @@ batches of subjects (:func:`~vcm.cohort.sources.plan_subject`), samples them
 training subjects (:mod:`vcm.privacy`) on worker threads while the next batch samples, retries a failing
 sample (a possible copy included) from the next attempt's seed and writes each finished subject's folder
 (:mod:`vcm.cohort.subjects`). ``shard.h5`` comes last (:func:`vcm.cohort.store.write_shard`): a shard folder
-without it is incomplete, and a rerun keeps the complete subjects whose signature matches.
+without it is incomplete, and a rerun keeps the complete subjects whose signature matches. Its
+``step_seconds`` attribute says where the time went (:data:`STEPS`; ``python -m vcm.bench cohort`` reads it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
 import pickle
+import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,9 +56,16 @@ from vcm.privacy import PrivacyResult, PrivacySettings, RealSubjects
 from vcm.qc import QCResult, QCSettings, evaluate, reference_ranges
 from vcm.stage import resolve_device
 
-__all__ = ["generate_shard"]
+__all__ = ["STEPS", "generate_shard"]
 
 logger = logging.getLogger(__name__)
+
+STEPS = ("setup", "planning", "sampling", "decode", "qc", "writing")
+"""The steps whose seconds ``shard.h5`` records (``step_seconds``), summed over threads: setup (models,
+dataset, QC backend, reference ranges), planning the subjects (sources, new anatomies), sampling the latents,
+decoding them, QC (the attempt's NIfTI, re-segmentation, checks, privacy screen) and writing the subject
+files (not ``shard.h5``, written after it is measured). QC and writing run beside sampling when
+``cohort.qc_workers`` > 0, so the steps can add up to more than the wall time."""
 
 # (subject index, attempt): one sample to draw
 _Job = tuple[int, int]
@@ -136,6 +146,7 @@ def generate_shard(
             data.n_semantic,
             device,
         )
+        run.seconds["setup"] = time.perf_counter() - start
         if not run.run(sampler, indices, f"shard {int(shard):05d}", progress):
             return None
         attrs = _shard_attrs(cfg, control, model_path, dataset, condset, shard, device, start, run)
@@ -246,9 +257,10 @@ def _shard_attrs(
     start: float,
     run: _ShardRun,
 ) -> dict[str, str]:
-    """Provenance of ``shard.h5``: inputs and their checksums, the device, the time taken."""
+    """Provenance of ``shard.h5``: inputs and their checksums, the device, the time taken (and per step)."""
     from vcm.config import dump_config
 
+    sample_s = run.seconds["sampling"] + run.seconds["decode"]
     return provenance(
         dump_config(dict(cfg)),
         model=str(model_path),
@@ -259,7 +271,8 @@ def _shard_attrs(
         shard=f"{int(shard):05d}",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         seconds=round(time.perf_counter() - start, 2),
-        sampling_seconds_per_sample=round(run.sample_s / run.samples, 3) if run.samples else "",
+        sampling_seconds_per_sample=round(sample_s / run.samples, 3) if run.samples else "",
+        step_seconds=json.dumps({k: round(v, 3) for k, v in run.seconds.items()}),
     )
 
 
@@ -308,8 +321,9 @@ class _ShardRun:
         self.plans: dict[int, SubjectPlan] = {}
         self.tries: dict[int, list[Attempt]] = {}  # touched only by _check(), one batch at a time
         self.finished = 0
-        self.sample_s = 0.0
         self.samples = 0
+        self.seconds = dict.fromkeys(STEPS, 0.0)  # summed over threads (_timed)
+        self._seconds_lock = threading.Lock()
         self.procs: ProcessPoolExecutor | None = None
         self.bar: tqdm | None = None
 
@@ -372,20 +386,35 @@ class _ShardRun:
     def _stopping(self) -> bool:
         return self.stop_after is not None and self.finished >= self.stop_after
 
+    @contextlib.contextmanager
+    def _timed(self, step: str) -> Iterator[None]:
+        """Add the block's wall seconds to ``seconds[step]`` (QC threads add theirs too)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._seconds_lock:
+                self.seconds[step] += time.perf_counter() - t0
+
     def _sample(self, sampler: CohortSampler, batch: list[_Job]) -> tuple[list[int], np.ndarray]:
         """Plan the batch's new subjects (their label map and conditions written once), then sample it."""
         for i, _ in batch:
             if i not in self.plans:
-                plan = self.plans[i] = plan_subject(i, self.settings, self.data, self.sources)
-                write_inputs(self.out_dir / plan.subject, plan, self.data.affine)
-        t0 = time.perf_counter()
+                with self._timed("planning"):
+                    plan = self.plans[i] = plan_subject(i, self.settings, self.data, self.sources)
+                with self._timed("writing"):
+                    write_inputs(self.out_dir / plan.subject, plan, self.data.affine)
         seeds = [noise_seed(self.settings.seed, i, a) for i, a in batch]
-        images = sampler.sample(
-            [self.plans[i].conditions for i, _ in batch],
-            np.stack([self.plans[i].covariates for i, _ in batch]),
-            seeds,
-        )
-        self.sample_s += time.perf_counter() - t0
+        with self._timed("sampling"):
+            z = sampler.latents(
+                [self.plans[i].conditions for i, _ in batch],
+                np.stack([self.plans[i].covariates for i, _ in batch]),
+                seeds,
+            )
+            if self.device.type == "cuda":  # the queued steps are sampling's, not the decoder's
+                torch.cuda.synchronize(self.device)
+        with self._timed("decode"):
+            images = sampler.decode(z)
         self.samples += len(batch)
         return seeds, images
 
@@ -393,12 +422,12 @@ class _ShardRun:
         """QC one sampled subject; write it when it is finished, else return its retry (a QC thread)."""
         plan = self.plans[i]
         folder = self.out_dir / plan.subject
-        with attempt_image(folder, a, image, self.data.affine) as work:
+        with self._timed("qc"), attempt_image(folder, a, image, self.data.affine) as work:
             procs, segment = self.procs, self.seg_fn
             seg = segment(image, work) if procs is None else procs.submit(segment, image, work).result()
             seg = np.asarray(seg, dtype=np.uint16)
-        result = self._qc(plan, image, seg)
-        screen = self._screen(plan, image)
+            result = self._qc(plan, image, seg)
+            screen = self._screen(plan, image)
         if screen is not None and screen.possible_copy:  # fails like any QC check, so it is resampled
             result = QCResult(result.metrics, False, [*result.reasons, screen.reason])
         attempts = self.tries.setdefault(i, [])  # one subject is never checked twice at once
@@ -413,7 +442,8 @@ class _ShardRun:
             else "failed: " + "; ".join(result.reasons),
         )
         if result.passed or a + 1 >= self.qc_settings.max_tries:
-            write_subject(folder, plan, self.tries.pop(i), self.signature, self.data.affine, self.device)
+            with self._timed("writing"):
+                write_subject(folder, plan, self.tries.pop(i), self.signature, self.data.affine, self.device)
             self.label_dice.pop(i, None)
             return None
         return (i, a + 1)

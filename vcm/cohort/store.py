@@ -97,7 +97,8 @@ def open_cohort(path: str | Path) -> h5py.File:
 
 def read_qc_summary(path: str | Path) -> dict[str, Any]:
     """What a ``shard.h5`` or ``cohort.h5`` says about its QC: ``subjects``, ``passed``, ``samples`` (attempts
-    drawn), ``dice_median`` (LV Dice, NaN-aware) and ``sampling_seconds_per_sample`` (``"?"`` when absent)."""
+    drawn), ``dice_median`` (LV Dice, NaN-aware) and ``sampling_seconds_per_sample`` (``"?"`` when absent);
+    of a shard also ``step_seconds``, seconds per step (:data:`vcm.cohort.shard.STEPS`; empty when absent)."""
     with open_cohort(path) as h5:
         passed, attempts, dice = h5["qc/passed"][:], h5["qc/attempts"][:], h5["qc/dice"][:]
         return {
@@ -106,6 +107,7 @@ def read_qc_summary(path: str | Path) -> dict[str, Any]:
             "samples": int(attempts.sum()),
             "dice_median": float(np.nanmedian(dice)),
             "sampling_seconds_per_sample": h5.attrs.get("sampling_seconds_per_sample", "?"),
+            "step_seconds": json.loads(h5.attrs.get("step_seconds", "{}")),
         }
 
 
