@@ -106,7 +106,9 @@ def train_segmenter(
     with DatasetFile(dataset) as data:
         affine = data.affine
         image = np.asarray(data.images(int(val.rows[0]))[0], dtype=np.float32)
-    save_segmenter(out, net, spec, {**info, "split": split, "n_train": len(train)})
+    # the training time goes to segmenter.json only: the same config and seed give the same segmenter.pt
+    untimed = {k: v for k, v in info.items() if k != "seconds"}
+    save_segmenter(out, net, spec, {**untimed, "split": split, "n_train": len(train)})
     scores = evaluate_dice(net, val, n_fg)
     per_class = np.asarray(scores["per_class"])
     lv = per_class[:, 0]

@@ -196,5 +196,5 @@ def test_training_job_survives_three_preemptions(slurm_run):
     assert resumed == sorted(set(resumed)), resumed
     states = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-o", "State", "-j", ",".join(cancelled)], capture_output=True, text=True
-    ).stdout.split()
+    ).stdout.splitlines()  # "CANCELLED by 0"
     assert len(states) == pre_emptions and all(s.startswith("CANCELLED") for s in states), states
