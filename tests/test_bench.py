@@ -190,12 +190,12 @@ def test_fewest_steps_within_the_tolerance_of_the_reference():
         {
             "sampler": ["ddim"] * 3 + ["dpmpp_2m"] * 3 + ["other"],
             "steps": [10, 50, 200, 10, 15, 20, 10],
-            "lv_dice_diff": [-0.05, -0.005, 0.0, -0.02, 0.03, -0.011, -0.5],
+            "lv_dice_diff": [-0.05, -0.005, 0.0, 0.03, 0.008, -0.011, -0.5],
         }
     )
-    # better than the reference counts; an earlier setting within and a later one outside still gives the first
+    # within either way: a higher Dice than the reference's (dpmpp_2m at 10) has not converged to it either
     assert fewest_steps(table) == {"ddim": 50, "dpmpp_2m": 15, "other": None}
-    assert fewest_steps(table, tolerance=0.02)["dpmpp_2m"] == 10
+    assert fewest_steps(table, tolerance=0.03)["dpmpp_2m"] == 10
 
 
 # --- cohort: QC-passed subjects per hour of generate-shard ----------------------------------------------------
