@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-from vcm.bench.common import REPO, run_inputs, write_result
+from vcm.bench.common import add_run_arguments, run_inputs, write_result
 from vcm.errors import StageError
 
 __all__ = ["BEFORE", "Variant", "add_parser", "bench_cohort", "parse_variants", "run", "variant_config"]
@@ -184,10 +184,7 @@ def bench_cohort(
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``cohort`` sub-command and its options."""
     p = sub.add_parser("cohort", help="QC-passed synthetic subjects per hour of generate-shard, per sampler")
-    p.add_argument("--results", type=Path, default=REPO / "results", help="a finished run's results folder")
-    p.add_argument("--config", type=Path, default=None, help="default <results>/.vcm/config.yaml")
-    p.add_argument("--bundle", type=Path, default=None, help="default the config's backbone.bundle")
-    p.add_argument("--model", type=Path, default=None, help="default the one <results>/models/*/n*/vcm.pt")
+    add_run_arguments(p)
     p.add_argument(
         "--condition-set", default=None, help="default the model's folder: models/<set>/n<size>/vcm.pt"
     )

@@ -107,6 +107,14 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that name a finished run, read back by :func:`run_inputs`."""
+    p.add_argument("--results", type=Path, default=REPO / "results", help="a finished run's results folder")
+    p.add_argument("--config", type=Path, default=None, help="default <results>/.vcm/config.yaml")
+    p.add_argument("--bundle", type=Path, default=None, help="default the config's backbone.bundle")
+    p.add_argument("--model", type=Path, default=None, help="default the one <results>/models/*/n*/vcm.pt")
+
+
 def run_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     """The config, the backbone bundle and the trained model of a finished run, from the parsed ``args``.
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vcm.bench.common import REPO, ints, run_inputs, write_result
+from vcm.bench.common import add_run_arguments, ints, run_inputs, write_result
 
 __all__ = ["add_parser", "bench_steps", "fewest_steps", "plot_steps", "run"]
 
@@ -273,10 +273,7 @@ def plot_steps(table: pd.DataFrame, path: str | Path, reference_steps: int, tole
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``steps`` sub-command and its options."""
     p = sub.add_parser("steps", help="LV Dice and SSIM against sampling steps, DDIM and DPM-Solver++ 2M")
-    p.add_argument("--results", type=Path, default=REPO / "results", help="a finished run's results folder")
-    p.add_argument("--config", type=Path, default=None, help="default <results>/.vcm/config.yaml")
-    p.add_argument("--bundle", type=Path, default=None, help="default the config's backbone.bundle")
-    p.add_argument("--model", type=Path, default=None, help="default the one <results>/models/*/n*/vcm.pt")
+    add_run_arguments(p)
     p.add_argument("--samplers", default="ddim,dpmpp_2m", help="comma-separated")
     p.add_argument("--steps", type=ints, default=[10, 15, 20, 30, 50, 100, 200], help="e.g. 10,20,50")
     p.add_argument("--subjects", type=int, default=8, help="first N validation subjects")
