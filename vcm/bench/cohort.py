@@ -152,6 +152,8 @@ def bench_cohort(
         "segmenter_path": segmenter if cfg["qc"]["backend"] == "segmenter" else None,
     }
     inputs = (results / "dataset.h5", model_path, bundle, condset, 0)
+    if work_dir is not None:  # a folder the user names need not exist yet
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
 
     def make(vcfg: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """The shard's QC summary and the wall seconds of the engine's call."""
