@@ -63,6 +63,7 @@ def _base_cfg(root: Path) -> dict:
         deform_max_mm=15.0,
         deform_smoothness_mm=40.0,
         qc_workers=0,  # inline; test_qc_workers_change_no_file covers the workers
+        design={},  # the source's covariates; test_design_cohort_records_target_and_achieved covers a design
     )
     cfg["qc"].update(dice_min=0.0, max_tries=2, intensity_outliers_max=None)
     cfg["conditions"]["covariate_ranges"] = str(REPO / "resources" / "covariate_ranges.yaml")
