@@ -273,7 +273,8 @@ def design_stats(cohort: str | Path) -> dict[str, dict[str, Any]]:
                     entry[f"ks_{kind}"] = (
                         float(ks_2samp(target[ok], entry[kind][ok]).statistic) if ok.any() else float("nan")
                     )
-                    ratio = entry[kind][ok] / target[ok]
+                    nonzero = ok & (target != 0)  # sex: 0 = female, no ratio
+                    ratio = entry[kind][nonzero] / target[nonzero]
                     entry[f"median_ratio_{kind}"] = float(np.median(ratio)) if ratio.size else float("nan")
             out[name] = entry
     return out
