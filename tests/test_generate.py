@@ -63,6 +63,7 @@ def _base_cfg(root: Path) -> dict:
         deform_max_mm=15.0,
         deform_smoothness_mm=40.0,
         qc_workers=0,  # inline; test_qc_workers_change_no_file covers the workers
+        design={},  # the source's covariates; test_design_cohort_records_target_and_achieved covers a design
     )
     cfg["qc"].update(dice_min=0.0, max_tries=2, intensity_outliers_max=None)
     cfg["conditions"]["covariate_ranges"] = str(REPO / "resources" / "covariate_ranges.yaml")
@@ -594,3 +595,48 @@ def test_the_consumer_dataset_reads_the_merged_cohort(cohorts):
     assert item["image"].shape == (1, *GRID) and item["label"].shape == GRID
     assert item["subject"] == "syn-00003" and item["seed"] == noise_seed(0, 3, 0)
     assert torch.equal(item["label"].bool(), item["cond_lv"][0].bool())
+
+
+@pytest.mark.parametrize("tolerance", [10.0, 1e-6])
+def test_design_cohort_records_target_and_achieved(files, gcfg, tmp_path, tolerance):
+    """A design's targets, the label maps' values and the re-segmented images' volumes reach subject.json,
+    cohort.h5 and manifest.csv; QC fails a subject whose image LV misses its target by more than
+    qc.target_tolerance; design.png's statistics are the KS of targets against achieved values."""
+    from scipy.stats import ks_2samp
+
+    from vcm.cohort.figures import design_histograms
+
+    gcfg["cohort"].update(size=3, shard_size=3, new_anatomy_fraction=0.0)
+    gcfg["cohort"]["design"] = {
+        "lv_volume": {"uniform": {"low": 60, "high": 90}},
+        "age": {"uniform": {"low": 60, "high": 61}},
+    }
+    gcfg["qc"]["target_tolerance"] = tolerance
+    merge_cohort(gcfg, run_cohort(gcfg, files, tmp_path), tmp_path)
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    with h5py.File(tmp_path / "cohort.h5") as h5:
+        target, label = h5["design/target_lv_volume"][:], h5["covariates_raw"][:, 2]
+        assert h5["design/designed_lv_volume"][:].all() and not h5["design/designed_sex"][:].any()
+        assert ((target >= 60_000) & (target <= 90_000)).all()
+        # 10 mm voxels of 1.1 mL each: the label map's LV is within a voxel or two of its target
+        np.testing.assert_allclose(label, target, rtol=0.1)
+        lv_count = mask_of(h5["label"][:], (4, 43)).sum(axis=(1, 2, 3))
+        seg_count = mask_of(h5["seg"][:], (4, 43)).sum(axis=(1, 2, 3))
+        np.testing.assert_allclose(h5["qc/image_lv_volume"][:], label * seg_count / lv_count)
+        np.testing.assert_allclose(h5["qc/lv_volume_error"][:], h5["qc/image_lv_volume"][:] / target - 1)
+        assert ((h5["covariates_raw"][:, 1] >= 60) & (h5["covariates_raw"][:, 1] <= 61)).all()
+        passed = h5["qc/passed"][:]
+    assert passed.all() if tolerance > 1 else not passed.any()
+    if tolerance < 1:
+        assert manifest["attempts"].eq(2).all()  # failed, resampled, kept the best
+        assert pd.read_csv(tmp_path / "qc.csv")["reasons"].str.contains("LV volume .* off its target").all()
+    for col in ("target_lv_volume", "label_lv_volume", "image_lv_volume", "target_age", "target_sex"):
+        assert col in manifest.columns, col
+    np.testing.assert_allclose(manifest["target_lv_volume"], target)
+    stats = design_histograms(tmp_path / "cohort.h5", tmp_path / "design.png")
+    assert (tmp_path / "design.png").stat().st_size > 1000
+    assert stats["lv_volume"]["designed"] and not stats["brain_volume"]["designed"]
+    assert stats["lv_volume"]["ks_label"] == pytest.approx(ks_2samp(target, label).statistic)
+    assert stats["lv_volume"]["ks_image"] == pytest.approx(
+        ks_2samp(target, manifest["image_lv_volume"]).statistic
+    )

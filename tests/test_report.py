@@ -306,3 +306,48 @@ def test_privacy_screen_figure_and_summary(tmp_path, run, capsys):
     out.mkdir()
     assert main(args) == 0 and (out / "p.png").is_file()
     assert "p.png: 1 possible copies" in capsys.readouterr().out
+
+
+def test_design_figures_and_summary_table(tmp_path, run, capsys):
+    """design.png/json hold the KS of targets against the label maps' and images' values; the montage sorted by
+    LV volume; summary.md tabulates the designed covariates only."""
+    from scipy.stats import ks_2samp
+
+    folder = tmp_path / "cohorts" / "lv"
+    shutil.copytree(run["cohort"].parent, folder)
+    cohort = folder / "cohort.h5"
+    target = np.array([30, 40, 50, 60, 70, 80], float) * 1000
+    label = target * np.array([1.0, 1.01, 0.99, 1.0, 1.02, 0.98])
+    image = target * np.array([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    with h5py.File(cohort, "a") as h5:
+        n = len(h5["subjects"])
+        raw = np.stack([np.arange(n) % 2, np.full(n, 70.0), label, np.full(n, 1.3e6)], axis=1)
+        h5["covariates_raw"] = raw
+        for k, name in enumerate(("sex", "age", "lv_volume", "brain_volume")):
+            h5[f"design/target_{name}"] = target if name == "lv_volume" else raw[:, k]
+            h5[f"design/designed_{name}"] = np.full(n, name == "lv_volume")
+        h5["qc/image_lv_volume"] = image
+        h5["qc/image_brain_volume"] = np.full(n, 1.3e6)
+    args = ["cohort-figures", "--config", str(REPO / "config" / "config.yaml"), "--cohort", str(cohort)]
+    args += ["--montage", str(folder / "cohort_montage.png"), "--qc-hist", str(folder / "qc_hist.png")]
+    args += ["--design", str(folder / "design.png"), "--design-json", str(folder / "design.json")]
+    args += ["--design-montage", str(folder / "design_montage.png"), "--subjects", "3"]
+    assert main(args) == 0
+    assert "design.png: lv_volume KS 0.17" in capsys.readouterr().out
+    stats = json.loads((folder / "design.json").read_text())
+    assert stats["lv_volume"]["ks_label"] == pytest.approx(ks_2samp(target, label).statistic)
+    assert stats["lv_volume"]["ks_image"] == pytest.approx(ks_2samp(target, image).statistic)
+    assert stats["lv_volume"]["median_ratio_image"] == pytest.approx(0.75)
+    assert not stats["age"]["designed"] and stats["age"]["ks_label"] == 0.0
+    assert cohort_montage(cohort, folder / "by_lv.png", 3, by_lv=True) == [
+        "syn-00000",
+        "syn-00002",
+        "syn-00005",
+    ]
+    out = tmp_path / "summary.md"
+    assert (
+        main(["summary", "--dataset", str(run["dataset"]), "--cohorts", str(cohort), "--out", str(out)]) == 0
+    )
+    text = out.read_text()
+    assert "| lv | lv_volume (mL) | 55 | 54.8 / 0.17 | 41.5 / 0.33 |" in text
+    assert "| lv | age" not in text and "[design](cohorts/lv/design.png)" in text

@@ -14,6 +14,7 @@ evaluates the result at any world point (zero outside the box).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +99,7 @@ def solve_ventricle_field(
     target_mm3: float,
     max_strength: float = 40.0,
     iterations: int = 12,
+    volume_mm3: Callable[[np.ndarray], float] | None = None,
 ) -> VentricleField:
     """Find the field strength whose deformation brings the lateral ventricles to ``target_mm3``.
 
@@ -108,6 +110,8 @@ def solve_ventricle_field(
         target_mm3: the wanted lateral-ventricle volume on this grid's anatomy.
         max_strength: bisection bracket [-max_strength / 4, max_strength] (voxels of peak velocity).
         iterations: bisection steps.
+        volume_mm3: how to measure the LV volume of a backward displacement (3, X, Y, Z) in voxels of the
+            box grid (e.g. the count of a nearest-neighbour warped label map); default the soft volume.
 
     Returns:
         The field; its ``lv_mm3`` says how close the target was reached (the bracket may not contain it).
@@ -116,17 +120,22 @@ def solve_ventricle_field(
     voxel_mm3 = spacing**3
     velocity = expansion_velocity(weights, spacing)
     flow = _Exponential(velocity, lv)
-    target = target_mm3 / voxel_mm3
+
+    def volume(strength: float) -> float:
+        if volume_mm3 is None:
+            return flow.volume(strength) * voxel_mm3
+        return volume_mm3(flow.ddf(strength)[0].numpy())
+
     low, high = -max_strength / 4, max_strength
     for _ in range(iterations):
         mid = (low + high) / 2
-        if flow.volume(mid) < target:
+        if volume(mid) < target_mm3:
             low = mid
         else:
             high = mid
     strength = (low + high) / 2
     ddf = flow.ddf(strength)[0].numpy() * spacing  # voxel -> mm (axis-aligned, positive spacing)
-    return VentricleField(ddf.astype(np.float32), affine, strength, flow.volume(strength) * voxel_mm3)
+    return VentricleField(ddf.astype(np.float32), affine, strength, volume(strength))
 
 
 def lattice_displacement(

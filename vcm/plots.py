@@ -31,6 +31,7 @@ __all__ = [
     "planes",
     "save_figure",
     "similarity_histogram",
+    "target_histograms",
     "text_figure",
     "three_plane",
     "three_plane_montage",
@@ -349,6 +350,38 @@ def pass_fail_histograms(
         axes.flat[0].text(0.5, 0.5, empty_note, ha="center", va="center")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.93, 0.95))
+    save_figure(fig, path, dpi=80)
+
+
+def target_histograms(
+    path: str | Path, panels: Sequence[tuple[str, Mapping[str, np.ndarray]]], title: str
+) -> None:
+    """Save a PNG of one panel per covariate, each overlaying the histograms of its named value sets
+    (e.g. target, label map, re-segmented image) on shared bins.
+
+    Args:
+        path: the PNG to write (atomically).
+        panels: (panel title, {legend label: values}) per panel; NaNs are left out.
+        title: figure title.
+    """
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 3.0), squeeze=False)
+    colours = ("tab:grey", "tab:blue", "tab:orange")
+    for ax, (name, sets) in zip(axes[0], panels, strict=False):
+        finite = {k: np.asarray(v, float)[np.isfinite(v)] for k, v in sets.items()}
+        values = np.concatenate([v for v in finite.values()] or [np.zeros(0)])
+        if values.size == 0:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        lo, hi = float(values.min()), float(values.max())
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 16)
+        for (label, v), colour in zip(finite.items(), colours, strict=False):
+            ax.hist(v, bins=bins, alpha=0.5, color=colour, label=f"{label} ({v.size})")
+        ax.set_title(name, fontsize=8)
+        ax.set_ylabel("subjects")
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     save_figure(fig, path, dpi=80)
 
 

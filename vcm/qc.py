@@ -38,7 +38,7 @@ from vcm.config import section_values
 from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.evaluation.segmenters import BACKENDS
-from vcm.labels import SEMANTIC_CLASSES, mask_of
+from vcm.labels import SEMANTIC_CLASSES, brain_mask, mask_of
 
 __all__ = [
     "QCResult",
@@ -48,6 +48,7 @@ __all__ = [
     "segmentation_metrics",
     "skull_dist",
     "structure_medians",
+    "volume_check",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class QCSettings:
         intensity_percentiles: the real range's percentiles (MAISI: 0.5, 99.5).
         backend: re-segmentation backend: ``segmenter`` (the QC U-Net trained on the real training subjects,
             :mod:`vcm.models.segmenter`), ``atlas`` or ``synthseg``.
+        target_tolerance: largest relative miss of the re-segmented LV volume against the subject's
+            ``cohort.design`` target (checked only where ``lv_volume`` has one; :func:`volume_check`).
     """
 
     dice_min: float = 0.7
@@ -86,6 +89,7 @@ class QCSettings:
     intensity_margin: float = 0.25
     intensity_percentiles: tuple[float, float] = (0.5, 99.5)
     backend: str = "segmenter"
+    target_tolerance: float = 0.15
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> QCSettings:
@@ -267,3 +271,44 @@ def evaluate(
         if settings.intensity_outliers_max is not None and outside.sum() > settings.intensity_outliers_max:
             reasons.append("intensity outside the real range: " + ", ".join(np.asarray(names)[outside]))
     return QCResult(metrics, not reasons, reasons)
+
+
+def volume_check(
+    seg: np.ndarray,
+    label: np.ndarray,
+    label_mm3: Sequence[float],
+    lv_labels: Sequence[int],
+    lv_target_mm3: float | None,
+    tolerance: float,
+) -> tuple[dict[str, float], list[str]]:
+    """The re-segmented image's LV and brain volumes, and whether its LV reaches the design target.
+
+    Volumes follow the cohort's convention: the label map's native volumes (``label_mm3``: LV, brain) times
+    the voxel-count ratio of the re-segmentation to the label map.
+
+    Args:
+        seg: the re-segmentation (FreeSurfer IDs).
+        label: the label map the image was conditioned on (same grid).
+        label_mm3: the label map's native LV and brain volumes.
+        lv_labels: FreeSurfer IDs of the lateral ventricles.
+        lv_target_mm3: the subject's design target (``None``: no target, nothing checked).
+        tolerance: the largest relative miss, ``|image / target - 1|``.
+
+    Returns:
+        metrics ``image_lv_volume``, ``image_brain_volume`` (mm³) and ``lv_volume_error`` (image / target - 1,
+        NaN without a target); the failed check as a short reason.
+    """
+    out = {}
+    for name, fn, value in (
+        ("lv", lambda lab: mask_of(lab, tuple(lv_labels)), label_mm3[0]),
+        ("brain", brain_mask, label_mm3[1]),
+    ):
+        before = int(fn(label).sum())
+        out[f"image_{name}_volume"] = float(value) * int(fn(seg).sum()) / before if before else math.nan
+    out["lv_volume_error"] = math.nan
+    reasons = []
+    if lv_target_mm3 is not None:
+        out["lv_volume_error"] = out["image_lv_volume"] / float(lv_target_mm3) - 1.0
+        if not abs(out["lv_volume_error"]) <= tolerance:
+            reasons.append(f"LV volume {out['lv_volume_error']:+.0%} off its target (> {tolerance:.0%})")
+    return out, reasons

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vcm.cohort.figures import cohort_stats, privacy_stats
+from vcm.cohort.figures import cohort_stats, design_stats, privacy_stats
 from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.prep.exclusion import STAGES
@@ -45,6 +45,31 @@ def _privacy_rows(cohorts: Sequence[str | Path]) -> list[str]:
                 f"| {Path(path).parent.name} | {p['median']:.3f} / {p['max']:.3f} | {p['flagged']} / {p['n']} "
                 f"| {p['baseline_median']:.3f} / {p['baseline_max']:.3f} ({p['baseline_n']} subjects) "
                 f"| {p['max_similarity']:g} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
+def _design_rows(cohorts: Sequence[str | Path]) -> list[str]:
+    """Per cohort and covariate with a ``cohort.design`` target: medians and KS statistics of what was reached."""
+    lines = [
+        "| cohort | covariate | target median | label map: median / KS | re-segmented image: median / KS |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+
+    def fmt(v: np.ndarray, scale: float) -> str:
+        v = v[np.isfinite(v)]
+        return f"{np.median(v) / scale:.3g}" if v.size else "–"
+
+    for path in cohorts:
+        for name, d in design_stats(path).items():
+            if not d["designed"]:
+                continue
+            scale = 1000.0 if name.endswith("volume") else 1.0
+            unit = " (mL)" if scale > 1 else ""
+            image = f"{fmt(d['image'], scale)} / {d['ks_image']:.2f}" if "image" in d else "–"
+            lines.append(
+                f"| {Path(path).parent.name} | {name}{unit} | {fmt(d['target'], scale)} "
+                f"| {fmt(d['label'], scale)} / {d['ks_label']:.2f} | {image} |"
             )
     return lines if len(lines) > 2 else []
 
@@ -118,7 +143,13 @@ def _cohort_section(cohorts: Sequence[str | Path], base: Path) -> list[str]:
             folder = Path(path).parent
             links = [
                 f"[{f.stem}]({_link(f, base)})"
-                for f in (folder / "cohort_montage.png", folder / "qc_hist.png", folder / "privacy_hist.png")
+                for f in (
+                    folder / "cohort_montage.png",
+                    folder / "qc_hist.png",
+                    folder / "privacy_hist.png",
+                    folder / "design.png",
+                    folder / "design_montage.png",
+                )
                 if f.is_file()
             ]
             dice = s.get("dice_mean")
@@ -129,6 +160,15 @@ def _cohort_section(cohorts: Sequence[str | Path], base: Path) -> list[str]:
                 f"| {_qc_failures(folder / 'qc.csv')} |"
             )
         parts.append("\n".join(lines) + "\n")
+        design = _design_rows(cohorts)
+        if design:
+            parts.append(
+                "### Cohort design: target vs achieved\n\nPer covariate with a `cohort.design` target: the "
+                "targets' median, the label maps' (given to the backbone) and the re-segmented images' median, "
+                "each with its two-sample Kolmogorov-Smirnov statistic against the targets (`design.png`).\n\n"
+                + "\n".join(design)
+                + "\n"
+            )
         privacy = _privacy_rows(cohorts)
         if privacy:
             parts.append(

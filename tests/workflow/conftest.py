@@ -94,7 +94,14 @@ def full_config(root: Path, name: str) -> tuple[Path, Path]:
             "checkpoint_every": 3,
             "preview": {"subjects": 1, "steps": 3},
         },
-        "cohort": {"sets": ["lv_brain_skull"], "size": 4, "shard_size": 2, "steps": 3, "batch_size": 2},
+        "cohort": {
+            "sets": ["lv_brain_skull"],
+            "size": 4,
+            "shard_size": 2,
+            "steps": 3,
+            "batch_size": 2,
+            "design": {"lv_volume": {"lognormal": {"median": 40, "sigma": 0.3}}, "sex": {"bernoulli": 0.5}},
+        },
         "qc": {"max_tries": 2, "segmenter": {"steps": 20}},
         "tstr": {"steps": 10, "passed_only": False},  # random weights: no subject passes QC
     }

@@ -9,6 +9,10 @@ condition set's cohort. For each subject (global index ``i``):
    by a random smooth deformation (nearest label), its skull and low-resolution images warped linearly, and
    the LV / brain / semantic conditions re-derived from the warped labels (:mod:`vcm.labels`). Covariates
    are the source's; a new anatomy's LV and brain volumes are scaled by the warped / original voxel counts.
+   With a ``cohort.design`` (:mod:`vcm.cohort.design`) the subject's targets are drawn from its own stream and
+   the label map is **steered** to the LV / brain targets (:mod:`vcm.cohort.steer`: a ventricle push and a
+   head scale), its conditions re-derived; the covariates are then the design's age and sex and the steered
+   label map's volumes.
 2. **Sampling** with the trained control module on the frozen backbone: ``cohort.sampler`` (DDIM or
    DPM-Solver++ 2M) at ``cohort.steps`` steps, batched (``cohort.batch_size``), VCM's time-free condition features computed once per sample, bf16 autocast on
    CUDA only, the full-resolution passes (condition encoder, decoder) in chunks of ``cohort.decode_chunk``
@@ -48,8 +52,10 @@ The modules, one concept each:
 
 * :mod:`vcm.cohort.plan`: the settings, which subjects a shard holds, the seeds (no heavy imports: the
   Snakefile asks it for the shard ids).
+* :mod:`vcm.cohort.design`: ``cohort.design``, the covariate targets drawn per subject.
 * :mod:`vcm.cohort.sources`: the real subject that lends a synthetic one its conditions, or the new anatomy
-  warped from it.
+  warped from it, steered to its design targets.
+* :mod:`vcm.cohort.steer`: a label map deformed to an LV and brain volume.
 * :mod:`vcm.cohort.sampler`: batched sampling and chunked decoding.
 * :mod:`vcm.cohort.subjects`: a subject folder's files (NIfTIs and ``subject.json``, the completion mark).
 * :mod:`vcm.cohort.store`: the HDF5 files (``shard.h5``, ``cohort.h5``) and the tables next to them; every

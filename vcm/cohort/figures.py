@@ -3,8 +3,11 @@
 ``cohort_montage.png`` (3-plane views of a few synthetic subjects with their label map overlaid and the LV
 condition outlined), ``qc_hist.png`` (histograms of every QC metric, passed and failed subjects apart, with
 the pass rate) and ``privacy_hist.png`` (each synthetic subject's similarity to its nearest real training
-subject beside the real-to-real baseline, :mod:`vcm.privacy`); the statistics behind them feed the summary
-(:mod:`vcm.report`).
+subject beside the real-to-real baseline, :mod:`vcm.privacy`), and for ``cohort.design``
+(:mod:`vcm.cohort.design`) ``design.png`` (per covariate the targets' histogram beside the label maps' and the
+re-segmented images' values, with two-sample Kolmogorov-Smirnov statistics, ``scipy.stats.ks_2samp``),
+``design.json`` (those statistics) and ``design_montage.png`` (subjects from the smallest to the largest LV);
+the statistics behind them feed the summary (:mod:`vcm.report`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from vcm.stage import stage_parser
 __all__ = [
     "cohort_montage",
     "cohort_stats",
+    "design_histograms",
+    "design_stats",
     "figures_cli",
     "privacy_histogram",
     "privacy_stats",
@@ -53,11 +58,16 @@ def _qc_passed(h5: h5py.File) -> np.ndarray:
 
 
 def cohort_montage(
-    cohort: str | Path, out: str | Path, n_subjects: int = 6, lv_labels: Sequence[int] = (4, 43)
+    cohort: str | Path,
+    out: str | Path,
+    n_subjects: int = 6,
+    lv_labels: Sequence[int] = (4, 43),
+    by_lv: bool = False,
 ) -> list[str]:
     """3-plane views (axial, coronal, sagittal through the LV's centre) of the first ``n_subjects`` QC-passed
     synthetic subjects (failed ones fill in, marked, when too few passed): the image, the label map as
-    translucent semantic classes, the LV condition outlined in red.
+    translucent semantic classes, the LV condition outlined in red. With ``by_lv``: subjects at evenly spaced
+    ranks of the label map's LV volume, shown from the smallest to the largest.
 
     Returns:
         the subjects shown.
@@ -71,6 +81,11 @@ def cohort_montage(
         if not order:
             raise StageError(f"{cohort}: no subjects to show")
         rows = sorted(int(i) for i in order)  # h5py reads increasing indices
+        if by_lv:
+            lv = np.asarray(h5["covariates_raw"][:, 2], float)
+            ranked = np.argsort(lv, kind="stable")
+            picks = np.unique(np.round(np.linspace(0, len(lv) - 1, min(n_subjects, len(lv)))).astype(int))
+            rows = sorted(int(ranked[p]) for p in picks)
         subjects = _strings(h5["subjects"][rows])
         images = np.asarray(h5["image"][rows][:, 0], dtype=np.float32)
         labels = np.asarray(h5["label"][rows])
@@ -78,8 +93,9 @@ def cohort_montage(
         new = np.asarray(h5["new_anatomy"][rows], bool) if "new_anatomy" in h5 else np.zeros(len(rows), bool)
         dice = np.asarray(h5["qc/dice"][rows], float) if "qc/dice" in h5 else np.full(len(rows), np.nan)
         ok = passed[rows]
+        volumes = np.asarray(h5["covariates_raw"][rows, 2], float) if by_lv else None
     grid = []
-    for r in range(len(rows)):
+    for r in np.argsort(volumes, kind="stable") if by_lv else range(len(rows)):
         lv = mask_of(labels[r], tuple(lv_labels))
         centre = mask_centre(lv)
         # the LVs lie either side of the midline: the sagittal plane goes through the first one, not between
@@ -87,6 +103,8 @@ def cohort_montage(
         if first.size:
             centre[0] = int(round(first.mean()))
         title = f"{subjects[r]}  from {source[r] or '?'}{' (new anatomy)' if new[r] else ''}"
+        if volumes is not None:
+            title += f"  LV {volumes[r] / 1000:.0f} mL"
         if np.isfinite(dice[r]):
             title += f"  QC Dice {dice[r]:.2f}"
         if not ok[r]:
@@ -108,7 +126,9 @@ def cohort_montage(
         out,
         grid,
         figsize=(8.4, 2.9 * len(rows)),
-        title=f"{Path(cohort).parent.name}: synthetic subjects, labels overlaid, LV condition in red",
+        title=f"{Path(cohort).parent.name}: synthetic subjects"
+        + (" by LV volume" if by_lv else "")
+        + ", labels overlaid, LV condition in red",
         label_colours=SEMANTIC_COLOURS,
         panel_title_size=8,
         dpi=80,
@@ -219,6 +239,81 @@ def privacy_histogram(cohort: str | Path, out: str | Path) -> dict[str, Any] | N
     return stats
 
 
+def design_stats(cohort: str | Path) -> dict[str, dict[str, Any]]:
+    """Target vs achieved per covariate of a cohort (``{}`` for a cohort made before ``cohort.design``).
+
+    Returns:
+        per covariate ``designed`` (has a target of its own), ``target``, ``label`` (the label map's values,
+        given to the backbone) and, for the volumes, ``image`` (the re-segmented image's) arrays; the median
+        ratio to the target and the two-sample KS statistic (``scipy.stats.ks_2samp``) of each against the
+        targets (``ks_label``, ``ks_image``, ``median_ratio_label``, ``median_ratio_image``).
+    """
+    from scipy.stats import ks_2samp
+
+    from vcm.cohort.design import COVARIATES
+
+    out: dict[str, dict[str, Any]] = {}
+    with open_cohort(cohort) as h5:
+        if "design" not in h5:
+            return out
+        raw = np.asarray(h5["covariates_raw"][:], float)
+        for k, name in enumerate(COVARIATES):
+            target = np.asarray(h5[f"design/target_{name}"][:], float)
+            entry: dict[str, Any] = {
+                "designed": bool(np.any(h5[f"design/designed_{name}"][:])),
+                "target": target,
+                "label": raw[:, k],
+            }
+            short = name.removesuffix("_volume")
+            if f"qc/image_{short}_volume" in h5:
+                entry["image"] = np.asarray(h5[f"qc/image_{short}_volume"][:], float)
+            for kind in ("label", "image"):
+                if kind in entry:
+                    ok = np.isfinite(entry[kind]) & np.isfinite(target)
+                    entry[f"ks_{kind}"] = (
+                        float(ks_2samp(target[ok], entry[kind][ok]).statistic) if ok.any() else float("nan")
+                    )
+                    nonzero = ok & (target != 0)  # sex: 0 = female, no ratio
+                    ratio = entry[kind][nonzero] / target[nonzero]
+                    entry[f"median_ratio_{kind}"] = float(np.median(ratio)) if ratio.size else float("nan")
+            out[name] = entry
+    return out
+
+
+def design_histograms(cohort: str | Path, out: str | Path) -> dict[str, dict[str, float]]:
+    """``design.png``: per covariate the targets beside the label maps' and the re-segmented images' values,
+    each panel titled with its KS statistics.
+
+    Returns:
+        per covariate the numbers of :func:`design_stats` (no arrays): what ``design.json`` holds.
+    """
+    from vcm.plots import target_histograms, text_figure
+
+    stats = design_stats(cohort)
+    if not stats:
+        text_figure(out, f"{Path(cohort).parent.name}: no cohort.design records")
+        return {}
+    units = {"age": 1.0, "sex": 1.0, "lv_volume": 1000.0, "brain_volume": 1000.0}
+    panels = []
+    for name, s in stats.items():
+        u = units[name]
+        sets = {"target": s["target"] / u, "label map": s["label"] / u}
+        if "image" in s:
+            sets["re-segmented image"] = s["image"] / u
+        ks = ", ".join(f"KS {kind} {s[f'ks_{kind}']:.2f}" for kind in ("label", "image") if f"ks_{kind}" in s)
+        unit = " (mL)" if u > 1 else ""
+        panels.append((f"{name}{unit}{'' if s['designed'] else ' [source]'}\n{ks}", sets))
+    target_histograms(out, panels, f"{Path(cohort).parent.name}: cohort.design, target vs achieved")
+    return {
+        name: {
+            k: (bool(v) if k == "designed" else float(v))
+            for k, v in s.items()
+            if not isinstance(v, np.ndarray)
+        }
+        for name, s in stats.items()
+    }
+
+
 def qc_thresholds(qc: Mapping[str, Any]) -> dict[str, float]:
     """The QC thresholds that are set, by metric: ``dice_min`` -> ``dice``, ``hd95_max_mm`` -> ``hd95``, ..."""
     out = {}
@@ -240,6 +335,9 @@ def figures_cli(argv: list[str]) -> int:
     parser.add_argument("--qc-hist", required=True, help="qc_hist.png")
     parser.add_argument("--privacy-hist", default=None, help="privacy_hist.png (the privacy screen)")
     parser.add_argument("--subjects", type=int, default=6, help="subjects in the montage")
+    parser.add_argument("--design", default=None, help="design.png (cohort.design: target vs achieved)")
+    parser.add_argument("--design-json", default=None, help="design.json (its KS statistics)")
+    parser.add_argument("--design-montage", default=None, help="design_montage.png (sorted by LV volume)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     lv_labels = cfg["conditions"]["lv_labels"]
@@ -249,6 +347,16 @@ def figures_cli(argv: list[str]) -> int:
     if args.privacy_hist is not None:
         screen = privacy_histogram(args.cohort, args.privacy_hist)
         print(f"{args.privacy_hist}: " + (f"{screen['flagged']} possible copies" if screen else "screen off"))
+    if args.design is not None:
+        design = design_histograms(args.cohort, args.design)
+        if args.design_json is not None:
+            from vcm.io import write_json
+
+            write_json(args.design_json, design)
+        ks = ", ".join(f"{k} KS {v['ks_label']:.2f}" for k, v in design.items() if v["designed"])
+        print(f"{args.design}: {ks or 'no design targets'}")
+    if args.design_montage is not None:
+        cohort_montage(args.cohort, args.design_montage, args.subjects, lv_labels, by_lv=True)
     print(
         f"{args.montage}: {len(shown)} subjects; {args.qc_hist}: {stats['passed']} / {stats['n']} passed QC "
         f"({100 * stats['pass_rate']:.0f} %)"

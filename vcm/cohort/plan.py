@@ -19,6 +19,7 @@ from vcm.errors import StageError
 __all__ = [
     "CohortSettings",
     "anatomy_rng",
+    "design_rng",
     "n_shards",
     "noise_seed",
     "shard_ids",
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 # independent random streams of SeedSequence([seed, stream, ...])
-STREAM_NOISE, STREAM_ANATOMY, STREAM_SOURCES = 0, 1, 2
+STREAM_NOISE, STREAM_ANATOMY, STREAM_SOURCES, STREAM_DESIGN = 0, 1, 2, 3
 
 
 @dataclass
@@ -51,7 +52,8 @@ class CohortSettings:
         deform_smoothness_mm: spacing of the deformation's random control points (its correlation length).
         qc_workers: threads that QC and write the subjects of a batch while the next batch samples (one
             subject each; 0: QC inline, after each batch). A sample depends only on its own seed, so the cohort
-            is identical whatever the number (tested). A GPU node's spare cores hide the CPU-bound QC.
+            is identical whatever the number (tested). A GPU node's spare cores hide the CPU-bound QC.        design: ``cohort.design``, the covariates the cohort should have (:class:`vcm.cohort.design.Design`
+            resolves it).
     """
 
     size: int
@@ -66,6 +68,7 @@ class CohortSettings:
     deform_max_mm: float
     deform_smoothness_mm: float
     qc_workers: int
+    design: dict[str, Any]
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> CohortSettings:
@@ -150,6 +153,11 @@ def noise_seed(base: int, index: int, attempt: int = 0) -> int:
 def anatomy_rng(base: int, index: int) -> np.random.Generator:
     """Subject ``index``'s generator of its new-anatomy draw and deformation."""
     return np.random.default_rng(np.random.SeedSequence([base, STREAM_ANATOMY, index]))
+
+
+def design_rng(base: int, index: int, covariate: int) -> np.random.Generator:
+    """Subject ``index``'s generator of its design target for covariate number ``covariate`` (one stream each)."""
+    return np.random.default_rng(np.random.SeedSequence([base, STREAM_DESIGN, index, covariate]))
 
 
 def source_order(base: int, round_: int, n: int) -> np.ndarray:

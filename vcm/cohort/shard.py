@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vcm.cohort.design import Design
 from vcm.cohort.plan import CohortSettings, noise_seed, shard_range, subject_id
 from vcm.cohort.sampler import CohortSampler
 from vcm.cohort.sources import DatasetSource, SubjectPlan, plan_subject
@@ -53,7 +54,7 @@ from vcm.io import provenance, sha256_file
 from vcm.labels import mask_of, semantic_map
 from vcm.models.build import load_model
 from vcm.privacy import PrivacyResult, PrivacySettings, RealSubjects
-from vcm.qc import QCResult, QCSettings, evaluate, reference_ranges
+from vcm.qc import QCResult, QCSettings, evaluate, reference_ranges, volume_check
 from vcm.stage import resolve_device
 
 __all__ = ["STEPS", "generate_shard"]
@@ -118,6 +119,7 @@ def generate_shard(
     data = DatasetSource(dataset, cfg)
     try:
         wanted, train_split = _check_inputs(data, control, dataset, model_path)
+        design = Design.from_config(cfg)
         grid = Grid.from_affine(data.grid, data.affine)
         screen = _privacy_screen(privacy, dataset, data, train_split)
         run = _ShardRun(
@@ -129,8 +131,11 @@ def generate_shard(
             seg_fn=segmenter or make_segmenter(cfg, qc_settings, template_dir, grid, segmenter_path),
             ranges=reference_ranges(dataset, data.split(train_split), qc_settings.intensity_percentiles),
             uses_skull="skull" in wanted,
-            signature=_signature(cfg, settings, qc_settings, privacy, control, segmenter_path, data, condset),
+            signature=_signature(
+                cfg, settings, qc_settings, privacy, control, segmenter_path, data, condset, design
+            ),
             privacy=screen,
+            design=design,
             device=device,
             stop_after=stop_after,
         )
@@ -228,6 +233,7 @@ def _signature(
     segmenter_path: str | Path | None,
     data: DatasetSource,
     condset: str,
+    design: Design,
 ) -> str:
     """The hash of everything a subject's files depend on: a complete subject with it is kept by a rerun."""
     parts = {
@@ -242,6 +248,7 @@ def _signature(
         "qc_segmenter": sha256_file(segmenter_path) if segmenter_path else None,
         "dataset": {"config_sha256": data.config_sha256, "subjects": data.subjects},
         "condset": condset,
+        "design": design.signature(),  # the CSV targets' contents too
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -310,12 +317,13 @@ class _ShardRun:
         privacy: tuple[PrivacySettings, RealSubjects] | None,
         device: torch.device,
         stop_after: int | None,
+        design: Design | None = None,
     ) -> None:
         self.out_dir, self.data, self.sources = out_dir, data, sources
         self.settings, self.qc_settings = settings, qc_settings
         self.seg_fn, self.ranges, self.uses_skull = seg_fn, ranges, uses_skull
         self.signature, self.device, self.stop_after = signature, device, stop_after
-        self.privacy = privacy
+        self.privacy, self.design = privacy, design
         self.label_dice: dict[int, np.ndarray] = {}  # per subject, its label map's Dice with each real one
         self.pending: deque[_Job] = deque()
         self.plans: dict[int, SubjectPlan] = {}
@@ -401,7 +409,9 @@ class _ShardRun:
         for i, _ in batch:
             if i not in self.plans:
                 with self._timed("planning"):
-                    plan = self.plans[i] = plan_subject(i, self.settings, self.data, self.sources)
+                    plan = self.plans[i] = plan_subject(
+                        i, self.settings, self.data, self.sources, self.design
+                    )
                 with self._timed("writing"):
                     write_inputs(self.out_dir / plan.subject, plan, self.data.affine)
         seeds = [noise_seed(self.settings.seed, i, a) for i, a in batch]
@@ -451,7 +461,7 @@ class _ShardRun:
     def _qc(self, plan: SubjectPlan, image: np.ndarray, seg: np.ndarray) -> QCResult:
         """The QC of a sample against the conditions it was made from."""
         conds, data = plan.conditions, self.data
-        return evaluate(
+        result = evaluate(
             image,
             seg,
             conds["lv"] > 0 if "lv" in conds else mask_of(plan.label, data.lv_labels),
@@ -461,6 +471,18 @@ class _ShardRun:
             self.ranges,
             conds["skull"].astype(np.float32) if self.uses_skull else None,
             data.lv_labels,
+        )
+        target = plan.targets[2] if plan.targets is not None and plan.designed[2] else None
+        volumes, reasons = volume_check(
+            seg,
+            plan.label,
+            plan.covariates_raw[2:4],
+            data.lv_labels,
+            target,
+            self.qc_settings.target_tolerance,
+        )
+        return QCResult(
+            {**result.metrics, **volumes}, result.passed and not reasons, result.reasons + reasons
         )
 
     def _screen(self, plan: SubjectPlan, image: np.ndarray) -> PrivacyResult | None:

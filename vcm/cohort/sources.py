@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from vcm.cohort.design import COVARIATES, Design
 from vcm.cohort.plan import CohortSettings, anatomy_rng, source_order, subject_id
 from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.labels import brain_mask, mask_of, semantic_map
 
-__all__ = ["DatasetSource", "SubjectPlan", "plan_subject", "smooth_displacement", "warp"]
-
-COVARIATES = ("sex", "age", "lv_volume", "brain_volume")
+__all__ = ["DatasetSource", "SubjectPlan", "plan_subject", "ranges_path", "smooth_displacement", "warp"]
 
 
 # --- the real subjects -------------------------------------------------------------------------------------
@@ -151,8 +150,6 @@ def _warped_covariates(
     raw: np.ndarray, label: np.ndarray, warped: np.ndarray, data: DatasetSource
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scaled and raw covariates of a new anatomy: LV and brain volumes scaled by the voxel counts."""
-    from vcm.prep.conditions import load_ranges, scale_covariates
-
     if not data.has_raw:
         raise StageError(
             f"{data.path}: no /covariates_raw to recompute a new anatomy's volumes (rebuild dataset.h5)"
@@ -161,12 +158,20 @@ def _warped_covariates(
     for k, fn in ((2, lambda lab: mask_of(lab, data.lv_labels)), (3, brain_mask)):
         before, after = int(fn(label).sum()), int(fn(warped).sum())
         raw[k] = raw[k] * after / before if before else after * data.spacing**3
-    ranges = load_ranges(_ranges_path(data.ranges_file))
+    return _scaled(raw, data), raw
+
+
+def _scaled(raw: np.ndarray, data: DatasetSource) -> np.ndarray:
+    """The backbone's min-max scaled covariates of raw ones (sex, years, mm³, mm³)."""
+    from vcm.prep.conditions import load_ranges, scale_covariates
+
+    ranges = load_ranges(ranges_path(data.ranges_file))
     scaled, _ = scale_covariates(dict(zip(COVARIATES, raw.tolist(), strict=True)), ranges)
-    return np.asarray(scaled, dtype=np.float32), raw
+    return np.asarray(scaled, dtype=np.float32)
 
 
-def _ranges_path(path: str | None) -> Path:
+def ranges_path(path: str | None) -> Path:
+    """``conditions.covariate_ranges``, relative to the working folder or else to the repository."""
     from vcm.config import REPO_ROOT
 
     p = Path(path or "resources/covariate_ranges.yaml")
@@ -188,6 +193,10 @@ class SubjectPlan:
     conditions: dict[str, np.ndarray]
     covariates: np.ndarray
     covariates_raw: np.ndarray
+    # cohort.design: the targets (raw units; the source's value where a covariate has none) and which
+    # covariates have one; covariates_raw holds the label map's values
+    targets: np.ndarray | None = None
+    designed: tuple[bool, ...] = (False, False, False, False)
 
     @property
     def subject(self) -> str:
@@ -195,9 +204,14 @@ class SubjectPlan:
 
 
 def plan_subject(
-    index: int, settings: CohortSettings, data: DatasetSource, sources: np.ndarray
+    index: int,
+    settings: CohortSettings,
+    data: DatasetSource,
+    sources: np.ndarray,
+    design: Design | None = None,
 ) -> SubjectPlan:
-    """The condition source of synthetic subject ``index`` (deterministic in ``(settings.seed, index)``)."""
+    """The condition source of synthetic subject ``index`` (deterministic in ``(settings.seed, index)``),
+    steered to its ``cohort.design`` targets (:func:`_steer`) when the design sets any."""
     n = len(sources)
     rnd, pos = divmod(index, n)  # balanced rounds: every source once per round, in a seeded order
     src = int(sources[source_order(settings.seed, rnd, n)[pos]])
@@ -212,4 +226,40 @@ def plan_subject(
         conds = _warp_conditions(conds, warped, disp, data.lv_labels)
         cov, raw = _warped_covariates(raw, label, warped, data)
         label = warped
-    return SubjectPlan(index, src, data.subjects[src], new, label, conds, cov, raw)
+    plan = SubjectPlan(index, src, data.subjects[src], new, label, conds, cov, raw)
+    if design is not None and design.any:
+        _steer(plan, design, settings.seed, data)
+    return plan
+
+
+def _steer(plan: SubjectPlan, design: Design, seed: int, data: DatasetSource) -> None:
+    """Draw the subject's targets; deform its label map to the volume targets (after a new anatomy's warp,
+    :mod:`vcm.cohort.steer`), re-derive its conditions; covariates = the targets' sex and age and the steered
+    label map's volumes (the source's native volumes times the voxel-count ratios)."""
+    from vcm.cohort.steer import steer_label
+
+    if not data.has_raw:
+        raise StageError(
+            f"{data.path}: no /covariates_raw to steer subjects to cohort.design (rebuild dataset.h5)"
+        )
+    raw = plan.covariates_raw
+    targets = design.draw(seed, plan.index, dict(zip(COVARIATES, raw.tolist(), strict=True)))
+    lv, brain = mask_of(plan.label, data.lv_labels).sum(), brain_mask(plan.label).sum()
+    wanted = {}  # voxel counts: native mm³ over the source's native mm³ per voxel
+    for key, count, k in (("lv_volume", lv, 2), ("brain_volume", brain, 3)):
+        if design.designed(key) and count and raw[k] > 0:
+            wanted[key] = targets[key] / (raw[k] / count)
+    if wanted:
+        steered = steer_label(
+            plan.label, data.lv_labels, data.spacing, wanted.get("lv_volume"), wanted.get("brain_volume")
+        )
+        plan.conditions = _warp_conditions(
+            plan.conditions, steered.label, steered.displacement, data.lv_labels
+        )
+        _, raw = _warped_covariates(raw, plan.label, steered.label, data)
+        plan.label = steered.label
+    raw = raw.copy()
+    raw[0], raw[1] = targets["sex"], targets["age"]
+    plan.covariates, plan.covariates_raw = _scaled(raw, data), raw
+    plan.targets = np.array([targets[k] for k in COVARIATES], dtype=np.float64)
+    plan.designed = tuple(design.designed(k) for k in COVARIATES)

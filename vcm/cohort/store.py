@@ -7,9 +7,10 @@ the report) go through :func:`write_shard`, :func:`merge_cohort`, :func:`open_co
 ``shard.h5`` and ``cohort.h5`` share one layout (DESIGN.md contract): ``/subjects``, ``/image`` N×1×D×H×W,
 ``/label`` N×D×H×W, ``/cond/<name>`` N×1×D×H×W, ``/covariates`` N×4, ``/seed``, ``/source_subject``,
 ``/new_anatomy``, ``/qc/<metric>``, ``/qc/passed``, ``/qc/attempts``; also ``/index``, ``/seg``,
-``/source_index``, ``/covariates_raw``, ``/intensity/<structure>`` (the image's median intensity per semantic
-class, next to ``/qc_reference/{low,high}``, the real range) and ``/attempts/<field>``, one row per QC
-attempt; with the privacy screen (:mod:`vcm.privacy`) on, ``/privacy/<field>`` per subject (its kept
+``/source_index``, ``/covariates_raw`` (the label map's values), ``/design/{target,designed}_<covariate>``
+(``cohort.design``; the re-segmented image's volumes are ``/qc/image_{lv,brain}_volume``),
+``/intensity/<structure>`` (the image's median intensity per semantic class, next to
+``/qc_reference/{low,high}``, the real range) and ``/attempts/<field>``, one row per QC attempt; with the privacy screen (:mod:`vcm.privacy`) on, ``/privacy/<field>`` per subject (its kept
 attempt's nearest real training subject: ``nearest_real``, ``nearest_index``, ``nearest_similarity``,
 ``nearest_label_dice``, ``max_label_dice``, ``possible_copy``), the same fields per attempt under
 ``/attempts``, and the real-to-real baseline ``/privacy_reference/{subjects,nearest_real,similarity}`` (its
@@ -255,6 +256,9 @@ def _write_records(h5: h5py.File, records: Sequence[Mapping]) -> None:
     _put(h5, "source_subject", np.array([r["source_subject"] for r in records], dtype=object))
     _put(h5, "source_index", [r["source_index"] for r in records], np.int64)
     _put(h5, "new_anatomy", [r["new_anatomy"] for r in records], bool)
+    for k, name in enumerate(COVARIATES):  # cohort.design: target, whether set; the label's is covariates_raw
+        _put(h5, f"design/target_{name}", [r["design"]["target"][k] for r in records], np.float64)
+        _put(h5, f"design/designed_{name}", [r["design"]["designed"][k] for r in records], bool)
     for m in metrics:  # per-structure medians apart: /qc holds the checks' metrics
         key = f"intensity/{m.removeprefix('median_')}" if m.startswith("median_") else f"qc/{m}"
         _put(h5, key, [_nan(r["qc"].get(m)) for r in records], np.float64)
@@ -458,6 +462,8 @@ def _manifest_rows(path: Path, h5: h5py.File, out_dir: Path) -> list[dict[str, A
                 **{f"cov_{n}": float(v) for n, v in zip(COVARIATES, cov, strict=True)},
                 "lv_volume_mm3": float(raw[2]),
                 "brain_volume_mm3": float(raw[3]),
+                **{f"target_{n}": float(h5[f"design/target_{n}"][k]) for n in COVARIATES},
+                **{f"label_{n}": float(v) for n, v in zip(COVARIATES, raw, strict=True)},
                 **{m: float(h5[f"qc/{m}"][k]) for m in metrics},
                 **{f"median_{c}": float(h5[f"intensity/{c}"][k]) for c in intensity},
                 "shard": str(h5.attrs.get("shard", folder.name)),

@@ -42,8 +42,8 @@ __all__ = [
 
 SUBJECT_FILE = "subject.json"
 # the layout of subject.json and shard.h5; part of the settings signature, so a new format remakes subjects
-# (2: the privacy screen of every attempt)
-FORMAT_VERSION = 2
+# (2: the privacy screen of every attempt; 3: cohort.design targets, image volumes, the LV target check)
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -142,7 +142,11 @@ def write_subject(
         "attempts": len(attempts),
         "passed": kept.qc.passed,
         "covariates": plan.covariates.tolist(),
-        "covariates_raw": plan.covariates_raw.tolist(),
+        "covariates_raw": plan.covariates_raw.tolist(),  # the label map's values
+        "design": {  # targets in covariate units (the source's value where a covariate has none)
+            "target": (plan.targets if plan.targets is not None else plan.covariates_raw).tolist(),
+            "designed": list(plan.designed),
+        },
         "qc": kept.qc.metrics,
         **({"privacy": kept.privacy.record()} if kept.privacy is not None else {}),
         "tries": [

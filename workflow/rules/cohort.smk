@@ -14,6 +14,8 @@ COHORT_TRAIN_SIZE = max(CFG["training"]["sizes"])
 COHORT_SHARDS = shard_ids(CFG)
 COHORT_DIR = f"{RESULTS}/cohorts/{{condset}}"
 COHORTS = expand(f"{RESULTS}/cohorts/{{condset}}/cohort.h5", condset=CFG["cohort"]["sets"])
+# cohort.design's CSV targets: inputs, so that a changed file remakes the shards
+DESIGN_FILES = [t["csv"] for t in CFG["cohort"]["design"].values() if isinstance(t, dict) and "csv" in t]
 
 
 rule generate_shard:
@@ -24,6 +26,7 @@ rule generate_shard:
         template_head=f"{RESULTS}/template/t1_head.nii.gz",
         template_labels=f"{RESULTS}/template/labels.nii.gz",
         segmenter=QC_SEGMENTER_INPUT,
+        design=DESIGN_FILES,
     output:
         # the subject folders next to it are deliberately not outputs: Snakemake deletes a failed job's outputs,
         # and a rerun keeps the subjects that were complete (subject.json) and makes the rest

@@ -21,11 +21,12 @@ COHORT_FILES = expand(f"{RESULTS}/cohorts/{{condset}}/cohort.h5", condset=COHORT
 COHORT_FIGURES = expand(
     f"{RESULTS}/cohorts/{{condset}}/{{figure}}.png",
     condset=COHORT_SETS,
-    figure=["cohort_montage", "qc_hist", "privacy_hist"],
+    figure=["cohort_montage", "qc_hist", "privacy_hist", "design", "design_montage"],
 )
+COHORT_DESIGN = expand(f"{RESULTS}/cohorts/{{condset}}/design.json", condset=COHORT_SETS)
 EVAL_TABLES = [f"{EVAL_DIR}/table.md", f"{EVAL_DIR}/table.html", f"{EVAL_DIR}/tstr.csv"]
 SUMMARY = f"{RESULTS}/summary.md"
-EVAL_TARGETS = [*EVAL_MODEL_TABLES, *EVAL_TABLES, *COHORT_FIGURES, SUMMARY]  # SUMMARY pulls MASK_EDITS
+EVAL_TARGETS = [*EVAL_MODEL_TABLES, *EVAL_TABLES, *COHORT_FIGURES, *COHORT_DESIGN, SUMMARY]  # SUMMARY pulls MASK_EDITS
 
 # MedicalNet weights for FID 3D are a local file (never downloaded): an input when configured, so that a
 # missing file stops the DAG before any job and a new file reruns the evaluation.
@@ -183,6 +184,27 @@ rule cohort_figures:
             subcategory="{condset}",
             labels={"cohort": "{condset}", "figure": "privacy screen"},
         ),
+        design=report(
+            f"{RESULTS}/cohorts/{{condset}}/design.png",
+            caption="../report/design.rst",
+            category="Cohorts",
+            subcategory="{condset}",
+            labels={"cohort": "{condset}", "figure": "design: target vs achieved"},
+        ),
+        design_json=report(
+            f"{RESULTS}/cohorts/{{condset}}/design.json",
+            caption="../report/design.rst",
+            category="Cohorts",
+            subcategory="{condset}",
+            labels={"cohort": "{condset}", "figure": "design: KS statistics"},
+        ),
+        design_montage=report(
+            f"{RESULTS}/cohorts/{{condset}}/design_montage.png",
+            caption="../report/design_montage.rst",
+            category="Cohorts",
+            subcategory="{condset}",
+            labels={"cohort": "{condset}", "figure": "montage by LV volume"},
+        ),
     log:
         f"{LOGS}/cohort_figures/{{condset}}.log",
     benchmark:
@@ -197,7 +219,8 @@ rule cohort_figures:
     shell:
         "python -m vcm cohort-figures --config {params.config:q} --cohort {input.cohort:q}"
         " --montage {output.montage:q} --qc-hist {output.qc_hist:q} --privacy-hist {output.privacy_hist:q}"
-        " > {log:q} 2>&1"
+        " --design {output.design:q} --design-json {output.design_json:q}"
+        " --design-montage {output.design_montage:q} > {log:q} 2>&1"
 
 
 rule eval_tables:
@@ -241,6 +264,7 @@ rule summary:
         tstr=rules.eval_tables.output.tstr,
         cohorts=COHORT_FILES,
         figures=COHORT_FIGURES,  # linked from the cohorts table once they exist
+        design=COHORT_DESIGN,  # the cohorts' target-vs-achieved table
         mask_edits=MASK_EDITS,
         segmenter=QC_SEGMENTER_INPUT,
     output:
