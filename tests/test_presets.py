@@ -85,3 +85,35 @@ def test_the_whole_study_dag_dry_runs_through_the_slurm_profile(tmp_path):
     assert jobs["mask_edit"] == models  # both condition sets have an LV mask
     assert jobs["generate_shard"] == 100 and jobs["merge_cohort"] == 1  # 10 000 subjects, 100 a shard
     assert jobs["encode_latents"] == 1 and jobs["eval_tables"] == 1 and jobs["summary"] == 1
+
+
+@pytest.mark.workflow
+def test_two_methods_train_evaluate_and_the_cohort_samples_its_method(tmp_path):
+    """The demo config with VCM and ControlNet side by side (the reduced workflow run trains VCM only, to keep
+    its time): one model, evaluation and mask edit per method, and the cohort's shards use cohort.method's."""
+    import subprocess
+    import sys
+
+    from vcm.bench.dag import dry_run_jobs, fake_checked_inputs
+
+    t1 = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(t1))
+    manifest, results = fake_checked_inputs(tmp_path / "run", 30, t1)
+    both = tmp_path / "both.yaml"
+    both.write_text(
+        yaml.safe_dump(
+            {
+                "results": str(results),
+                "data": {"manifest": str(manifest)},
+                "training": {"methods": ["vcm", "controlnet"]},
+                "cohort": {"method": "controlnet"},
+            }
+        )
+    )
+    jobs, _, _ = dry_run_jobs([both], None)
+    assert (jobs["train_vcm"], jobs["evaluate"], jobs["mask_edit"], jobs["eval_tables"]) == (2, 2, 2, 1)
+    shard = results / "cohorts" / "lv_brain_skull" / "shards" / "00000" / "shard.h5"
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--configfile", str(both), "--", str(shard)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.count("python -m vcm train-vcm") == 1 and "--method controlnet" in out
+    assert f"--model {results}/models/controlnet/lv_brain_skull/n24/vcm.pt" in out

@@ -87,7 +87,6 @@ def full_config(root: Path, name: str) -> tuple[Path, Path]:
         "condition_sets": {"lv_brain_skull": [["lv", "brain"], ["skull"]], "t2": [["t2"]]},
         "backbone": {"kind": "tiny", "bundle": str(bundle)},
         "training": {
-            "methods": ["vcm", "controlnet"],  # side by side: the baseline's jobs add ~ s to the run
             "sizes": [3],
             "steps": 6,
             "minutes": None,
