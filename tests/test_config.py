@@ -38,6 +38,20 @@ def test_defaults_are_filled_for_absent_sections():
             "config key 'data.gates.lv_ml': low end 300 is above high end 1",
         ),
         ({"data": {"gates": {"brain_ml": [600]}}}, "config key 'data.gates.brain_ml': [600] is"),
+        (  # the old single switch: say what replaced it
+            {"training": {"method": "controlnet"}},
+            "config key 'training.method' was replaced: use 'training.methods', a list: methods: [controlnet]",
+        ),
+        (
+            {"training": {"methods": ["vcm", "vcm"]}},
+            "config key 'training.methods': ['vcm', 'vcm'] has non-unique",
+        ),
+        ({"training": {"methods": []}}, "config key 'training.methods': [] should be non-empty"),
+        ({"training": {"methods": ["gan"]}}, "config key 'training.methods.0': 'gan' is not one of"),
+        (
+            {"cohort": {"method": "controlnet"}},
+            "config key 'cohort.method': 'controlnet' is not trained (training.methods: vcm)",
+        ),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(override, message):
@@ -45,6 +59,21 @@ def test_bad_config_gives_one_line_naming_the_key(override, message):
         validate_config(override)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+def test_methods_default_to_vcm_and_the_cohort_samples_the_first():
+    cfg = validate_config({})
+    assert cfg["training"]["methods"] == ["vcm"] and cfg["cohort"]["method"] is None
+    both = validate_config({"training": {"methods": ["controlnet", "vcm"]}, "cohort": {"method": "vcm"}})
+    assert both["training"]["methods"] == ["controlnet", "vcm"] and both["cohort"]["method"] == "vcm"
+
+
+def test_training_settings_take_the_method_of_their_job():
+    from vcm.training.settings import Settings
+
+    cfg = validate_config({"training": {"methods": ["controlnet", "vcm"]}})
+    assert Settings.from_config(cfg).method == "controlnet"  # the first, where no job names one
+    assert Settings.from_config(cfg, method="vcm").method == "vcm"
 
 
 def test_grid_mapping_is_accepted():
@@ -169,13 +198,13 @@ def _settings_classes():
         (QCSettings, "qc", {}),
         (PrivacySettings, "qc.privacy", {}),
         (GateSettings, "data.gates", {}),
-        (Settings, "training", {**preview, "preview_seed": "preview.seed"}),
+        (Settings, "training", {**preview, "preview_seed": "preview.seed", "method": "methods.0"}),
     ]
 
 
 def _at(node, path):
     for part in path.split("."):
-        node = node[part]
+        node = node[int(part)] if isinstance(node, list) else node[part]
     return node
 
 

@@ -29,6 +29,7 @@ from vcm.evaluation.metrics import (
 from vcm.evaluation.run import evaluate_model
 from vcm.evaluation.settings import EvalSettings
 from vcm.mask_edit import VARIANTS, edited_masks, mask_edit_check
+from vcm.models.build import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,6 +231,10 @@ def test_stage_tables_controlled_vs_uncontrolled(tmp_path, files):
         assert table[f"{metric}_mean"].notna().all(), metric
     assert table["dice_mean"][:2].between(0, 1).all() and table["ssim_mean"][:2].between(-1, 1).all()
     assert table["fid3d"].isna().all()  # no MedicalNet weights configured
+    # the controlled row's training cost: its trainable parameters (no loss.csv beside this model: no timing)
+    model, _ = load_model(files["two"])
+    assert table.loc[0, "parameters"] == sum(p.numel() for p in model.parameters())
+    assert table["parameters"][1:].isna().all() and table["seconds_per_step"].isna().all()
     # the paired difference row: controlled - uncontrolled per subject, with its bootstrap interval
     diff = table.loc[2, "ssim_mean"]
     assert diff == pytest.approx(table.loc[0, "ssim_mean"] - table.loc[1, "ssim_mean"], abs=1e-6)
@@ -350,7 +355,7 @@ def test_cli_with_atlas_segmentation_and_tables(tmp_path, files, template_dir, c
         "| lv | 2 | VCM | atlas | 1 |" in text
         and "| two | 10 | backbone (uncontrolled) | atlas | 1 |" in text
     )
-    assert "| lv | 2 | Δ controlled − uncontrolled | atlas | 1 |" in text
+    assert "| lv | 2 | Δ VCM − backbone | atlas | 1 |" in text
     assert "skull-dist" not in text and "FID 3D" not in text  # empty everywhere: dropped
     assert "| synthetic | lv | 30 | lv | 300 | 0.710 [0.650, 0.760] |" in text
     assert "<table" in html.read_text() and "Train on synthetic" in html.read_text()
@@ -388,3 +393,61 @@ def test_mask_edit_samples_three_variants_from_the_same_noise(files):
     assert s["mask_volume_ratio_dilated_to_original"] > 1 and set(s["dice_to_variant"]) == set(VARIANTS)
     again = mask_edit_check(cfg, files["dataset"], files["two"], files["bundle"], fake_segment, 2, 2)
     assert again["rows"] == result["rows"]  # same noise, same images
+
+
+def test_training_cost_reads_the_seconds_per_step_beside_the_model(tmp_path):
+    from vcm.evaluation.run import training_cost
+
+    net = torch.nn.Linear(3, 2)  # 8 parameters
+    net.bias.requires_grad_(False)  # not trained: not counted
+    model_path = tmp_path / "vcm.pt"
+    cost = training_cost(net, model_path)
+    assert cost["parameters"] == 6 and math.isnan(cost["seconds_per_step"])
+    (tmp_path / "loss.csv").write_text("step,loss,lr,elapsed_s\n1,0.5,1e-3,2.00\n40,0.4,1e-3,50.00\n")
+    assert training_cost(net, model_path)["seconds_per_step"] == pytest.approx(1.25)
+
+
+def _model_table(method, condset, controlled, parameters, seconds):
+    """A per-model table as ``evaluate`` writes it: ``method`` against the uncontrolled backbone (dice 0.5, 0.6)."""
+    from vcm.evaluation.tables import summarise
+
+    per_subject = pd.DataFrame(
+        {
+            "subject": ["a", "b", "a", "b"],
+            "method": [method, method, "uncontrolled", "uncontrolled"],
+            "dice": [*controlled, 0.5, 0.6],
+        }
+    )
+    table = summarise(per_subject)
+    table.insert(0, "condition_set", condset)
+    table.insert(1, "training_size", 10)
+    table.insert(2, "model", method)
+    table["parameters"] = [parameters, math.nan, math.nan]
+    table["seconds_per_step"] = [seconds, math.nan, math.nan]
+    return table
+
+
+def test_the_table_lists_every_method_beside_the_backbone_once():
+    from vcm.evaluation.tables import display_table
+
+    tables = [
+        _model_table("vcm", "lv", [0.8, 0.9], 45_190_000, 0.36),
+        _model_table("controlnet", "lv", [0.7, 0.7], 181_000_000, 0.9),
+        _model_table("vcm", "two", [0.6, 0.7], 45_880_000, 0.4),
+    ]
+    shown = display_table(tables)
+    assert list(shown["method"]) == [
+        "backbone (uncontrolled)",
+        "VCM",
+        "ControlNet",
+        "Δ VCM − backbone",
+        "Δ ControlNet − backbone",
+        "backbone (uncontrolled)",
+        "VCM",
+        "Δ VCM − backbone",
+    ]
+    assert list(shown["condition set"]) == ["lv"] * 5 + ["two"] * 3
+    assert list(shown["parameters"][:3]) == ["–", "45.19 M", "181.00 M"]
+    assert list(shown["s / training step"][:3]) == ["–", "0.36", "0.9"]
+    assert shown["DSC ↑"][0].startswith("0.550") and shown["DSC ↑"][2].startswith("0.700")
+    assert shown["DSC ↑"][4].startswith("0.150")  # ControlNet − backbone, paired

@@ -304,7 +304,7 @@ def test_controlnet_starts_as_the_backbone_then_trains_and_saves(tmp_path, files
     with torch.no_grad():  # zero-initialised residuals: exactly the frozen model
         torch.testing.assert_close(net(backbone, z, t, cov, cond), backbone.eps(z, t, cov))
 
-    tcfg["training"].update(method="controlnet", steps=2)
+    tcfg["training"].update(methods=["controlnet"], steps=2)
     result = run(tcfg, files, tmp_path / "cn")
     model, meta = load_model(tmp_path / "cn" / "vcm.pt")
     assert meta["method"] == "controlnet" and isinstance(model, ControlNetControl)

@@ -74,6 +74,24 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key '{key}': {error.message}"
 
 
+# Keys that a release replaced: (section, old key) -> what to write instead. An old config then stops with this
+# line rather than the schema's generic "unknown key".
+_REPLACED = {
+    (
+        "training",
+        "method",
+    ): "use 'training.methods', a list: methods: [{value}] (or [vcm, controlnet] for both)",
+}
+
+
+def _check_replaced(cfg: Mapping[str, Any]) -> None:
+    """Raise a :class:`ConfigError` naming a replaced key and its successor (see ``_REPLACED``)."""
+    for (section, key), advice in _REPLACED.items():
+        node = cfg.get(section)
+        if isinstance(node, Mapping) and key in node:
+            raise ConfigError(f"config key '{section}.{key}' was replaced: {advice.format(value=node[key])}")
+
+
 def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Validate a config dict and return a copy with defaults filled in.
 
@@ -84,6 +102,7 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(cfg) if cfg else {}
     if not isinstance(out, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(cfg).__name__}")
+    _check_replaced(out)
     _fill_defaults(out, schema, schema)
     validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors(out), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
@@ -95,6 +114,11 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"config key 'data.gates.{key}': low end {value[0]:g} is above high end {value[1]:g}"
             )
+    method, methods = out["cohort"]["method"], out["training"]["methods"]
+    if method is not None and method not in methods:
+        raise ConfigError(
+            f"config key 'cohort.method': '{method}' is not trained (training.methods: {', '.join(methods)})"
+        )
     for name in out["cohort"]["sets"]:
         if name not in out["condition_sets"]:
             raise ConfigError(

@@ -8,7 +8,7 @@ and shrink with the mask: the segmented LV volume rises from eroded to original 
 matches its own variant's mask, and the ring that dilation adds gets darker (ventricular CSF is dark in T1).
 A module that ignores the mask changes nothing.
 
-Output (``--out results/eval/mask_edit/<set>_n<size>.json``): per subject and variant the mask and segmented
+Output (``--out results/eval/mask_edit/<method>/<set>_n<size>.json``): per subject and variant the mask and segmented
 LV voxels, the Dice of the segmentation with the variant's mask and the mean intensity in the added ring; a
 summary with the share of subjects whose LV volume follows the edits and the mean ring darkening.
 """
@@ -220,7 +220,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--segmenter", default=None, help="segmenter.pt (segmenter backend)")
     parser.add_argument("--template-dir", default=None, help="template (atlas backend)")
     parser.add_argument("--subjects", type=int, default=4, help="first N validation subjects")
-    parser.add_argument("--out", required=True, help="results/eval/mask_edit/<set>_n<size>.json")
+    parser.add_argument("--out", required=True, help="results/eval/mask_edit/<method>/<set>_n<size>.json")
     args = parser.parse_args(argv)
     device = configure_runtime(args)
     cfg = load_config(args.config)

@@ -323,9 +323,10 @@ def _evaluation_section(
     parts = ["## Evaluation\n"]
     if eval_csvs:
         parts.append(
-            "Controlled (the trained module) vs uncontrolled (the backbone alone, same noise and covariates), "
-            "mean [bootstrap 95 % interval] over the validation subjects; Δ is the paired difference "
-            "(`results/eval/`).\n\n" + markdown_table(display_table([pd.read_csv(p) for p in eval_csvs]))
+            "Each trained method (`training.methods`) vs the uncontrolled backbone (same noise and covariates), "
+            "mean [bootstrap 95 % interval] over the validation subjects; a Δ row is the method's paired "
+            "difference from the backbone (`results/eval/<method>/`).\n\n"
+            + markdown_table(display_table([pd.read_csv(p) for p in eval_csvs]))
         )
     else:
         parts.append("_not evaluated_\n")

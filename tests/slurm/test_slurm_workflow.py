@@ -89,7 +89,7 @@ def test_every_job_went_through_sbatch_on_its_partition(slurm_run):
             assert "slurm_job_id" in h5.attrs
             tasks.add(h5.attrs["slurm_array_task_id"])
     assert len(tasks) == 2, tasks  # the two shards ran as two tasks of one array job
-    meta = torch.load(results / "models" / "lv_brain_skull" / "n3" / "vcm.pt", weights_only=True)
+    meta = torch.load(results / "models" / "vcm" / "lv_brain_skull" / "n3" / "vcm.pt", weights_only=True)
     assert "slurm_job_id" in meta["provenance"]
     assert (results / "summary.md").is_file() and (results / "eval" / "tstr.csv").is_file()
 
@@ -132,7 +132,7 @@ def test_slurm_run_makes_the_same_data_model_and_cohort_as_a_local_run(slurm_run
         with h5py.File(local / rel) as a, h5py.File(remote / rel) as b:
             _assert_same_h5(a, b)
     for condset in ("lv_brain_skull", "t2"):
-        rel = f"models/{condset}/n3/vcm.pt"
+        rel = f"models/vcm/{condset}/n3/vcm.pt"
         _assert_same_model(
             torch.load(local / rel, weights_only=True), torch.load(remote / rel, weights_only=True)
         )
@@ -161,7 +161,7 @@ def test_training_job_survives_three_preemptions(slurm_run):
     cfg["training"].update(steps=steps, checkpoint_every=5, vcm=TINY_VCM, preview={"subjects": 0, "steps": 3})
     configfile = slurm_run["config"].with_name("slurm_preempted.yaml")
     configfile.write_text(yaml.safe_dump(cfg))
-    model_dir = results / "models" / "t2" / "n3"
+    model_dir = results / "models" / "vcm" / "t2" / "n3"
     shutil.rmtree(model_dir)  # trained by slurm_run with 6 steps: train it again, with checkpoints to resume
     target, latest = model_dir / "vcm.pt", model_dir / "checkpoints" / "checkpoint_latest.pt"
     proc = run_snakemake(configfile, "--profile", "profiles/slurm", *FAST, targets=(target,), background=True)
@@ -186,7 +186,7 @@ def test_training_job_survives_three_preemptions(slurm_run):
             run_snakemake(configfile, "--unlock", targets=(target,), timeout=120)
     assert proc.returncode == 0, out[-4000:]
     assert out.count("Trying to restart job") == pre_emptions, out[-4000:]
-    log = (results / "logs" / "train_vcm" / "t2_n3.log").read_text()  # the last attempt's
+    log = (results / "logs" / "train_vcm" / "vcm" / "t2_n3.log").read_text()  # the last attempt's
     assert re.search(rf"resuming from .* at step \d+ \(resume {pre_emptions}\)", log), log[-3000:]
     final = torch.load(model_dir / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert int(final["step"]) == steps

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.workflow
 
 def test_model_cohort_and_qc(full_run):
     results = full_run["results"]
-    model = results / "models" / "lv_brain_skull" / "n3"
+    model = results / "models" / "vcm" / "lv_brain_skull" / "n3"
     assert (model / "vcm.pt").is_file() and (model / "loss.png").is_file()
     assert len(pd.read_csv(model / "loss.csv")) >= 1
     cohort = results / "cohorts" / "lv_brain_skull"
@@ -33,7 +33,7 @@ def test_model_cohort_and_qc(full_run):
     manifest = pd.read_csv(cohort / "manifest.csv")
     assert len(manifest) == 4 and {"subject", "t1", "age", "sex"} <= set(manifest.columns)
     assert len(pd.read_csv(cohort / "qc.csv")) >= 4
-    assert (results / "models" / "t2" / "n3" / "vcm.pt").is_file()
+    assert (results / "models" / "vcm" / "t2" / "n3" / "vcm.pt").is_file()
     with h5py.File(results / "dataset.h5") as h5:
         assert h5["cond/t2"].shape == (5, 1, 40, 56, 40)
     qc_segmenter = json.loads((results / "models" / "qc_segmenter" / "segmenter.json").read_text())
@@ -43,20 +43,26 @@ def test_model_cohort_and_qc(full_run):
 
 def test_evaluation_tstr_summary_and_report(full_run):
     results, report = full_run["results"], full_run["report"]
-    table = pd.read_csv(results / "eval" / "lv_brain_skull_n3.csv")
+    table = pd.read_csv(results / "eval" / "vcm" / "lv_brain_skull_n3.csv")
     assert list(table["control"]) == ["controlled", "uncontrolled", "controlled - uncontrolled (paired)"]
     assert table["dice_mean"][:2].between(0, 1).all() and (table["n"] == 1).all()
     assert (table["segmentation"] == "segmenter").all()  # the QC segmenter re-segments the images
+    assert table["parameters"][0] > 0 and table["seconds_per_step"][0] > 0  # the training cost columns
+    md = (results / "eval" / "table.md").read_text()
+    for row in ("backbone (uncontrolled)", "VCM", "Δ VCM − backbone"):
+        assert f"| lv_brain_skull | 3 | {row} |" in md, row
     tstr = pd.read_csv(results / "eval" / "tstr.csv")
     assert list(tstr["train_data"]) == ["synthetic", "real", "real+synthetic"]
     summary = (results / "summary.md").read_text()
     assert "TSTR" in summary or "tstr" in summary.lower()
     assert "## QC segmenter" in summary and "### Mask edit" in summary
-    edit = json.loads((results / "eval" / "mask_edit" / "lv_brain_skull_n3.json").read_text())
+    edit = json.loads((results / "eval" / "mask_edit" / "vcm" / "lv_brain_skull_n3.json").read_text())
     assert (
         len(edit["rows"]) == 3 and edit["segmentation"] == "segmenter"
     )  # one validation subject x 3 variants
-    assert not (results / "eval" / "mask_edit" / "t2_n3.json").exists()  # no LV mask to edit in that set
+    assert not (
+        results / "eval" / "mask_edit" / "vcm" / "t2_n3.json"
+    ).exists()  # no LV mask to edit in that set
     assert report.stat().st_size > 100_000
 
 
@@ -66,8 +72,8 @@ def test_a_rerun_writes_byte_identical_data_models_and_cohort(full_run):
     results = full_run["results"]
     files = [
         results / "dataset.h5",
-        results / "models" / "lv_brain_skull" / "n3" / "vcm.pt",
-        results / "models" / "t2" / "n3" / "vcm.pt",
+        results / "models" / "vcm" / "lv_brain_skull" / "n3" / "vcm.pt",
+        results / "models" / "vcm" / "t2" / "n3" / "vcm.pt",
         results / "cohorts" / "lv_brain_skull" / "cohort.h5",
     ]
     before = {f.name if f.suffix == ".h5" else str(f.parent): sha256_file(f) for f in files}

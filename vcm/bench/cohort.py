@@ -188,7 +188,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("cohort", help="QC-passed synthetic subjects per hour of generate-shard, per sampler")
     add_run_arguments(p)
     p.add_argument(
-        "--condition-set", default=None, help="default the model's folder: models/<set>/n<size>/vcm.pt"
+        "--condition-set",
+        default=None,
+        help="default the model's folder: models/<method>/<set>/n<size>/vcm.pt",
     )
     p.add_argument("--variants", default="before,after", help="comma-separated: before, after, SAMPLER:STEPS")
     p.add_argument("--subjects", type=int, default=16, help="synthetic subjects per variant")

@@ -112,14 +112,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=REPO / "results", help="a finished run's results folder")
     p.add_argument("--config", type=Path, default=None, help="default <results>/.vcm/config.yaml")
     p.add_argument("--bundle", type=Path, default=None, help="default the config's backbone.bundle")
-    p.add_argument("--model", type=Path, default=None, help="default the one <results>/models/*/n*/vcm.pt")
+    p.add_argument(
+        "--model", type=Path, default=None, help="default the one <results>/models/<method>/*/n*/vcm.pt"
+    )
 
 
 def run_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     """The config, the backbone bundle and the trained model of a finished run, from the parsed ``args``.
 
     ``args.config`` defaults to ``<args.results>/.vcm/config.yaml``, ``args.bundle`` to the config's
-    ``backbone.bundle`` and ``args.model`` to the one ``<args.results>/models/*/n*/vcm.pt``.
+    ``backbone.bundle`` and ``args.model`` to the one ``<args.results>/models/<method>/*/n*/vcm.pt`` (of
+    ``cohort.method`` when several methods were trained).
 
     Raises:
         StageError: no ``--model`` and not exactly one trained model in the results folder.
@@ -132,10 +135,14 @@ def run_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     bundle = args.bundle or Path(cfg["backbone"]["bundle"])
     if args.model is not None:
         return cfg, bundle, args.model
-    models = sorted((args.results / "models").glob("*/n*/vcm.pt"))
+    models = sorted((args.results / "models").glob("*/*/n*/vcm.pt"))
+    if len(models) > 1:  # methods side by side: the one the cohort samples from
+        method = cfg["cohort"]["method"] or cfg["training"]["methods"][0]
+        models = [m for m in models if m.parent.parent.parent.name == method]
     if len(models) != 1:
         raise StageError(
-            f"{args.results / 'models'}: {len(models)} trained models (*/n*/vcm.pt); name one with --model"
+            f"{args.results / 'models'}: {len(models)} trained models (<method>/<set>/n<size>/vcm.pt of "
+            "cohort.method); name one with --model"
         )
     return cfg, bundle, models[0]
 

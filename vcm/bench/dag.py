@@ -21,7 +21,74 @@ import yaml
 
 from vcm.bench.common import REPO
 
-__all__ = ["add_parser", "bench_dag", "run"]
+__all__ = ["add_parser", "bench_dag", "dry_run_jobs", "fake_checked_inputs", "run"]
+
+
+def fake_checked_inputs(root: Path, n_subjects: int, t1: Path) -> tuple[Path, Path]:
+    """A manifest of ``n_subjects`` (every T1 a symlink to ``t1``) under ``root`` and the input-check
+    checkpoint's outputs already written for it, so that a dry run lists the whole per-subject DAG.
+
+    Returns:
+        the manifest and the results folder.
+    """
+    from vcm.prep.exclusion import EXCLUDED_COLUMNS
+    from vcm.prep.inputs import write_subject_meta
+
+    (root / "t1").mkdir(parents=True)
+    rows = []
+    for i in range(n_subjects):
+        link = root / "t1" / f"s{i:05d}.nii.gz"
+        link.symlink_to(t1.resolve())
+        rows.append({"subject": f"s{i:05d}", "t1": str(link), "age": 60.0, "sex": "F"})
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    results = root / "results"
+    (results / "inputs").mkdir(parents=True)
+    time.sleep(0.05)  # the checkpoint's outputs must be newer than the manifest
+    pd.DataFrame(rows).to_csv(results / "inputs" / "subjects.csv", index=False)
+    write_subject_meta(pd.DataFrame(rows), results / "inputs")
+    pd.DataFrame(columns=list(EXCLUDED_COLUMNS)).to_csv(results / "inputs" / "excluded.csv", index=False)
+    return manifest, results
+
+
+def dry_run_jobs(
+    configfiles: list[Path], profile: str | None = "profiles/slurm"
+) -> tuple[dict[str, int], float, float]:
+    """``snakemake -n`` of the repository's workflow with ``configfiles`` (merged in order over
+    config/config.yaml) and ``profile``.
+
+    Returns:
+        the jobs per rule, the wall and the CPU seconds of the dry run.
+
+    Raises:
+        SystemExit: the dry run failed (the end of its error output).
+    """
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--quiet",
+        "rules",
+        "--configfile",
+        *map(str, configfiles),
+    ]
+    cmd += ["--profile", profile] if profile else []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        raise SystemExit(f"dry run failed:\n{proc.stderr[-2000:]}")
+    counts = {}
+    for line in proc.stdout.splitlines():  # the job-stats table: "<rule>   <count>"
+        words = line.split()
+        if len(words) == 2 and words[1].isdigit() and words[0] != "total":
+            counts[words[0]] = int(words[1])
+    return counts, seconds, cpu
 
 
 def bench_dag(
@@ -29,25 +96,9 @@ def bench_dag(
 ) -> dict:
     """Time a dry run over ``n_subjects`` (all pointing at one real T1 through symlinks) and a cohort of
     ``cohort_size`` volumes (``cohort.shard_size`` 16 per shard), with ``profile`` (None: the local default)."""
-    from vcm.prep.exclusion import EXCLUDED_COLUMNS
-    from vcm.prep.inputs import write_subject_meta
-
     with tempfile.TemporaryDirectory(prefix="vcm_dag_") as tmp:
         root = Path(tmp)
-        (root / "t1").mkdir()
-        rows = []
-        for i in range(n_subjects):
-            link = root / "t1" / f"s{i:05d}.nii.gz"
-            link.symlink_to(t1.resolve())
-            rows.append({"subject": f"s{i:05d}", "t1": str(link), "age": 60.0, "sex": "F"})
-        manifest = root / "manifest.csv"
-        pd.DataFrame(rows).to_csv(manifest, index=False)
-        results = root / "results"
-        (results / "inputs").mkdir(parents=True)
-        time.sleep(0.05)  # the checkpoint's outputs must be newer than the manifest
-        pd.DataFrame(rows).to_csv(results / "inputs" / "subjects.csv", index=False)
-        write_subject_meta(pd.DataFrame(rows), results / "inputs")
-        pd.DataFrame(columns=list(EXCLUDED_COLUMNS)).to_csv(results / "inputs" / "excluded.csv", index=False)
+        manifest, results = fake_checked_inputs(root, n_subjects, t1)
         cfg = root / "config.yaml"
         cfg.write_text(
             yaml.safe_dump(
@@ -58,32 +109,15 @@ def bench_dag(
                 }
             )
         )
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        cmd = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--configfile", str(cfg)]
-        cmd += ["--profile", profile] if profile else []
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        if proc.returncode != 0:
-            raise SystemExit(f"dry run failed:\n{proc.stderr[-2000:]}")
-        counts = {
-            line.split()[0]: int(line.split()[-1])
-            for line in proc.stdout.splitlines()
-            if line.split()[:1] in (["register"], ["segment"], ["conditions"], ["generate_shard"])
-        }
-        shards = counts.pop("generate_shard", 0)
-        jobs = sum(counts.values())
+        counts, seconds, cpu = dry_run_jobs([cfg], profile)
     return {
         "subjects": n_subjects,
         "cohort_size": cohort_size,
-        "shard_jobs": shards,
+        "shard_jobs": counts.get("generate_shard", 0),
         "profile": profile or "default",
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu, 2),
-        "per_subject_jobs": jobs,
+        "per_subject_jobs": sum(counts.get(rule, 0) for rule in ("register", "segment", "conditions")),
     }
 
 

@@ -33,10 +33,12 @@ scored against the subject:
   covariance estimate; the paper (appendix C) warns that it
   misleads on medical images anyway: read the anatomical metrics first.
 
-Outputs (``--out results/eval/<set>_n<size>.csv``): the table (per method, mean and sample sd of each metric
-over the subjects, FID 3D as one value), ``<stem>_subjects.csv`` (every subject and method) and
+Outputs (``--out results/eval/<method>/<set>_n<size>.csv``): the table (per method, mean and sample sd of each
+metric over the subjects, FID 3D as one value; the model's trainable ``parameters`` and ``seconds_per_step``
+from its ``loss.csv``), ``<stem>_subjects.csv`` (every subject and method) and
 ``<stem>.json`` (settings, scales, notes). ``python -m vcm eval-tables`` gathers the per-model tables into
-``results/eval/table.md`` and ``table.html`` and the TSTR tables into ``results/eval/tstr.csv``.
+``results/eval/table.md`` and ``table.html`` (per set and size the backbone once, every method and each
+method's paired difference from it) and the TSTR tables into ``results/eval/tstr.csv``.
 
 Cost on the demo (4 validation subjects, one thread of a busy 2-core machine): 3.5-4.5 min per model at
 DDIM-50, most of it in the 8 atlas registrations (controlled and uncontrolled per subject); the uncontrolled

@@ -26,7 +26,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--bundle", required=True, help="backbone bundle folder")
     parser.add_argument("--template-dir", default=None, help="template (atlas segmentation of the images)")
     parser.add_argument("--segmenter", default=None, help="segmenter.pt (segmenter backend)")
-    parser.add_argument("--out", required=True, help="results/eval/<set>_n<size>.csv")
+    parser.add_argument("--out", required=True, help="results/eval/<method>/<set>_n<size>.csv")
     parser.add_argument("--subjects", type=int, default=None, help="first N validation subjects")
     parser.add_argument(
         "--sampler", choices=SAMPLERS, default=None, help="default evaluation.sampler / cohort.sampler"

@@ -36,7 +36,14 @@ from vcm.evaluation.segmenters import make_image_segmenter
 from vcm.evaluation.settings import EvalSettings
 from vcm.evaluation.tables import summarise
 
-__all__ = ["Evaluation", "ValidationSet", "evaluate_model", "load_controlled", "read_validation"]
+__all__ = [
+    "Evaluation",
+    "ValidationSet",
+    "evaluate_model",
+    "load_controlled",
+    "read_validation",
+    "training_cost",
+]
 
 UNCONTROLLED = "uncontrolled"
 """The method name of the backbone sampled without any control."""
@@ -268,6 +275,24 @@ def _model_table(
     return per_subject, table
 
 
+def training_cost(model: nn.Module, model_path: str | Path) -> dict[str, float]:
+    """The model's trainable parameter count and its seconds per training step.
+
+    Seconds per step come from ``loss.csv`` beside ``vcm.pt`` (its last ``elapsed_s``, summed over resumes,
+    over its last step); NaN when that file is absent or holds no step.
+    """
+    seconds = math.nan
+    loss_csv = Path(model_path).with_name("loss.csv")
+    if loss_csv.is_file():
+        loss = pd.read_csv(loss_csv)
+        if len(loss) and loss["step"].iloc[-1] > 0:
+            seconds = float(loss["elapsed_s"].iloc[-1]) / float(loss["step"].iloc[-1])
+    return {
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "seconds_per_step": seconds,
+    }
+
+
 def _write_outputs(out: Path, per_subject: pd.DataFrame, table: pd.DataFrame, info: dict[str, Any]) -> None:
     """``<stem>_subjects.csv``, ``<stem>.json`` and, last, the table ``out``."""
     from vcm.io import atomic_path, write_json
@@ -339,6 +364,9 @@ def evaluate_model(
     if medicalnet is not None and len(data.index) < 2:
         notes.append("FID 3D undefined with fewer than 2 subjects")
     per_subject, table = _model_table(records, fid, method, meta, settings)
+    cost = training_cost(model, model_path)
+    for key, value in cost.items():  # the controlled row's; the backbone's is not trained here
+        table[key] = [value if m == method else math.nan for m in table["method"]]
     if data.skull is None:
         notes.append("skull-dist: no skull condition in this set")
     if (per_subject["seg_lv_voxels"] == 0).any():
@@ -350,6 +378,7 @@ def evaluate_model(
         "condition_set": meta.get("condition_set"),
         "training_size": meta.get("training_size"),
         "method": method,
+        **cost,
         "subjects": data.subjects,
         "settings": asdict(settings),
         "ms_ssim_scales": scales,

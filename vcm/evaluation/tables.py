@@ -23,6 +23,7 @@ __all__ = [
     "METRICS",
     "display_table",
     "markdown_table",
+    "side_by_side",
     "summarise",
     "tstr_display",
     "write_tables",
@@ -127,20 +128,57 @@ def _fmt_ci(mean: float, low: float | None, high: float | None, digits: int = 3)
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _fmt_parameters(n: float | None) -> str:
+    """A parameter count as the paper writes it (``45.19 M``), ``k`` below a million."""
+    if n is None or not np.isfinite(n):
+        return "–"
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def _row_name(r: Mapping[str, Any]) -> str:
+    """``VCM``, ``ControlNet``, ``backbone (uncontrolled)`` or ``Δ VCM − backbone`` (the paired difference)."""
+    if r["method"] != "difference":
+        return METHOD_NAMES.get(r["method"], r["method"])
+    model = r.get("model")
+    if not isinstance(model, str):  # a table of before methods were named in it
+        return "Δ controlled − uncontrolled"
+    return f"Δ {METHOD_NAMES.get(model, model)} − backbone"
+
+
+def side_by_side(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The rows of per-model tables, per condition set × training size: the uncontrolled backbone once, then
+    every method's controlled row, then every method's paired difference from the backbone.
+
+    Every method's evaluation samples the backbone from the same noise and covariates, so its uncontrolled
+    rows are the same: the first is kept.
+    """
+    df = pd.concat(tables, ignore_index=True)
+    if "training_size" not in df:
+        df["training_size"] = math.nan
+    kind = df["method"].map(lambda m: 0 if m == "uncontrolled" else 2 if m == "difference" else 1)
+    df = df.assign(_kind=kind, _order=range(len(df)))
+    groups = df.groupby(["condition_set", "training_size"], sort=False, dropna=False)
+    parts = []
+    for _, group in groups:
+        group = group.sort_values(["_kind", "_order"], kind="stable")
+        parts.append(group[(group["_kind"] != 0) | ~group["_kind"].duplicated()])
+    return pd.concat(parts, ignore_index=True).drop(columns=["_kind", "_order"])
+
+
 def display_table(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """The paper-style table of several per-model tables: one row per model and method, ``mean [95 % interval]`` cells;
-    metric columns that are empty everywhere are dropped."""
+    """The paper-style table (its Table 1) of several per-model tables: per condition set and training size the
+    uncontrolled backbone, each method and each method's paired difference from the backbone, with
+    ``mean [95 % interval]`` cells, the trainable parameters and the seconds per training step; metric columns
+    that are empty everywhere are dropped."""
     if not tables:
         return pd.DataFrame()
-    df = pd.concat(tables, ignore_index=True)
+    df = side_by_side(tables)
     rows = []
     for _, r in df.iterrows():
         row = {
             "condition set": r["condition_set"],
             "# train": int(r["training_size"]) if pd.notna(r["training_size"]) else "",
-            "method": METHOD_NAMES.get(r["method"], r["method"])
-            if r["method"] != "difference"
-            else "Δ controlled − uncontrolled",
+            "method": _row_name(r),
             "n": int(r["n"]),
         }
         for metric in METRICS:
@@ -149,6 +187,9 @@ def display_table(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
                 r.get(f"{metric}_mean"), r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high"), digits
             )
         row[LABELS["fid3d"]] = _fmt(r.get("fid3d"), None, 2)
+        row["parameters"] = _fmt_parameters(r.get("parameters"))
+        seconds = r.get("seconds_per_step")
+        row["s / training step"] = f"{seconds:.3g}" if seconds is not None and np.isfinite(seconds) else "–"
         rows.append(row)
     out = pd.DataFrame(rows)
     if "segmentation" in df:
@@ -213,10 +254,10 @@ def write_tables(
         tstr = tstr.drop_duplicates(subset=["train_data", "source", "labels", "steps"]).reset_index(drop=True)
     text = "# Evaluation\n\n"
     text += (
-        "Controlled (the trained module) vs uncontrolled (the backbone alone, same noise and covariates), "
-    )
-    text += (
-        "mean [bootstrap 95 % interval] over the validation subjects; the Δ row is the paired difference.\n\n"
+        "Every trained method (VCM, the ControlNet baseline) and the uncontrolled backbone (same noise and "
+        "covariates), mean [bootstrap 95 % interval] over the validation subjects; a Δ row is a method's paired "
+        "difference from the backbone; parameters are the trainable ones, seconds per training step from the "
+        "model's loss.csv.\n\n"
     )
     text += markdown_table(evaluation)
     if not tstr.empty:
@@ -224,7 +265,7 @@ def write_tables(
     write_text(md, text)
     if html is not None:
         style = "<style>table{border-collapse:collapse;font-family:sans-serif;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}</style>"
-        body = f"<h3>Evaluation: controlled vs uncontrolled (mean [bootstrap 95 % interval] over the validation subjects; Δ = paired difference)</h3>{evaluation.to_html(index=False, border=0)}"
+        body = f"<h3>Evaluation: every method and the uncontrolled backbone (mean [bootstrap 95 % interval] over the validation subjects; Δ = a method's paired difference from the backbone)</h3>{evaluation.to_html(index=False, border=0)}"
         if not tstr.empty:
             body += f"<h3>Train on synthetic, test on real (TSTR)</h3>{tstr_display(tstr).to_html(index=False, border=0)}"
         write_text(

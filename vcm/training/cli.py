@@ -48,7 +48,10 @@ def _train_parser() -> argparse.ArgumentParser:
         "--minutes", type=float, default=None, help="override training.minutes (0: no time budget)"
     )
     parser.add_argument(
-        "--method", choices=("vcm", "controlnet"), default=None, help="override training.method"
+        "--method",
+        choices=("vcm", "controlnet"),
+        default=None,
+        help="the method to train (default: the first of training.methods)",
     )
     parser.add_argument(
         "--modality-dropout",
@@ -63,7 +66,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str]) -> int:
-    """``python -m vcm train-vcm``: train one model (``training.method``) for a condition set and size."""
+    """``python -m vcm train-vcm``: train one model (``--method``) for a condition set and size."""
     from vcm.config import load_config
 
     args = _train_parser().parse_args(argv)

@@ -245,7 +245,7 @@ def train(
     write_model: bool = True,
     **overrides: Any,
 ) -> TrainResult:
-    """Train one control module (``training.method``) for a condition set on ``/splits/train_<size>``.
+    """Train one control module (``method``, default the first of ``training.methods``) for a condition set on ``/splits/train_<size>``.
 
     Resumes from ``out_dir/checkpoints`` when a checkpoint of the same run exists (one of other settings is
     set aside, :mod:`~vcm.training.checkpoints`). Call inside an initialised process group to train with DDP

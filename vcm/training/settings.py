@@ -31,7 +31,8 @@ class Settings:
     """Training settings, from the config's ``training`` section (the field defaults are the schema's).
 
     Args:
-        method: ``vcm`` or ``controlnet``.
+        method: ``vcm`` or ``controlnet``: the one this model trains (one of ``training.methods``; the
+            workflow trains each of them in its own job).
         steps: optimisation steps (upper bound when ``minutes`` is set).
         batch_size: global batch (split over DDP ranks).
         lr: peak AdamW learning rate; annealed to ``lr * min_lr_ratio``.
@@ -90,9 +91,11 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> Settings:
         """Read ``cfg["training"]`` of a validated config (and ``cohort.sampler`` and ``cohort.steps`` where
-        the previews defer to them); ``overrides`` that are not ``None`` win."""
-        names = [f.name for f in fields(cls) if f.name not in _PREVIEW.values()]
-        values = section_values(cfg, "training", names, read_elsewhere=("sizes", "preview"))
+        the previews defer to them); ``overrides`` that are not ``None`` win. ``method`` defaults to the first
+        of ``training.methods``."""
+        names = [f.name for f in fields(cls) if f.name not in (*_PREVIEW.values(), "method")]
+        values = section_values(cfg, "training", names, read_elsewhere=("sizes", "methods", "preview"))
+        values["method"] = cfg["training"]["methods"][0]
         preview = section_values(cfg, "training.preview", list(_PREVIEW))
         values.update({name: preview[key] for key, name in _PREVIEW.items()})
         for key in ("sampler", "steps"):

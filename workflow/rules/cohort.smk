@@ -9,7 +9,9 @@ import hashlib as _hashlib
 import json as _json
 from vcm.cohort.plan import shard_ids
 
-# The cohort is sampled from the model trained on the largest configured training set.
+# The cohort is sampled from the model of cohort.method (COHORT_METHOD, common.smk) trained on the largest
+# configured training set. Its folder does not name the method: a cohort is one per condition set, and changing
+# cohort.method reruns its shards (their model is another file, and shard_settings reads the cohort section).
 COHORT_TRAIN_SIZE = max(CFG["training"]["sizes"])
 COHORT_SHARDS = shard_ids(CFG)
 COHORT_DIR = f"{RESULTS}/cohorts/{{condset}}"
@@ -21,7 +23,7 @@ DESIGN_FILES = [t["csv"] for t in CFG["cohort"]["design"].values() if isinstance
 rule generate_shard:
     input:
         dataset=f"{RESULTS}/dataset.h5",
-        model=f"{RESULTS}/models/{{condset}}/n{COHORT_TRAIN_SIZE}/vcm.pt",
+        model=f"{RESULTS}/models/{COHORT_METHOD}/{{condset}}/n{COHORT_TRAIN_SIZE}/vcm.pt",
         bundle=MODEL_BUNDLE_FILES,
         template_head=f"{RESULTS}/template/t1_head.nii.gz",
         template_labels=f"{RESULTS}/template/labels.nii.gz",

@@ -15,7 +15,7 @@ from snakemake.logging import logger
 from snakemake.utils import update_config
 
 from vcm.cohort.plan import shard_range
-from vcm.config import ConfigError, coerce_overrides, dump_config, validate_config
+from vcm.config import ConfigError, coerce_overrides, dump_config, load_schema, validate_config
 from vcm.condition_names import condition_names, uses_second_image
 from vcm.grid import Grid
 from vcm.prep.gates import required_structures
@@ -30,6 +30,11 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 RESULTS = CFG["results"].rstrip("/")
+# The control methods trained side by side (model paths models/<method>/...), the one a cohort samples from,
+# and the method wildcard's constraint: the schema's names only (never a condition set or "qc_segmenter").
+METHODS = list(CFG["training"]["methods"])
+COHORT_METHOD = CFG["cohort"]["method"] or METHODS[0]
+METHOD_PATTERN = "|".join(load_schema()["properties"]["training"]["properties"]["methods"]["items"]["enum"])
 LOGS = f"{RESULTS}/logs"
 PREP = f"{RESULTS}/prep"
 MANIFEST = CFG["data"]["manifest"]
@@ -152,9 +157,11 @@ def eval_digest(*parts):
 
 
 def model_settings(wildcards):
-    """Rerun trigger: what one model depends on (not the other condition sets, not the cohort's size)."""
+    """Rerun trigger: what one model depends on (not the other methods, condition sets or the cohort's size)."""
+    other_methods = {"vcm", "controlnet"} - {wildcards.method}  # their training.<method> blocks
     parts = [
-        {k: v for k, v in CFG["training"].items() if k != "sizes"},
+        wildcards.method,
+        {k: v for k, v in CFG["training"].items() if k not in ("sizes", "methods", *other_methods)},
         CFG["backbone"],
         CFG["condition_sets"].get(wildcards.condset),
         CFG["cohort"]["sampler"],  # previews

@@ -8,11 +8,20 @@ COHORT_SETS = list(CFG["cohort"]["sets"])
 EVAL_CONDSETS = list(CFG["condition_sets"])
 EVAL_SIZES = list(CFG["training"]["sizes"])
 
-EVAL_MODEL_TABLES = expand(f"{EVAL_DIR}/{{condset}}_n{{size}}.csv", condset=EVAL_CONDSETS, size=EVAL_SIZES)
-EVAL_MODELS = expand(f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt", condset=EVAL_CONDSETS, size=EVAL_SIZES)
+# one evaluation per method x condition set x size (each against the uncontrolled backbone on the same noise)
+EVAL_MODEL_TABLES = expand(
+    f"{EVAL_DIR}/{{method}}/{{condset}}_n{{size}}.csv", method=METHODS, condset=EVAL_CONDSETS, size=EVAL_SIZES
+)
+EVAL_MODELS = expand(
+    f"{RESULTS}/models/{{method}}/{{condset}}/n{{size}}/vcm.pt",
+    method=METHODS,
+    condset=EVAL_CONDSETS,
+    size=EVAL_SIZES,
+)
 # the mask-edit check for every model whose condition set has an LV mask to edit
 MASK_EDITS = expand(
-    f"{EVAL_DIR}/mask_edit/{{condset}}_n{{size}}.json",
+    f"{EVAL_DIR}/mask_edit/{{method}}/{{condset}}_n{{size}}.json",
+    method=METHODS,
     condset=[c for c in EVAL_CONDSETS if any("lv" in g for g in CFG["condition_sets"][c])],
     size=EVAL_SIZES,
 )
@@ -35,7 +44,8 @@ _MEDICALNET = (CFG.get("evaluation") or {}).get("medicalnet_weights")
 
 rule evaluate:
     input:
-        model=f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt",
+        model=f"{RESULTS}/models/{{method}}/{{condset}}/n{{size}}/vcm.pt",
+        loss=f"{RESULTS}/models/{{method}}/{{condset}}/n{{size}}/loss.csv",  # seconds per training step
         dataset=f"{RESULTS}/dataset.h5",
         bundle=MODEL_BUNDLE_FILES,
         template_head=f"{RESULTS}/template/t1_head.nii.gz",
@@ -44,19 +54,20 @@ rule evaluate:
         medicalnet=[_MEDICALNET] if _MEDICALNET else [],
     output:
         table=report(
-            f"{EVAL_DIR}/{{condset}}_n{{size}}.csv",
+            f"{EVAL_DIR}/{{method}}/{{condset}}_n{{size}}.csv",
             caption="../report/evaluation.rst",
             category="Evaluation",
             subcategory="per model",
-            labels={"model": "{condset} n{size}", "table": "controlled vs uncontrolled"},
+            labels={"model": "{method} {condset} n{size}", "table": "controlled vs uncontrolled"},
         ),
-        subjects=f"{EVAL_DIR}/{{condset}}_n{{size}}_subjects.csv",
-        info=f"{EVAL_DIR}/{{condset}}_n{{size}}.json",
+        subjects=f"{EVAL_DIR}/{{method}}/{{condset}}_n{{size}}_subjects.csv",
+        info=f"{EVAL_DIR}/{{method}}/{{condset}}_n{{size}}.json",
     log:
-        f"{LOGS}/evaluate/{{condset}}_n{{size}}.log",
+        f"{LOGS}/evaluate/{{method}}/{{condset}}_n{{size}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{condset}}_n{{size}}.tsv"
+        f"{RESULTS}/benchmarks/evaluate/{{method}}/{{condset}}_n{{size}}.tsv"
     wildcard_constraints:
+        method=METHOD_PATTERN,
         condset=r"[A-Za-z0-9_.-]+",
         size=r"\d+",
     conda:
@@ -88,23 +99,24 @@ rule evaluate:
 
 rule mask_edit:
     input:
-        model=f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt",
+        model=f"{RESULTS}/models/{{method}}/{{condset}}/n{{size}}/vcm.pt",
         dataset=f"{RESULTS}/dataset.h5",
         bundle=MODEL_BUNDLE_FILES,
         segmenter=QC_SEGMENTER_INPUT,
     output:
         report(
-            f"{EVAL_DIR}/mask_edit/{{condset}}_n{{size}}.json",
+            f"{EVAL_DIR}/mask_edit/{{method}}/{{condset}}_n{{size}}.json",
             caption="../report/mask_edit.rst",
             category="Evaluation",
             subcategory="per model",
-            labels={"model": "{condset} n{size}", "table": "mask edit"},
+            labels={"model": "{method} {condset} n{size}", "table": "mask edit"},
         ),
     log:
-        f"{LOGS}/mask_edit/{{condset}}_n{{size}}.log",
+        f"{LOGS}/mask_edit/{{method}}/{{condset}}_n{{size}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/mask_edit/{{condset}}_n{{size}}.tsv"
+        f"{RESULTS}/benchmarks/mask_edit/{{method}}/{{condset}}_n{{size}}.tsv"
     wildcard_constraints:
+        method=METHOD_PATTERN,
         condset=r"[A-Za-z0-9_.-]+",
         size=r"\d+",
     conda:

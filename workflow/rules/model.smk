@@ -1,12 +1,16 @@
-# Control modules on the frozen backbone: latents encoded once, one model per condition set x training size.
+# Control modules on the frozen backbone: latents encoded once, one model per method x condition set x training
+# size (training.methods: VCM and the ControlNet baseline side by side).
 # The backbone rules define the bundle; until they are included, the configured bundle folder is used.
 MODEL_BUNDLE = globals().get("BACKBONE_BUNDLE", CFG["backbone"]["bundle"])
 MODEL_BUNDLE_FILES = globals().get(
     "BACKBONE_FILES", [f"{MODEL_BUNDLE}/models/autoencoder.pt", f"{MODEL_BUNDLE}/models/model.pt"]
 )
-MODEL_DIR = f"{RESULTS}/models/{{condset}}/n{{size}}"
+# One model per method x condition set x training size; the file is vcm.pt whatever the method (the format
+# of every control module, vcm.models.build).
+MODEL_DIR = f"{RESULTS}/models/{{method}}/{{condset}}/n{{size}}"
 MODELS = expand(
-    f"{RESULTS}/models/{{condset}}/n{{size}}/vcm.pt",
+    f"{RESULTS}/models/{{method}}/{{condset}}/n{{size}}/vcm.pt",
+    method=METHODS,
     condset=CFG["condition_sets"],
     size=CFG["training"]["sizes"],
 )
@@ -83,23 +87,24 @@ rule train_vcm:
             f"{MODEL_DIR}/loss.png",
             caption="../report/loss.rst",
             category="Models",
-            subcategory="{condset} n{size}",
-            labels={"model": "{condset} n{size}", "figure": "loss"},
+            subcategory="{method} {condset} n{size}",
+            labels={"model": "{method} {condset} n{size}", "figure": "loss"},
         ),
         loss_csv=f"{MODEL_DIR}/loss.csv",
         preview=report(
             f"{MODEL_DIR}/preview/preview.png",
             caption="../report/preview.rst",
             category="Models",
-            subcategory="{condset} n{size}",
-            labels={"model": "{condset} n{size}", "figure": "preview"},
+            subcategory="{method} {condset} n{size}",
+            labels={"model": "{method} {condset} n{size}", "figure": "preview"},
         ),
         metrics=f"{MODEL_DIR}/preview/preview_metrics.json",
     log:
-        f"{LOGS}/train_vcm/{{condset}}_n{{size}}.log",
+        f"{LOGS}/train_vcm/{{method}}/{{condset}}_n{{size}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train_vcm/{{condset}}_n{{size}}.tsv"
+        f"{RESULTS}/benchmarks/train_vcm/{{method}}/{{condset}}_n{{size}}.tsv"
     wildcard_constraints:
+        method=METHOD_PATTERN,
         condset=r"[A-Za-z0-9_.-]+",
         size=r"\d+",
     conda:
@@ -111,13 +116,14 @@ rule train_vcm:
         settings=model_settings,
         config=CONFIG_FILE,
         bundle=bundle_dir,
-        out_dir=lambda w: f"{RESULTS}/models/{w.condset}/n{w.size}",
+        out_dir=lambda w: f"{RESULTS}/models/{w.method}/{w.condset}/n{w.size}",
         template_dir=template_dir,
         segmenter=QC_SEGMENTER_ARG,
     shell:
         "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm train-vcm --config {params.config:q}"
         " --dataset {input.dataset:q} --latents {input.latents:q} --bundle {params.bundle:q}"
-        " --condition-set {wildcards.condset} --size {wildcards.size} --template-dir {params.template_dir:q}"
+        " --method {wildcards.method} --condition-set {wildcards.condset} --size {wildcards.size}"
+        " --template-dir {params.template_dir:q}"
         " {params.segmenter} --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
