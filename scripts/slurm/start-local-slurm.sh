@@ -75,7 +75,7 @@ fi
 
 # ---------------------------------------------------------------- 2. configure
 NODE=$(hostname -s)
-NCPU=$(nproc)
+NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: a caller that set 1 would get a one-CPU node
 MEM=$(awk '/MemTotal/{print int($2/1024*0.9)}' /proc/meminfo)   # MB, 90% of RAM
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 chown munge:munge /run/munge; chmod 755 /run/munge
