@@ -233,21 +233,22 @@ def test_summary_shows_the_qc_failure_rate_per_attempt_and_the_failed_checks(tmp
     shutil.copy(run["cohort"], cohort)
     pd.DataFrame(
         {
-            "subject": ["syn-00000", "syn-00001", "syn-00001", "syn-00002", "syn-00003"],
-            "attempt": [1, 1, 2, 1, 1],
-            "passed": [True, False, False, False, True],
+            "subject": ["syn-00000", "syn-00001", "syn-00001", "syn-00002", "syn-00003", "syn-00004"],
+            "attempt": [1, 1, 2, 1, 1, 1],
+            "passed": [True, False, False, False, True, False],
             "reasons": [
                 "",
                 "dice 0.612 < 0.7; intensity outside the real range: csf, white_matter",
                 "dice 0.650 < 0.7; possible copy of sub-01",
-                "possible copy of sub-02",
+                "possible copy of sub-02; LV volume -25% off its target (> 15%)",
                 "",
+                "LV volume +53% off its target (> 15%)",  # one check, whatever the sign of the miss
             ],
         }
     ).to_csv(cohort.parent / "qc.csv", index=False)
     text = write_summary(tmp_path / "summary.md", cohorts=[cohort])
     assert "| figures | QC failed attempts | failed checks |" in text
-    assert "| 3 / 5 (60 %) | dice 2, possible copy 2, intensity outside the real range 1 |" in text
+    assert "| 4 / 6 (67 %) | dice 2, possible copy 2, LV volume 2, intensity outside the real range 1 |" in text
     # the fixture's qc.csv: one row per subject, no reasons
     assert "| 2 / 6 (33 %) | – |" in write_summary(tmp_path / "fixture.md", cohorts=[run["cohort"]])
 

@@ -183,8 +183,9 @@ def _cohort_section(cohorts: Sequence[str | Path], base: Path) -> list[str]:
 
 def _check_name(reason: str) -> str:
     """The check a QC reason names, without its values: ``dice 0.61 < 0.7`` -> ``dice``, ``possible copy of
-    sub-01`` -> ``possible copy``, ``intensity outside the real range: csf`` -> ``intensity outside the real range``."""
-    return re.split(r"\s+[-\d.<>]|:|\s+of\s", reason.strip(), maxsplit=1)[0]
+    sub-01`` -> ``possible copy``, ``intensity outside the real range: csf`` -> ``intensity outside the real range``,
+    ``LV volume +53% off its target (> 15%)`` -> ``LV volume``."""
+    return re.split(r"\s+[-+\d.<>]|:|\s+of\s", reason.strip(), maxsplit=1)[0]
 
 
 def _qc_failures(qc_csv: Path) -> str:
