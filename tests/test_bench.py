@@ -125,7 +125,7 @@ def finished_run(tmp_path_factory):
     results.mkdir()
     make_labelled_dataset(results / "dataset.h5")  # validation subjects sub-04, sub-05
     bundle = make_bundle(root / "bundle")
-    make_vcm(results / "models" / "lv" / "n2" / "vcm.pt", [[("lv", 1)]], bundle, "lv")
+    make_vcm(results / "models" / "vcm" / "lv" / "n2" / "vcm.pt", [[("lv", 1)]], bundle, "lv")
     spec = SegmenterSpec(channels=[4, 8], strides=[2], num_res_units=0)
     save_segmenter(results / "models" / "qc_segmenter" / "segmenter.pt", build_segmenter(spec), spec, {})
     return results, bundle
@@ -217,6 +217,7 @@ def test_bench_cohort_reports_subjects_per_hour_per_variant(finished_run, tmp_pa
     cfg = load_config(REPO / "config" / "config.yaml")
     cfg["cohort"].update(sampler="dpmpp_2m", steps=2, batch_size=2, qc_workers=0)  # no process to spawn
     cfg["qc"].update(dice_min=0.0, intensity_outliers_max=None)  # a random QC segmenter: every sample passes
+    cfg["cohort"]["design"] = {}  # ... and no LV-volume target its random segmentation would miss
     cfg["conditions"]["covariate_ranges"] = str(REPO / "resources" / "covariate_ranges.yaml")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))

@@ -248,7 +248,9 @@ def test_summary_shows_the_qc_failure_rate_per_attempt_and_the_failed_checks(tmp
     ).to_csv(cohort.parent / "qc.csv", index=False)
     text = write_summary(tmp_path / "summary.md", cohorts=[cohort])
     assert "| figures | QC failed attempts | failed checks |" in text
-    assert "| 4 / 6 (67 %) | dice 2, possible copy 2, LV volume 2, intensity outside the real range 1 |" in text
+    assert (
+        "| 4 / 6 (67 %) | dice 2, possible copy 2, LV volume 2, intensity outside the real range 1 |" in text
+    )
     # the fixture's qc.csv: one row per subject, no reasons
     assert "| 2 / 6 (33 %) | – |" in write_summary(tmp_path / "fixture.md", cohorts=[run["cohort"]])
 

@@ -35,7 +35,13 @@ COHORT_FIGURES = expand(
 COHORT_DESIGN = expand(f"{RESULTS}/cohorts/{{condset}}/design.json", condset=COHORT_SETS)
 EVAL_TABLES = [f"{EVAL_DIR}/table.md", f"{EVAL_DIR}/table.html", f"{EVAL_DIR}/tstr.csv"]
 SUMMARY = f"{RESULTS}/summary.md"
-EVAL_TARGETS = [*EVAL_MODEL_TABLES, *EVAL_TABLES, *COHORT_FIGURES, *COHORT_DESIGN, SUMMARY]  # SUMMARY pulls MASK_EDITS
+EVAL_TARGETS = [
+    *EVAL_MODEL_TABLES,
+    *EVAL_TABLES,
+    *COHORT_FIGURES,
+    *COHORT_DESIGN,
+    SUMMARY,
+]  # SUMMARY pulls MASK_EDITS
 
 # MedicalNet weights for FID 3D are a local file (never downloaded): an input when configured, so that a
 # missing file stops the DAG before any job and a new file reruns the evaluation.
