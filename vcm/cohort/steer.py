@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from vcm.anatomy import SMOOTH_MM, solve_ventricle_field
+from vcm.cohort.sources import warp  # the cohort's one resampler (nearest label here)
 from vcm.labels import brain_mask, mask_of
 
 __all__ = ["Steered", "steer_label", "ventricle_displacement"]
@@ -37,11 +38,6 @@ class Steered:
 
     label: np.ndarray
     displacement: np.ndarray
-
-
-def _warp(volume: np.ndarray, displacement: np.ndarray) -> np.ndarray:
-    coords = np.indices(volume.shape, dtype=np.float32) + displacement
-    return ndi.map_coordinates(volume, coords, order=0, mode="nearest").astype(volume.dtype, copy=False)
 
 
 def scale_displacement(shape: Sequence[int], centre: np.ndarray, factor: float) -> np.ndarray:
@@ -72,7 +68,7 @@ def ventricle_displacement(
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
 
     def count(ddf_voxels: np.ndarray) -> float:  # LV voxels of the nearest-neighbour warped label map
-        return float(mask_of(_warp(sub, ddf_voxels), tuple(lv_labels)).sum())
+        return float(mask_of(warp(sub, ddf_voxels, 0), tuple(lv_labels)).sum())
 
     field = solve_ventricle_field(
         weights, weights, affine, target_voxels, iterations=ITERATIONS, volume_mm3=count
@@ -107,10 +103,10 @@ def steer_label(
         factor = float((brain_voxels / max(int(brain.sum()), 1)) ** (1 / 3))
         centre = np.asarray(ndi.center_of_mass(brain), np.float32)
         disp = scale_displacement(label.shape, centre, factor)
-        label = _warp(label, disp)
+        label = warp(label, disp, 0)
     if lv_voxels is not None:
         d_lv = ventricle_displacement(label, lv_labels, spacing_mm, lv_voxels)
-        label = _warp(label, d_lv)
+        label = warp(label, d_lv, 0)
         if brain_voxels is not None:  # p -> q = p + d_lv(p) -> q + d_scale(q), d_scale linear in q
             disp = d_lv + disp + d_lv * (1.0 / factor - 1.0)
         else:
