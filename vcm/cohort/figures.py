@@ -65,8 +65,9 @@ def cohort_montage(
     by_lv: bool = False,
 ) -> list[str]:
     """3-plane views (axial, coronal, sagittal through the LV's centre) of the first ``n_subjects`` QC-passed
-    synthetic subjects (failed ones fill in, marked, when too few passed): the image, the label map as
-    translucent semantic classes, the LV condition outlined in red. With ``by_lv``: subjects at evenly spaced
+    synthetic subjects (failed ones fill in, marked, when too few passed): the bare image with the LV condition
+    outlined in red (so the eye judges whether the ventricles sit under it), then the same views with the label
+    map as translucent semantic classes. With ``by_lv``: subjects at evenly spaced
     ranks of the label map's LV volume, shown from the smallest to the largest.
 
     Returns:
@@ -116,19 +117,22 @@ def cohort_montage(
             strict=True,
         )
         colour = "k" if ok[r] else "r"
-        grid.append(  # the title over the middle (coronal) view
+        views = list(views)
+        # the bare image under the LV condition's outline first (what the module drew), then the label map
+        grid.append(  # the title over the first coronal view
             [
-                Panel(img, title if c == 1 else "", sem, mask, colour)
-                for c, (img, sem, mask) in enumerate(views)
+                Panel(img, title if c == 1 else "", None, mask, colour)
+                for c, (img, _, mask) in enumerate(views)
             ]
+            + [Panel(img, "", sem, mask, colour) for img, sem, mask in views]
         )
     image_grid(
         out,
         grid,
-        figsize=(8.4, 2.9 * len(rows)),
+        figsize=(14.4, 2.5 * len(rows)),
         title=f"{Path(cohort).parent.name}: synthetic subjects"
         + (" by LV volume" if by_lv else "")
-        + ", labels overlaid, LV condition in red",
+        + ": the image with the LV condition in red, then its labels overlaid",
         label_colours=SEMANTIC_COLOURS,
         panel_title_size=8,
         dpi=80,
