@@ -110,14 +110,15 @@ def cohort_montage(
             title += f"  QC Dice {dice[r]:.2f}"
         if not ok[r]:
             title += "  QC FAILED"
-        views = zip(
-            planes(images[r], centre),
-            planes(semantic_map(labels[r]), centre),
-            planes(lv.astype(float), centre),
-            strict=True,
+        views = list(
+            zip(
+                planes(images[r], centre),
+                planes(semantic_map(labels[r]), centre),
+                planes(lv.astype(float), centre),
+                strict=True,
+            )
         )
         colour = "k" if ok[r] else "r"
-        views = list(views)
         # the bare image under the LV condition's outline first (what the module drew), then the label map
         grid.append(  # the title over the first coronal view
             [
