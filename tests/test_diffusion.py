@@ -126,6 +126,30 @@ def test_relative_loss_weighs_every_sample_against_the_backbone():
     assert scale.grad.abs().sum() > 0 and reference.grad is None  # the denominator is a constant
 
 
+def test_weighted_loss_counts_the_weighted_voxels_more():
+    g = torch.Generator().manual_seed(0)
+    eps, eps_t = (torch.randn(2, *LATENT, generator=g) for _ in range(2))
+    zero = torch.zeros(2, *LATENT)
+    ones = torch.ones(2, 1, *LATENT[1:])
+    for reference in (None, eps_t):  # uniform weights change nothing
+        torch.testing.assert_close(
+            vcm_loss(eps, eps_t, zero, zero, 0.0, reference, ones),
+            vcm_loss(eps, eps_t, zero, zero, 0.0, reference),
+        )
+    weight = ones.clone()
+    weight[:, :, 0] = 9.0  # one slab of the latent counts 9 times
+    eps_mod = eps_t.clone()
+    eps_mod[:, :, 0] = eps[:, :, 0]  # and the prediction is exact there
+    squared = (eps_t - eps).square()
+    per_sample = (squared * weight).sum((1, 2, 3, 4)) / weight.expand_as(squared).sum((1, 2, 3, 4))
+    exact_there = (squared[:, :, 1:]).sum((1, 2, 3, 4)) / weight.expand_as(squared).sum((1, 2, 3, 4))
+    torch.testing.assert_close(vcm_loss(eps, eps_t, zero, zero, 0.0, None, weight), per_sample.mean())
+    relative = vcm_loss(eps, eps_mod, zero, zero, 0.0, eps_t, weight)
+    torch.testing.assert_close(relative, (exact_there / per_sample).mean())
+    # a fourth of the voxels carry 9 / 12 of the weight: fixing them removes most of the relative error
+    assert relative < 0.35 < vcm_loss(eps, eps_mod, zero, zero, 0.0, eps_t)
+
+
 def test_loss_falls_when_overfitting_a_tiny_batch():
     """A stand-in backbone that under-predicts the noise: VCM learns to correct it on a fixed batch."""
     model = tiny_vcm(identity=True).train()

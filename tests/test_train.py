@@ -32,7 +32,7 @@ from vcm.training.batches import TrainData, draw_batch, draw_indices, draw_times
 from vcm.training.checkpoints import FINAL, LATEST
 from vcm.training.cli import cli, preview_cli
 from vcm.training.loop import train
-from vcm.training.loss import training_loss
+from vcm.training.loss import lv_region_weight, training_loss
 from vcm.training.preview import noise_error, preview
 from vcm.training.schedule import lr_factor, lr_factor_time
 from vcm.training.settings import Settings
@@ -206,6 +206,33 @@ def test_loss_falls_when_overfitting_a_tiny_batch(files, tcfg):
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses  # measured: 1.14 -> 0.71
     assert max(losses[-5:]) < min(losses[:3]), losses
+
+
+def test_lv_region_weight_covers_the_ventricles_and_their_walls():
+    lv = torch.zeros(2, 1, 16, 16, 16)
+    lv[0, :, 4:8, 4:8, 4:8] = 1.0  # exactly latent voxel (1, 1, 1) at factor 4
+    w = lv_region_weight(lv, (4, 4, 4), 5.0, draws=3)
+    assert w.shape == (6, 1, 4, 4, 4)
+    torch.testing.assert_close(w[3:], torch.ones(3, 1, 4, 4, 4))  # sample 1 (no LV) x 3 draws: uniform
+    assert torch.equal(w[0], w[2])
+    assert w[0, 0, 1, 1, 1] == 6.0 and w[0, 0, 2, 2, 2] == 6.0  # the voxel and its neighbours
+    assert w[0, 0, 3, 3, 3] == 1.0 and w[0, 0, 3, 1, 1] == 1.0  # two latent voxels away
+
+
+def test_lv_weight_needs_an_lv_condition(files, tcfg):
+    backbone = load_bundle(files["bundle"])
+    torch.manual_seed(0)
+    model = build_model("vcm", condition_groups(tcfg, "two"), backbone, TINY_VCM)
+    data = TrainData(files["dataset"], files["latents"], "train_2", ["lv", "brain", "skull"])
+    cond, mu, _, cov = data.batch(torch.tensor([0, 1]), torch.tensor([False, False]))
+    t, noise = torch.tensor([100, 500]), torch.randn(mu.shape)
+    plain = training_loss(model, model, backbone, mu, t, noise, cov, cond)
+    weighted = training_loss(model, model, backbone, mu, t, noise, cov, cond, lv_weight=10.0)
+    assert torch.isfinite(weighted) and not torch.isclose(weighted, plain)
+    with pytest.raises(StageError, match="training.lv_weight.*'lv' condition"):
+        training_loss(
+            model, model, backbone, mu, t, noise, cov, {k: cond[k] for k in ("brain", "skull")}, lv_weight=1.0
+        )
 
 
 def test_a_step_budget_gives_the_same_model_twice(tmp_path, files, tcfg):

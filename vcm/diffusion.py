@@ -150,6 +150,7 @@ def vcm_loss(
     beta: torch.Tensor,
     l1_scale: float = 1.0,
     reference: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 4: ``MSE(eps, eps') + λ(‖γ‖₁ + ‖β‖₁)`` with ``λ = l1_scale / (b·c·h·w·d)`` of the latent batch.
 
@@ -168,18 +169,27 @@ def vcm_loss(
             VCM's identity initialisation, and every noise level weighs the same (``training.loss_weighting:
             backbone``). Plain ε-MSE is ~25× smaller at t = 950 than at t = 50 here, so the noisy steps that
             lay out the anatomy barely count in a short training.
+        weight: per-voxel weights of the squared error, broadcastable to ``eps`` (e.g. (B, 1, *latent grid));
+            each sample's error is then the weighted mean over its voxels (the backbone's reference too).
 
     Returns:
         a scalar, computed in float32.
     """
     lam = l1_scale * regularisation_weight(eps.shape)
+    dims = tuple(range(1, eps.dim()))
+
+    def error(pred: torch.Tensor) -> torch.Tensor:  # (B,) (weighted) mean squared error per sample
+        squared = (pred.float() - eps.float()).square()
+        if weight is None:
+            return squared.mean(dims)
+        w = weight.float().expand_as(squared)
+        return (squared * w).sum(dims) / w.sum(dims)
+
     if reference is None:
-        mse = F.mse_loss(eps_mod.float(), eps.float())
+        mse = F.mse_loss(eps_mod.float(), eps.float()) if weight is None else error(eps_mod).mean()
     else:
-        dims = tuple(range(1, eps.dim()))
-        own = (eps_mod.float() - eps.float()).square().mean(dims)
-        base = (reference.float() - eps.float()).square().mean(dims).detach()
-        mse = (own / base.clamp_min(torch.finfo(torch.float32).tiny)).mean()
+        base = error(reference).detach()
+        mse = (error(eps_mod) / base.clamp_min(torch.finfo(torch.float32).tiny)).mean()
     return mse + lam * (gamma.float().abs().sum() + beta.float().abs().sum())
 
 

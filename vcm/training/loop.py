@@ -187,6 +187,7 @@ def _optimise(run: Run, net: nn.Module, batch: Batch) -> torch.Tensor:
             s.l1_scale,
             batch.draws,
             s.loss_weighting,
+            s.lv_weight,
         )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

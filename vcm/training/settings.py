@@ -56,6 +56,9 @@ class Settings:
             less than K times the time, and a less noisy gradient.
         loss_weighting: ``none`` (eq. 4) or ``backbone``: each sample's MSE divided by the frozen backbone's
             MSE on it, so that every noise level counts the same (VCM only; see :func:`~vcm.diffusion.vcm_loss`).
+        lv_weight: extra weight of the noise error in the latent voxels the ``lv`` condition covers (and
+            their neighbours): each voxel counts ``1 + lv_weight · coverage`` (0: the paper; see
+            :func:`~vcm.training.loss.lv_region_weight`).
         vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
         controlnet: overrides of :class:`~vcm.models.controlnet.ControlNetControl` arguments.
         preview_subjects: validation subjects previewed at the end of training (0: no preview).
@@ -81,6 +84,7 @@ class Settings:
     timesteps: str = "uniform"
     noise_draws: int = 1
     loss_weighting: str = "none"
+    lv_weight: float = 0.0
     vcm: dict[str, Any] = field(default_factory=dict)
     controlnet: dict[str, Any] = field(default_factory=dict)
     preview_subjects: int = 2
