@@ -219,20 +219,22 @@ def test_lv_region_weight_covers_the_ventricles_and_their_walls():
     assert w[0, 0, 3, 3, 3] == 1.0 and w[0, 0, 3, 1, 1] == 1.0  # two latent voxels away
 
 
-def test_lv_weight_needs_an_lv_condition(files, tcfg):
+def test_lv_weight_weighs_sets_with_an_lv_condition_only(files, tcfg):
     backbone = load_bundle(files["bundle"])
-    torch.manual_seed(0)
-    model = build_model("vcm", condition_groups(tcfg, "two"), backbone, TINY_VCM)
     data = TrainData(files["dataset"], files["latents"], "train_2", ["lv", "brain", "skull"])
     cond, mu, _, cov = data.batch(torch.tensor([0, 1]), torch.tensor([False, False]))
     t, noise = torch.tensor([100, 500]), torch.randn(mu.shape)
-    plain = training_loss(model, model, backbone, mu, t, noise, cov, cond)
-    weighted = training_loss(model, model, backbone, mu, t, noise, cov, cond, lv_weight=10.0)
-    assert torch.isfinite(weighted) and not torch.isclose(weighted, plain)
-    with pytest.raises(StageError, match="training.lv_weight.*'lv' condition"):
-        training_loss(
-            model, model, backbone, mu, t, noise, cov, {k: cond[k] for k in ("brain", "skull")}, lv_weight=1.0
-        )
+    for name, names in (("two", ("lv", "brain", "skull")), ("skull", ("skull",))):
+        tcfg["condition_sets"]["skull"] = [["skull"]]
+        torch.manual_seed(0)
+        model = build_model("vcm", condition_groups(tcfg, name), backbone, TINY_VCM)
+        with torch.no_grad():  # away from the identity, so that the modulated error differs by voxel
+            model.head_beta.conv.bias.fill_(0.3)
+        given = {k: cond[k] for k in names}
+        plain = training_loss(model, model, backbone, mu, t, noise, cov, given)
+        weighted = training_loss(model, model, backbone, mu, t, noise, cov, given, lv_weight=10.0)
+        assert torch.isfinite(weighted)
+        assert torch.isclose(weighted, plain) == (name == "skull"), name  # no lv: the paper's loss
 
 
 def test_a_step_budget_gives_the_same_model_twice(tmp_path, files, tcfg):
