@@ -42,6 +42,7 @@ __all__ = [
     "regularisation_weight",
     "sample_images",
     "sample_latents",
+    "sample_mse",
     "vcm_loss",
 ]
 
@@ -143,6 +144,17 @@ def regularisation_weight(latent_shape: Sequence[int]) -> float:
     return 1.0 / math.prod(int(s) for s in latent_shape)
 
 
+def sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of each sample (B,), in float32; with ``weight`` (broadcastable to ``pred``) the
+    weighted mean over each sample's voxels."""
+    dims = tuple(range(1, pred.dim()))
+    squared = (pred.float() - target.float()).square()
+    if weight is None:
+        return squared.mean(dims)
+    w = weight.float().expand_as(squared)
+    return (squared * w).sum(dims) / w.sum(dims)
+
+
 def vcm_loss(
     eps: torch.Tensor,
     eps_mod: torch.Tensor,
@@ -176,20 +188,15 @@ def vcm_loss(
         a scalar, computed in float32.
     """
     lam = l1_scale * regularisation_weight(eps.shape)
-    dims = tuple(range(1, eps.dim()))
-
-    def error(pred: torch.Tensor) -> torch.Tensor:  # (B,) (weighted) mean squared error per sample
-        squared = (pred.float() - eps.float()).square()
-        if weight is None:
-            return squared.mean(dims)
-        w = weight.float().expand_as(squared)
-        return (squared * w).sum(dims) / w.sum(dims)
-
     if reference is None:
-        mse = F.mse_loss(eps_mod.float(), eps.float()) if weight is None else error(eps_mod).mean()
+        mse = (
+            F.mse_loss(eps_mod.float(), eps.float())
+            if weight is None
+            else sample_mse(eps_mod, eps, weight).mean()
+        )
     else:
-        base = error(reference).detach()
-        mse = (error(eps_mod) / base.clamp_min(torch.finfo(torch.float32).tiny)).mean()
+        base = sample_mse(reference, eps, weight).detach()
+        mse = (sample_mse(eps_mod, eps, weight) / base.clamp_min(torch.finfo(torch.float32).tiny)).mean()
     return mse + lam * (gamma.float().abs().sum() + beta.float().abs().sum())
 
 

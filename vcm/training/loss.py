@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vcm.diffusion import vcm_loss
+from vcm.diffusion import sample_mse, vcm_loss
 from vcm.models.vcm import VCM, modulate
 
 __all__ = ["lv_region_weight", "training_loss"]
@@ -97,5 +97,4 @@ def training_loss(
     eps = net(backbone, z_t, t, cov, cond)
     if weight is None:
         return F.mse_loss(eps.float(), noise.float())
-    squared = (eps.float() - noise.float()).square()
-    return (squared * weight).sum() / weight.expand_as(squared).sum()
+    return sample_mse(eps, noise, weight).mean()
