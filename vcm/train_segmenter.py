@@ -48,7 +48,7 @@ class SegmenterSettings:
     minutes: float | None = None
     batch_size: int = 2
     lr: float = 2e-3
-    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
     flip: bool = True

@@ -49,7 +49,7 @@ def label_mapping(classes: Mapping[str, Sequence[int]]) -> dict[int, int]:
 class SegmenterSpec:
     """What it takes to rebuild the network: U-Net shape and class scheme."""
 
-    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
     classes: dict[str, list[int]] = field(default_factory=qc_classes)
