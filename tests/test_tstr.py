@@ -41,10 +41,10 @@ def test_three_arms_with_dice_and_the_real_network_learns_the_easy_task(tmp_path
     out = tmp_path / "tstr" / "lv.csv"
     table = run_tstr(tcfg, files["dataset"], files["cohort"], out, settings, progress=False)
     assert pd.read_csv(out).shape == table.shape
-    assert list(table["train_data"]) == ["synthetic", "real", "real+synthetic"]
-    assert list(table["source"]) == ["lv", "train_4", "train_4+lv"]
-    assert list(table["n_train"]) == [4, 4, 8]  # QC-passed synthetic subjects only
-    assert list(table["steps"]) == [40, 40, 40] and list(table["n_val"]) == [2, 2, 2]
+    assert list(table["train_data"]) == ["synthetic", "real", "real+synthetic", "synthetic_all"]
+    assert list(table["source"]) == ["lv", "train_4", "train_4+lv", "lv"]
+    assert list(table["n_train"]) == [4, 4, 8, 6]  # QC-passed synthetic subjects only, then all of them
+    assert list(table["steps"]) == [40] * 4 and list(table["n_val"]) == [2] * 4
     assert table["dice_mean"].between(0, 1).all()
     assert table.loc[1, "dice_mean"] > 0.5  # the real-trained network on the phantom task
     assert (table["dice_ci_low"] <= table["dice_mean"]).all() and (
@@ -52,9 +52,19 @@ def test_three_arms_with_dice_and_the_real_network_learns_the_easy_task(tmp_path
     ).all()
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["classes"] == ["lv"] and info["settings"]["steps"] == 40
-    assert info["results"]["synthetic"]["n_total"] == 6
+    assert info["results"]["synthetic"]["n_total"] == info["results"]["synthetic_all"]["n_total"] == 6
     assert info["results"]["real"]["subjects"] == ["sub-06", "sub-07"]
     assert len(info["results"]["real"]["per_class"][0]) == 1
+
+
+def test_the_qc_ignored_arm_is_left_out_when_asked_or_when_qc_is_ignored_anyway(tmp_path, files, tcfg):
+    for change in ({"qc_ignored_arm": False}, {"passed_only": False}):
+        settings = TstrSettings.from_config(tcfg, **{**FAST, "steps": 2, **change})
+        table = run_tstr(
+            tcfg, files["dataset"], files["cohort"], tmp_path / "t.csv", settings, progress=False
+        )
+        assert list(table["train_data"]) == ["synthetic", "real", "real+synthetic"]
+        assert table.loc[0, "n_train"] == (4 if change.get("passed_only", True) else 6)
 
 
 def test_same_seed_same_result(tmp_path, files, tcfg):

@@ -126,8 +126,8 @@ def train_network(
     start, step, losses = time.perf_counter(), 0, []
     budget = None if settings.minutes is None else 60.0 * settings.minutes
 
-    def over_budget() -> bool:
-        return budget is not None and time.perf_counter() - start > budget
+    def over_budget() -> bool:  # checked after a step: a cap never leaves the network untrained
+        return budget is not None and step > 0 and time.perf_counter() - start > budget
 
     bar = tqdm(total=settings.steps, desc=desc, unit="step", disable=not progress)
     net.train()

@@ -8,6 +8,9 @@ and budget (``tstr.steps``, optionally ``tstr.minutes``; the loop of :mod:`vcm.s
 * ``real``: on the real training subset (:class:`vcm.data.RealDataset`, ``/splits/train_<n>``, default the
   largest training size);
 * ``real+synthetic``: on both together;
+* ``synthetic_all`` (with ``passed_only`` and ``qc_ignored_arm``): on every synthetic subject, QC-passed or
+  not: whether the cohort teaches anatomy even where its QC bar is not met (a diagnostic, not a training set
+  to use);
 
 and each is scored with MONAI's :class:`~monai.metrics.DiceMetric` against the real validation subjects'
 labels (``/splits/val``). Targets (``tstr.labels``): ``lv`` (the lateral-ventricle mask, the paper's
@@ -45,7 +48,7 @@ from vcm.stats import bootstrap_ci
 
 __all__ = ["ARMS", "TstrSettings", "cli", "run_tstr"]
 
-ARMS = ("synthetic", "real", "real+synthetic")
+ARMS = ("synthetic", "real", "real+synthetic", "synthetic_all")
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class TstrSettings:
         num_res_units: residual units per U-Net block.
         real_split: real training split (default ``train_<largest training size>``).
         passed_only: train on QC-passed synthetic subjects only.
+        qc_ignored_arm: with ``passed_only``, also train on every synthetic subject (``synthetic_all``).
         flip: random left-right flip augmentation.
         augment: blur, contrast, bias and noise augmentation, the same for every arm.
         seed: network initialisation and batch order.
@@ -81,6 +85,7 @@ class TstrSettings:
     num_res_units: int = 1
     real_split: str | None = None
     passed_only: bool = True
+    qc_ignored_arm: bool = True
     flip: bool = True
     augment: bool = False
     seed: int = 0
@@ -138,6 +143,8 @@ def run_tstr(
     synthetic = CohortDataset(cohort, passed_only=settings.passed_only, transform=augment, **kw)
     real = RealDataset(dataset, settings.real_split, transform=augment, **kw)
     sources = {"synthetic": synthetic, "real": real, "real+synthetic": ConcatDataset([real, synthetic])}
+    if settings.passed_only and settings.qc_ignored_arm:
+        sources["synthetic_all"] = CohortDataset(cohort, passed_only=False, transform=augment, **kw)
     n_fg = int(n_classes(settings.labels))
     rows, details = [], {}
     for name, ds in sources.items():
@@ -150,7 +157,9 @@ def run_tstr(
                     "labels": settings.labels,
                     "n_val": len(val),
                     "dice_mean": float("nan"),
-                    "note": "no QC-passed synthetic subject",
+                    "note": "no synthetic subject"
+                    if name == "synthetic_all"
+                    else "no QC-passed synthetic subject",
                 }
             )
             details[name] = {"n_train": 0, "n_total": synthetic.n_total}
@@ -160,7 +169,7 @@ def run_tstr(
         source = _source(name, cohort, settings)
         row, details[name] = _train_arm(name, source, ds, val, settings, n_fg, device, progress)
         rows.append(row)
-        if name == "synthetic":
+        if name.startswith("synthetic"):
             details[name]["n_total"] = synthetic.n_total
     table = pd.DataFrame(rows)
     out = Path(out)
@@ -223,7 +232,9 @@ def _train_arm(
 
 def _source(arm: str, cohort: str | Path, settings: TstrSettings) -> str:
     set_name = Path(cohort).parent.name
-    return {"synthetic": set_name, "real": settings.real_split}.get(arm, f"{settings.real_split}+{set_name}")
+    return {"synthetic": set_name, "synthetic_all": set_name, "real": settings.real_split}.get(
+        arm, f"{settings.real_split}+{set_name}"
+    )
 
 
 def cli(argv: list[str]) -> int:
