@@ -13,6 +13,7 @@ import torch
 
 from vcm.backbone_training.autoencoder import LATENTS_FILE
 from vcm.backbone_training.cli import cli
+from vcm.backbone_training.decoder import region_mask, weighted_l1
 from vcm.backbone_training.loop import StageLoop
 from vcm.backbone_training.samples import sample_images
 from vcm.errors import StageError
@@ -40,7 +41,7 @@ def corpus_file(tmp_path_factory):
     rng = np.random.default_rng(0)
     x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in GRID), indexing="ij")
     cov = rng.uniform(0, 1, (6, 4)).astype(np.float32)
-    images = []
+    images, labels = [], []
     for c in cov:
         r = np.sqrt(x**2 + (y / 1.2) ** 2 + z**2)
         head = (r < 0.7 + 0.1 * c[3]).astype(np.float32) * 0.6
@@ -48,8 +49,10 @@ def corpus_file(tmp_path_factory):
             np.float32
         )
         images.append(np.clip(head - 0.4 * vent + 0.02 * rng.standard_normal(GRID), 0, 1))
+        labels.append(np.where(vent > 0, 4, np.where(head > 0, 2, 0)).astype(np.uint16))  # FreeSurfer IDs
     with h5py.File(path, "w") as h5:
         h5["image"] = np.stack(images)[:, None].astype(np.float16)
+        h5["label"] = np.stack(labels)
         h5["covariates"] = cov
         h5["splits/train"] = np.arange(1, 6)
         h5["splits/val"] = np.array([0])
@@ -205,3 +208,77 @@ def test_bad_inputs_are_one_line_errors(corpus_file, tmp_path):
         cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--ae-crop", "8,7,8"))
     with pytest.raises(StageError, match="one value per level"):
         cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--dm-attention", "true"))
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2])
+def test_the_region_is_the_labels_dilated_by_the_margin(margin):
+    labels = np.zeros((2, 9, 9, 9), np.uint16)
+    labels[0, 4, 4, 4] = 43  # a right lateral ventricle voxel; image 1 has none
+    labels[0, 0, 0, 0] = 2  # white matter: not in the region
+    region = region_mask(labels, (4, 43), margin)
+    assert region.shape == (2, 1, 9, 9, 9) and region.dtype == torch.float32
+    assert region[0].sum() == (2 * margin + 1) ** 3 and region[1].sum() == 0
+    assert region[0, 0, 4 - margin, 4 + margin, 4] == 1 and region[0, 0, 0, 0, 0] == 0
+
+
+def test_the_weighted_l1_counts_the_region_more():
+    x, recon = torch.zeros(1, 1, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2)
+    recon[0, 0, 0, 0, 0] = 1.0  # the one error sits in the region
+    region = torch.zeros_like(x)
+    region[0, 0, 0, 0, 0] = 1.0
+    assert weighted_l1(recon, x, region, 0.0).item() == pytest.approx(1 / 8)  # plain L1
+    assert weighted_l1(recon, x, region, 5.0).item() == pytest.approx(6 / 13)  # 6 of 7 + 6 weight units
+    assert weighted_l1(recon, x, torch.ones_like(x), 5.0).item() == pytest.approx(1 / 8)
+
+
+def test_refining_the_decoder_of_a_bundle_keeps_its_latent_space(corpus_file, tmp_path):
+    """--from-bundle trains the decoder alone: the encoder and the latent U-Net (model.pt, byte for byte) stay
+    as they were, the decoder changes and the error near the ventricles falls; the record keeps the source's
+    stages and adds the decoder's."""
+    assert cli(argv(corpus_file, tmp_path, "--ae-steps", "20", "--ae-lr", "3e-3", "--dm-steps", "2")) == 0
+    refined = tmp_path / "refined"
+    code = cli(argv(corpus_file, tmp_path, "--from-bundle", str(tmp_path / "bundle"), "--out", str(refined),
+                    "--work-dir", str(tmp_path / "work_dec"), "--dec-steps", "30", "--dec-lr", "3e-3"))  # fmt: skip
+    assert code == 0
+    before = torch.load(tmp_path / "bundle" / AUTOENCODER_FILE, weights_only=True)
+    after = torch.load(refined / AUTOENCODER_FILE, weights_only=True)
+    assert {v.dtype for v in after.values() if v.is_floating_point()} == {torch.float16}
+    kept = [k for k in before if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    for rel in (DIFFUSION_FILE, NETWORK_FILE):
+        assert (refined / rel).read_bytes() == (tmp_path / "bundle" / rel).read_bytes(), rel
+    rows = read_losses(tmp_path / "work_dec/dec/losses.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    first, last = (np.mean([float(r["region_l1"]) for r in part]) for part in (rows[:5], rows[-5:]))
+    assert last < 0.8 * first
+    record = json.loads((refined / "training_record.json").read_text())
+    assert record["autoencoder"]["steps"] == 20 and record["decoder"]["steps"] == 30
+    assert record["decoder"]["options"]["region_weight"] == 5.0
+    assert record["decoder_refinement"]["from_bundle"] == str(tmp_path / "bundle")
+    assert (refined / "loss_decoder.png").stat().st_size > 0
+    with torch.no_grad():  # the refined bundle samples as before
+        assert load_bundle(refined).decode(torch.zeros(1, 3, 8, 8, 8)).shape == (1, 1, *GRID)
+
+
+def test_the_decoder_stage_runs_after_the_latent_unet(corpus_file, tmp_path):
+    assert cli(argv(corpus_file, tmp_path, "--ae-steps", "2", "--dm-steps", "2", "--dec-steps", "3",
+                    "--no-samples")) == 0  # fmt: skip
+    assert [int(r["step"]) for r in read_losses(tmp_path / "work/dec/losses.csv")] == [1, 2, 3]
+    record = json.loads((tmp_path / "bundle/training_record.json").read_text())
+    assert record["decoder"]["steps"] == 3 and record["decoder"]["val_loss"] is not None
+    final = torch.load(tmp_path / "work/dec" / FINAL, weights_only=True)["modules"]["autoencoder"]
+    shipped = torch.load(tmp_path / "bundle" / AUTOENCODER_FILE, weights_only=True)
+    assert all(torch.equal(final[k].half(), shipped[k]) for k in shipped)
+
+
+def test_the_decoder_stage_needs_labels_and_a_budget(corpus_file, tmp_path):
+    assert cli(argv(corpus_file, tmp_path, "--ae-steps", "1", "--dm-steps", "1", "--no-samples")) == 0
+    with pytest.raises(StageError, match="budget"):
+        cli(argv(corpus_file, tmp_path, "--from-bundle", str(tmp_path / "bundle")))
+    bare = tmp_path / "bare.h5"
+    with h5py.File(corpus_file) as src, h5py.File(bare, "w") as h5:
+        for key in ("image", "covariates", "splits/train", "splits/val"):
+            h5[key] = src[key][...]
+    with pytest.raises(StageError, match="no /label"):
+        cli(argv(bare, tmp_path, "--from-bundle", str(tmp_path / "bundle"), "--dec-steps", "2"))

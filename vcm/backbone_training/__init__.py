@@ -15,8 +15,12 @@ tiny_definitions`) and writes them as a bundle that :func:`vcm.models.backbone.l
    ``cat[z_t, covariates broadcast]`` with cross-attention to the covariates (B, 1, 4), exactly as
    :meth:`vcm.models.backbone.Backbone.eps` calls it; DDPM epsilon objective with the project's schedule
    (:func:`vcm.diffusion.ddpm_scheduler`); an exponential moving average (EMA) of the weights is what ships.
+4. **decoder refinement** (stage ``dec``, only with ``--dec-steps``/``--dec-minutes``): the decoder alone trains
+   further on latents from the frozen encoder, with an L1 loss that counts the voxels near the ventricles
+   ``1 + --dec-region-weight`` times (the corpus' ``/label``); the latent space, and so the U-Net, stay valid.
+   ``--from-bundle B`` runs this stage alone on the trained bundle ``B``.
 
-Both stages use AdamW with a linear warm-up and a cosine decay over the stage's budget (``--*-steps`` and/or
+The stages use AdamW with a linear warm-up and a cosine decay over the stage's budget (``--*-steps`` and/or
 ``--*-minutes``, whichever ends first), log every step to ``<work>/<stage>/losses.csv`` (+ ``loss.png``), and
 write ``<work>/<stage>/checkpoint_latest.pt`` every ``--checkpoint-every`` steps; a rerun resumes from it
 (step counter, optimiser, EMA, random generators and elapsed time included), and a finished stage
@@ -33,9 +37,10 @@ reconstructions and DDIM samples at young/old × small/large-ventricle covariate
 The package, one concept per module:
 
 * :mod:`vcm.backbone_training.corpus`: the training HDF5 in memory;
-* :mod:`vcm.backbone_training.loop`: the loop both stages share (budget, schedule, loss log, checkpoints);
+* :mod:`vcm.backbone_training.loop`: the loop the stages share (budget, schedule, loss log, checkpoints);
 * :mod:`vcm.backbone_training.autoencoder`: stage 1 and the latents it encodes;
 * :mod:`vcm.backbone_training.diffusion`: stage 3, the latent U-Net and its EMA;
+* :mod:`vcm.backbone_training.decoder`: stage 4, the decoder refined near the ventricles;
 * :mod:`vcm.backbone_training.samples`: DDIM samples and the samples figure;
 * :mod:`vcm.backbone_training.train`: the whole stage, corpus to bundle and training record;
 * :mod:`vcm.backbone_training.cli`: the ``train-backbone`` command line.

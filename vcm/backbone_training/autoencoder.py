@@ -38,6 +38,7 @@ __all__ = [
     "LATENTS_FILE",
     "AEOptions",
     "encode_latents",
+    "fingerprint",
     "kl_loss",
     "load_or_encode_latents",
     "train_autoencoder",
@@ -281,7 +282,8 @@ def encode_latents(ae: nn.Module, images: torch.Tensor, batch_size: int = 8) -> 
     return torch.cat(out)
 
 
-def _fingerprint(module: nn.Module) -> str:
+def fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names and values): which weights a cache or a checkpoint came from."""
     h = hashlib.sha256()
     for k, v in module.state_dict().items():
         h.update(k.encode())
@@ -297,7 +299,7 @@ def load_or_encode_latents(
     Cached in ``<work>/latents.pt`` under the checkpoint policy, signed by the definitions, these autoencoder
     weights and this corpus: a cache of other ones is set aside and the latents are encoded again.
     """
-    key = {**definitions, "autoencoder_sha256": _fingerprint(ae), "corpus": str(corpus.path.resolve())}
+    key = {**definitions, "autoencoder_sha256": fingerprint(ae), "corpus": str(corpus.path.resolve())}
     store = CheckpointStore(work, signature(key))
     cached = store.load(LATENTS_FILE)
     if cached is not None:

@@ -19,9 +19,10 @@ import torch
 import vcm.backbone_training
 from vcm.backbone_training.autoencoder import AEOptions
 from vcm.backbone_training.corpus import load_corpus
+from vcm.backbone_training.decoder import DecoderOptions
 from vcm.backbone_training.diffusion import LDMOptions
 from vcm.backbone_training.samples import samples_figure
-from vcm.backbone_training.train import train_backbone
+from vcm.backbone_training.train import refine_bundle, train_backbone
 from vcm.errors import StageError
 from vcm.stage import configure_runtime, stage_parser
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoint_latest.pt")
     _add_autoencoder_options(p.add_argument_group("autoencoder"))
     _add_diffusion_options(p.add_argument_group("latent diffusion"))
+    _add_decoder_options(p.add_argument_group("decoder refinement (stage 4, off unless given a budget)"))
     p.add_argument("--no-samples", action="store_true", help="skip samples.png (tests)")
     p.add_argument(
         "--samples-only", action="store_true", help="only redraw samples.png of the existing bundle --out"
@@ -99,6 +101,26 @@ def _add_diffusion_options(d: argparse._ArgumentGroup) -> None:
     d.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the sample pictures")
 
 
+def _add_decoder_options(d: argparse._ArgumentGroup) -> None:
+    d.add_argument("--dec-steps", type=int, default=0, help="decoder refinement steps (0: no refinement)")
+    d.add_argument("--dec-minutes", type=float, default=None)
+    d.add_argument("--dec-batch", type=int, default=2)
+    d.add_argument("--dec-lr", type=float, default=5e-4)
+    d.add_argument(
+        "--dec-region-weight",
+        type=float,
+        default=5.0,
+        help="extra L1 weight near the ventricles: each voxel there counts 1 + this",
+    )
+    d.add_argument("--dec-region-margin", type=int, default=2, help="ventricles dilated by this many voxels")
+    d.add_argument("--dec-val-every", type=int, default=200)
+    d.add_argument(
+        "--from-bundle",
+        default=None,
+        help="refine the decoder of this trained bundle instead of training stages 1-3 (needs --dec-steps)",
+    )
+
+
 def definitions_from_args(args: argparse.Namespace, grid: Sequence[int]) -> dict[str, Any]:
     """The backbone definitions the options describe, for images on ``grid``."""
     from vcm.models.backbone import tiny_definitions
@@ -125,8 +147,8 @@ def definitions_from_args(args: argparse.Namespace, grid: Sequence[int]) -> dict
     return defs
 
 
-def _stage_options(args: argparse.Namespace, device: str) -> tuple[AEOptions, LDMOptions]:
-    """The two stages' training options from the command line."""
+def _stage_options(args: argparse.Namespace, device: str) -> tuple[AEOptions, LDMOptions, DecoderOptions]:
+    """The stages' training options from the command line."""
     ae_opts = AEOptions(
         steps=args.ae_steps,
         minutes=args.ae_minutes,
@@ -155,7 +177,19 @@ def _stage_options(args: argparse.Namespace, device: str) -> tuple[AEOptions, LD
         seed=args.seed,
         device=device,
     )
-    return ae_opts, ldm_opts
+    dec_opts = DecoderOptions(
+        steps=args.dec_steps,
+        minutes=args.dec_minutes,
+        batch_size=args.dec_batch,
+        lr=args.dec_lr,
+        region_weight=args.dec_region_weight,
+        region_margin=args.dec_region_margin,
+        val_every=args.dec_val_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=device,
+    )
+    return ae_opts, ldm_opts, dec_opts
 
 
 def cli(argv: list[str]) -> int:
@@ -165,15 +199,31 @@ def cli(argv: list[str]) -> int:
     with contextlib.suppress(RuntimeError):  # one inter-op thread; fails when already set in this process
         torch.set_num_interop_threads(1)
     started = time.monotonic()
-    corpus = load_corpus(args.data)
+    ae_opts, ldm_opts, dec_opts = _stage_options(args, device)
+    corpus = load_corpus(args.data, labels=dec_opts.enabled)
     out = Path(args.out)
+    command = "python -m vcm train-backbone " + shlex.join(argv)
     if args.samples_only:
         from vcm.models.backbone import load_bundle
 
         samples_figure(out / "samples.png", load_bundle(out, device=device), corpus, args.ddim_steps)
         print(f"samples: {out / 'samples.png'}")
         return 0
-    ae_opts, ldm_opts = _stage_options(args, device)
+    if args.from_bundle:
+        refine_bundle(
+            corpus,
+            Path(args.from_bundle),
+            Path(args.work_dir),
+            out,
+            dec_opts,
+            samples=not args.no_samples,
+            ddim_steps=args.ddim_steps,
+            command=command,
+            threads=args.threads,
+            started=started,
+        )
+        print(f"bundle: {out} (decoder refined from {args.from_bundle})")
+        return 0
     train_backbone(
         corpus,
         definitions_from_args(args, corpus.grid),
@@ -181,8 +231,9 @@ def cli(argv: list[str]) -> int:
         out,
         ae_opts,
         ldm_opts,
+        dec_opts=dec_opts,
         samples=not args.no_samples,
-        command="python -m vcm train-backbone " + shlex.join(argv),
+        command=command,
         threads=args.threads,
         started=started,
     )

@@ -28,14 +28,15 @@ class Corpus:
     covariates: torch.Tensor  # (N, 4) float32, scaled to [0, 1]
     train: np.ndarray
     val: np.ndarray
+    labels: np.ndarray | None = None  # (N, *grid) label maps as stored, when the file has /label
 
     @property
     def grid(self) -> tuple[int, ...]:
         return tuple(self.images.shape[2:])
 
 
-def load_corpus(path: str | Path) -> Corpus:
-    """Read ``/image``, ``/covariates`` and the splits of a training HDF5.
+def load_corpus(path: str | Path, labels: bool = False) -> Corpus:
+    """Read ``/image``, ``/covariates`` and the splits of a training HDF5 (and ``/label`` with ``labels``).
 
     ``/splits/train`` is used when present, otherwise every image not in ``/splits/val``; without
     ``/splits/val`` there is no held-out loss.
@@ -55,6 +56,7 @@ def load_corpus(path: str | Path) -> Corpus:
                     raise StageError(f"{path}: no /{key} dataset (expected the dataset.h5 layout)")
             images = torch.from_numpy(np.asarray(h5["image"][...], dtype=np.float16))
             covariates = torch.from_numpy(np.asarray(h5["covariates"][...], dtype=np.float32))
+            label = np.asarray(h5["label"][...]) if labels and "label" in h5 else None
             splits = h5.get("splits", {})
             val = np.asarray(splits["val"][...], dtype=np.int64) if "val" in splits else np.zeros(0, np.int64)
             if "train" in splits:
@@ -64,7 +66,9 @@ def load_corpus(path: str | Path) -> Corpus:
     except OSError as err:
         raise StageError(f"{path}: not a readable HDF5 file ({err})") from None
     _check_shapes(path, images, covariates, train, val)
-    return Corpus(path, images, covariates, np.sort(train), np.sort(val))
+    if label is not None and label.shape != (images.shape[0], *images.shape[2:]):
+        raise StageError(f"{path}: /label must be {images.shape[0]}×{'×'.join(map(str, images.shape[2:]))}")
+    return Corpus(path, images, covariates, np.sort(train), np.sort(val), label)
 
 
 def _check_shapes(

@@ -1,4 +1,4 @@
-"""The training loop both backbone stages share: budget, learning-rate schedule, loss log, checkpoints.
+"""The training loop the backbone stages share: budget, learning-rate schedule, loss log, checkpoints.
 
 A stage (the autoencoder, then the latent U-Net) hands :class:`StageLoop` its networks, optimisers and a
 ``step_fn``; the loop runs it until the :class:`Budget` is spent, logs every step to ``losses.csv``

@@ -1,8 +1,9 @@
 """The whole ``train-backbone`` stage: corpus to bundle, with the training record that says how it was made.
 
-:func:`train_backbone` runs the stages in order (autoencoder, latents, latent U-Net), each resumable in its
-own folder of the work folder, then writes the bundle (float16 weights), its ``samples.png``, the two loss
-plots and ``training_record.json``.
+:func:`train_backbone` runs the stages in order (autoencoder, latents, latent U-Net, optionally the decoder
+refinement), each resumable in its own folder of the work folder, then writes the bundle (float16 weights), its
+``samples.png``, the loss plots and ``training_record.json``. :func:`refine_bundle` runs the decoder refinement
+alone on a bundle that is already trained.
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ from torch import nn
 
 from vcm.backbone_training.autoencoder import AEOptions, load_or_encode_latents, train_autoencoder
 from vcm.backbone_training.corpus import Corpus
+from vcm.backbone_training.decoder import DecoderOptions, refine_decoder
 from vcm.backbone_training.diffusion import LDMOptions, train_diffusion
 from vcm.backbone_training.loop import StageSummary
 from vcm.backbone_training.samples import samples_figure
+from vcm.errors import StageError
 
-__all__ = ["RECORD_FILE", "train_backbone"]
+__all__ = ["RECORD_FILE", "refine_bundle", "train_backbone"]
 
 logger = logging.getLogger(__name__)
 
 RECORD_FILE = "training_record.json"
-LOSS_PLOTS = {"ae": "loss_autoencoder.png", "ldm": "loss_diffusion.png"}
+LOSS_PLOTS = {"ae": "loss_autoencoder.png", "ldm": "loss_diffusion.png", "dec": "loss_decoder.png"}
 """The stages' ``loss.png``, copied into the bundle under these names."""
 
 
@@ -42,6 +45,7 @@ def train_backbone(
     ae_opts: AEOptions,
     ldm_opts: LDMOptions,
     *,
+    dec_opts: DecoderOptions | None = None,
     samples: bool = True,
     command: str = "",
     threads: int | None = None,
@@ -58,6 +62,7 @@ def train_backbone(
         ae_opts: how the autoencoder trains.
         ldm_opts: how the latent U-Net trains; ``sample_ddim_steps`` also sets the DDIM steps of
             ``samples.png``.
+        dec_opts: how the decoder is refined afterwards (``None`` or no budget: not at all).
         samples: draw the bundle's ``samples.png``.
         command: the command line, for the training record.
         threads: torch's CPU threads, for the training record.
@@ -91,6 +96,13 @@ def train_backbone(
 
     hook = _sample_hook(ae, defs, corpus, work / "ldm", ldm_opts.sample_ddim_steps)
     dm, dm_summary = train_diffusion(latents, ae, defs, work / "ldm", ldm_opts, hook)
+    stages: dict[str, tuple[StageSummary, Any]] = {
+        "autoencoder": (ae_summary, ae_opts),
+        "diffusion": (dm_summary, ldm_opts),
+    }
+    if dec_opts is not None and dec_opts.enabled:
+        ae, dec_summary = refine_decoder(ae, corpus, ae_defs, work / "dec", dec_opts)
+        stages["decoder"] = (dec_summary, dec_opts)
     backbone = Backbone(ae, dm, scale_factor=defs["scale_factor"], definitions=defs)
     save_bundle(out, backbone, dtype=torch.float16)
     if samples:
@@ -102,11 +114,83 @@ def train_backbone(
         out,
         latent_shape=list(latents["train"].shape[1:]),
         latent_std=std,
-        stages={"autoencoder": (ae_summary, ae_opts), "diffusion": (dm_summary, ldm_opts)},
+        stages=stages,
         command=command,
         threads=threads,
         wall_s=time.monotonic() - started,
     )
+    write_json(out / RECORD_FILE, record)
+    return out
+
+
+def refine_bundle(
+    corpus: Corpus,
+    bundle: Path,
+    work: Path,
+    out: Path,
+    dec_opts: DecoderOptions,
+    *,
+    samples: bool = True,
+    ddim_steps: int = 50,
+    command: str = "",
+    threads: int | None = None,
+    started: float | None = None,
+) -> Path:
+    """Refine the decoder of the trained bundle ``bundle`` (stage 4 alone) and write the bundle ``out``.
+
+    Only ``models/autoencoder.pt`` changes: the other files are copied as they are (the latent U-Net stays
+    valid because the encoder is frozen); ``training_record.json`` keeps the source's record and gains the
+    ``decoder`` stage and a ``decoder_refinement`` entry (data, command, date, software).
+
+    Args:
+        corpus: the training images and label maps.
+        bundle: the trained bundle folder (written by this stage, with ``configs/network.json``).
+        work: the work folder (``dec/``: checkpoints, loss log).
+        out: the bundle folder to write (may be ``bundle`` itself).
+        dec_opts: how the decoder is refined.
+        samples: redraw ``samples.png``.
+        ddim_steps: DDIM steps of ``samples.png``.
+        command: the command line, for the training record.
+        threads: torch's CPU threads, for the training record.
+        started: ``time.monotonic()`` when the run began (default: now), for the record's wall time.
+    """
+    import json
+
+    from vcm.io import provenance, save_torch, sha256_file, write_json
+    from vcm.models.backbone import AUTOENCODER_FILE, load_bundle
+
+    started = time.monotonic() if started is None else started
+    bundle, out, work = Path(bundle), Path(out), Path(work)
+    if not dec_opts.enabled:
+        raise StageError("--from-bundle refines the decoder: give it a budget (--dec-steps or --dec-minutes)")
+    backbone = load_bundle(bundle, device=dec_opts.device)
+    if backbone.definitions is None:
+        raise StageError(f"{bundle}: no configs/network.json: only bundles written by train-backbone")
+    ae_defs = {k: v for k, v in backbone.definitions.items() if k not in ("diffusion", "scale_factor")}
+    source_record = bundle / RECORD_FILE
+    record = json.loads(source_record.read_text()) if source_record.is_file() else {}
+    ae, summary = refine_decoder(backbone.autoencoder, corpus, ae_defs, work / "dec", dec_opts)
+    if out.resolve() != bundle.resolve():
+        shutil.copytree(bundle, out, dirs_exist_ok=True)
+    save_torch({k: v.detach().cpu().half() for k, v in ae.state_dict().items()}, out / AUTOENCODER_FILE)
+    if samples:
+        samples_figure(out / "samples.png", load_bundle(out, device=dec_opts.device), corpus, ddim_steps)
+    _copy_loss_plots(work, out)
+    prov = provenance(None)
+    record["decoder"] = {**summary.__dict__, "options": dec_opts.__dict__}
+    record["decoder_refinement"] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "from_bundle": str(bundle),
+        "data": {"file": str(corpus.path), "sha256": sha256_file(corpus.path)},
+        "threads": threads,
+        "device": str(dec_opts.device),
+        "wall_s_this_run": round(time.monotonic() - started, 1),
+        "versions": {
+            k: prov[k] for k in ("vcm_version", "vcm_git_sha", "python", "torch_version", "monai_version")
+        },
+    }
+    record["bundle_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     write_json(out / RECORD_FILE, record)
     return out
 
@@ -146,7 +230,7 @@ def _training_record(
     *,
     latent_shape: list[int],
     latent_std: float,
-    stages: dict[str, tuple[StageSummary, AEOptions | LDMOptions]],
+    stages: dict[str, tuple[StageSummary, Any]],
     command: str,
     threads: int | None,
     wall_s: float,

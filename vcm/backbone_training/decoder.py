@@ -1,0 +1,213 @@
+"""Stage 4 of the backbone (optional): the decoder refined where the labels matter, the latent space kept.
+
+The autoencoder of stage 1 weighs every voxel alike, so the ventricles — a few per cent of the image, and what
+every control figure of the project measures — come out of its decoder blurred. :func:`refine_decoder` trains
+only the decoder (and its ``post_quant_conv``) further, on latents drawn from the frozen encoder's posterior,
+with an L1 loss that counts the voxels near the ventricles more:
+
+    w = 1 + region_weight · [ventricles dilated by region_margin voxels],   loss = Σ w·|x̂ − x| / Σ w.
+
+The encoder is not touched, so the latents, their ``scale_factor`` and the latent U-Net trained on them stay
+valid: this stage can refine the decoder of a bundle that is already trained (``--from-bundle``) and ships as a
+new ``models/autoencoder.pt`` alone. The corpus needs its label map (``/label``) for the region.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vcm.backbone_training.corpus import FLIP_DIM, Corpus
+from vcm.backbone_training.loop import (
+    Budget,
+    StageLoop,
+    StageSummary,
+    last_value,
+    module_device,
+    module_state,
+    stage_store,
+    tail_mean,
+)
+from vcm.errors import StageError
+from vcm.labels import SEMANTIC_CLASSES
+from vcm.training.checkpoints import FINAL
+
+__all__ = ["DecoderOptions", "decoder_parameters", "refine_decoder", "region_mask", "weighted_l1"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecoderOptions:
+    """How the decoder is refined (the ``--dec-*`` options); ``steps`` 0 and no ``minutes``: the stage is off."""
+
+    steps: int | None = 0
+    minutes: float | None = None
+    batch_size: int = 2
+    lr: float = 5e-4
+    lr_final: float = 0.1
+    warmup: int = 50
+    region_weight: float = 5.0
+    region_labels: tuple[int, ...] = SEMANTIC_CLASSES["ventricles"]
+    region_margin: int = 2
+    val_every: int = 200
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.steps) or bool(self.minutes)
+
+
+def region_mask(labels: np.ndarray, ids: tuple[int, ...], margin: int) -> torch.Tensor:
+    """``labels`` (N, *grid) in ``ids``, dilated by ``margin`` voxels (a cube): (N, 1, *grid) float32 of 0/1."""
+    mask = torch.from_numpy(np.isin(labels, ids)).float()[:, None]
+    if margin > 0:
+        pool = {2: F.max_pool2d, 3: F.max_pool3d}[mask.dim() - 2]
+        mask = pool(mask, 2 * margin + 1, stride=1, padding=margin)
+    return mask
+
+
+def weighted_l1(recon: torch.Tensor, x: torch.Tensor, region: torch.Tensor, weight: float) -> torch.Tensor:
+    """The L1 error with the voxels of ``region`` counted ``1 + weight`` times, normalised by the weights."""
+    w = 1.0 + weight * region
+    return ((recon - x).abs() * w).sum() / w.sum()
+
+
+def decoder_parameters(ae: nn.Module) -> list[nn.Parameter]:
+    """What this stage trains: the decoder and the convolution in front of it."""
+    return [*ae.post_quant_conv.parameters(), *ae.decoder.parameters()]
+
+
+@dataclass
+class _DecoderStep:
+    """One step: posterior latents of a batch from the frozen encoder, decoded, weighted L1 on the decoder."""
+
+    ae: nn.Module
+    optimiser: torch.optim.Optimizer
+    images: torch.Tensor
+    region: torch.Tensor
+    opts: DecoderOptions
+
+    def __call__(self, g: torch.Generator) -> dict[str, float]:
+        opts = self.opts
+        idx = torch.randint(self.images.shape[0], (opts.batch_size,), generator=g)
+        x = self.images[idx].to(opts.device).float()
+        r = self.region[idx].to(opts.device)
+        flip = (torch.rand(opts.batch_size, generator=g) < 0.5).to(opts.device).view(-1, 1, 1, 1, 1)
+        x, r = torch.where(flip, x.flip(FLIP_DIM), x), torch.where(flip, r.flip(FLIP_DIM), r)
+        with torch.no_grad():
+            mu, sigma = self.ae.encode(x)
+            z = mu + sigma * torch.randn(mu.shape, generator=g).to(opts.device)
+        recon = self.ae.decode(z)
+        loss = weighted_l1(recon, x, r, opts.region_weight)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        with torch.no_grad():
+            l1 = (recon - x).abs()
+            region_l1 = (l1 * r).sum() / r.sum().clamp_min(1)
+        return {"loss": loss.item(), "l1": l1.mean().item(), "region_l1": region_l1.item()}
+
+
+def _validation(ae: nn.Module, images: torch.Tensor, region: torch.Tensor, batch: int) -> dict[str, float]:
+    """Held-out L1 of the reconstruction from the posterior mean, over the image and inside the region."""
+    ae.eval()
+    total = inside = n = n_region = 0.0
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch):
+            x = images[i : i + batch].to(module_device(ae)).float()
+            r = region[i : i + batch].to(x.device)
+            err = (ae.decode(ae.encode(x)[0]) - x).abs()
+            total, n = total + err.sum().item(), n + err.numel()
+            inside, n_region = inside + (err * r).sum().item(), n_region + r.sum().item()
+    return {"val_l1": total / max(n, 1), "val_region_l1": inside / max(n_region, 1)}
+
+
+def refine_decoder(
+    ae: nn.Module, corpus: Corpus, definitions: dict[str, Any], work: Path, opts: DecoderOptions
+) -> tuple[nn.Module, StageSummary]:
+    """Stage 4: train the decoder of ``ae`` further with the region-weighted L1; the encoder stays as it is.
+
+    Args:
+        ae: the trained autoencoder (its decoder is changed in place).
+        corpus: the training images and their label maps.
+        definitions: the backbone definitions without the diffusion U-Net (they sign the checkpoints, with the
+            starting weights: a checkpoint refined from another autoencoder is never resumed).
+        work: the stage's work folder (checkpoints, ``losses.csv``, ``loss.png``).
+        opts: the training options.
+
+    Returns:
+        the autoencoder with the refined decoder (eval mode) and the stage's summary; a finished stage
+        (``checkpoint_final.pt``) is loaded, not retrained.
+
+    Raises:
+        StageError: the corpus has no label map.
+    """
+    from vcm.backbone_training.autoencoder import fingerprint
+
+    if corpus.labels is None:
+        raise StageError(f"{corpus.path}: no /label dataset: the decoder stage needs the label maps")
+    store = stage_store(work, {**definitions, "start_autoencoder_sha256": fingerprint(ae)})
+    final = store.final()
+    if final is not None:
+        ae.load_state_dict(final["modules"]["autoencoder"])
+        logger.info("dec: already trained (%s); delete it to retrain", store.path(FINAL))
+        return ae.eval(), StageSummary(**final["summary"])
+    ae.requires_grad_(False)
+    params = decoder_parameters(ae)
+    for p in params:
+        p.requires_grad_(True)
+    region = region_mask(corpus.labels, tuple(opts.region_labels), opts.region_margin)
+    logger.info(
+        "dec: region = labels %s dilated by %d voxels, %.1f %% of the voxels, weight 1 + %g",
+        list(opts.region_labels),
+        opts.region_margin,
+        100 * float(region.mean()),
+        opts.region_weight,
+    )
+    optimiser = torch.optim.AdamW(params, lr=opts.lr)
+    loop = StageLoop(
+        "dec",
+        store,
+        {"autoencoder": ae},
+        {"decoder": optimiser},
+        Budget(opts.steps or None, opts.minutes, opts.warmup),
+        opts.lr_final,
+        ["loss", "l1", "region_l1", "val_l1", "val_region_l1"],
+        opts.seed,
+        opts.checkpoint_every,
+    )
+    train = torch.from_numpy(corpus.train)
+    step = _DecoderStep(ae, optimiser, corpus.images[train], region[train], opts)
+    val_fn = None
+    if len(corpus.val):
+        val = torch.from_numpy(corpus.val)
+        val_images, val_region = corpus.images[val], region[val]
+
+        def val_fn() -> dict[str, float]:
+            return _validation(ae, val_images, val_region, opts.batch_size)
+
+    rows = loop.run(step, val_fn, opts.val_every, train_key="loss", val_key="val_region_l1")
+    summary = StageSummary(
+        steps=loop.step,
+        wall_s=round(loop.elapsed, 1),
+        train_loss=tail_mean(rows, "loss"),
+        val_loss=last_value(rows, "val_l1"),
+        extra={
+            "train_region_l1": tail_mean(rows, "region_l1"),
+            "val_region_l1": last_value(rows, "val_region_l1"),
+            "loss": "L1 x (1 + region_weight * region), decoder only",
+        },
+    )
+    store.save({"modules": {"autoencoder": module_state(ae)}, "summary": summary.__dict__}, final=True)
+    ae.requires_grad_(False)
+    return ae.eval(), summary
