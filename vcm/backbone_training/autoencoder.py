@@ -24,15 +24,17 @@ from vcm.backbone_training.corpus import FLIP_DIM, Corpus
 from vcm.backbone_training.loop import (
     Budget,
     StageLoop,
+    StageOptions,
     StageSummary,
+    finished_stage,
     last_value,
     module_device,
-    module_state,
+    save_final,
     stage_store,
     tail_mean,
 )
 from vcm.errors import StageError
-from vcm.training.checkpoints import FINAL, CheckpointStore, signature
+from vcm.training.checkpoints import CheckpointStore, signature
 
 __all__ = [
     "LATENTS_FILE",
@@ -52,14 +54,12 @@ LATENTS_FILE = "latents.pt"
 
 
 @dataclass
-class AEOptions:
+class AEOptions(StageOptions):
     """How the autoencoder trains (the ``--ae-*`` options); the network itself is in the definitions."""
 
     steps: int | None = 1000
-    minutes: float | None = None
     batch_size: int = 4
     lr: float = 5e-4
-    lr_final: float = 0.1
     warmup: int = 50
     kl_weight: float = 1e-6
     adv_weight: float = 0.0
@@ -68,9 +68,6 @@ class AEOptions:
     init_sigma: float = 0.05
     crop: tuple[int, ...] | None = None
     val_every: int = 100
-    checkpoint_every: int = 100
-    seed: int = 0
-    device: str = "cpu"
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -219,12 +216,10 @@ def train_autoencoder(
         (``checkpoint_final.pt`` of these definitions) is loaded, not retrained.
     """
     store = stage_store(work, definitions)
-    final = store.final()
     ae = _build_autoencoder(definitions, opts)
-    if final is not None:
-        ae.load_state_dict(final["modules"]["autoencoder"])
-        logger.info("ae: already trained (%s); delete it to retrain", store.path(FINAL))
-        return ae, StageSummary(**final["summary"])
+    done = finished_stage(store, "ae", {"autoencoder": ae})
+    if done is not None:
+        return ae, done
     factor, crop = _crop_geometry(corpus.grid, definitions, opts.crop)
     optimiser = torch.optim.AdamW(ae.parameters(), lr=opts.lr)
     modules: dict[str, nn.Module] = {"autoencoder": ae}
@@ -264,7 +259,7 @@ def train_autoencoder(
             "loss": "L1 + kl_weight * KL" + (" + adv" if adversary is not None else ""),
         },
     )
-    store.save({"modules": {"autoencoder": module_state(ae)}, "summary": summary.__dict__}, final=True)
+    save_final(store, {"autoencoder": ae}, summary)
     ae.eval()
     return ae, summary
 

@@ -148,46 +148,36 @@ def definitions_from_args(args: argparse.Namespace, grid: Sequence[int]) -> dict
 
 
 def _stage_options(args: argparse.Namespace, device: str) -> tuple[AEOptions, LDMOptions, DecoderOptions]:
-    """The stages' training options from the command line."""
+    """The stages' training options from the command line (``--ae-*``, ``--dm-*``, ``--dec-*``)."""
+
+    def common(prefix: str) -> dict[str, Any]:
+        return {
+            "steps": getattr(args, f"{prefix}_steps"),
+            "minutes": getattr(args, f"{prefix}_minutes"),
+            "batch_size": getattr(args, f"{prefix}_batch"),
+            "lr": getattr(args, f"{prefix}_lr"),
+            "val_every": getattr(args, f"{prefix}_val_every"),
+            "checkpoint_every": args.checkpoint_every,
+            "seed": args.seed,
+            "device": device,
+        }
+
     ae_opts = AEOptions(
-        steps=args.ae_steps,
-        minutes=args.ae_minutes,
-        batch_size=args.ae_batch,
-        lr=args.ae_lr,
+        **common("ae"),
         kl_weight=args.kl_weight,
         init_sigma=args.ae_init_sigma,
         crop=tuple(args.ae_crop) if args.ae_crop else None,
         adv_weight=args.adv_weight,
         adv_start=args.adv_start,
-        val_every=args.ae_val_every,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        device=device,
     )
     ldm_opts = LDMOptions(
-        steps=args.dm_steps,
-        minutes=args.dm_minutes,
-        batch_size=args.dm_batch,
-        lr=args.dm_lr,
+        **common("dm"),
         ema_decay=args.ema_decay,
-        val_every=args.dm_val_every,
-        checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every,
         sample_ddim_steps=args.ddim_steps,
-        seed=args.seed,
-        device=device,
     )
     dec_opts = DecoderOptions(
-        steps=args.dec_steps,
-        minutes=args.dec_minutes,
-        batch_size=args.dec_batch,
-        lr=args.dec_lr,
-        region_weight=args.dec_region_weight,
-        region_margin=args.dec_region_margin,
-        val_every=args.dec_val_every,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        device=device,
+        **common("dec"), region_weight=args.dec_region_weight, region_margin=args.dec_region_margin
     )
     return ae_opts, ldm_opts, dec_opts
 

@@ -28,16 +28,17 @@ from vcm.backbone_training.corpus import FLIP_DIM, Corpus
 from vcm.backbone_training.loop import (
     Budget,
     StageLoop,
+    StageOptions,
     StageSummary,
+    finished_stage,
     last_value,
     module_device,
-    module_state,
+    save_final,
     stage_store,
     tail_mean,
 )
 from vcm.errors import StageError
 from vcm.labels import SEMANTIC_CLASSES
-from vcm.training.checkpoints import FINAL
 
 __all__ = ["DecoderOptions", "decoder_parameters", "refine_decoder", "region_mask", "weighted_l1"]
 
@@ -45,22 +46,17 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DecoderOptions:
+class DecoderOptions(StageOptions):
     """How the decoder is refined (the ``--dec-*`` options); ``steps`` 0 and no ``minutes``: the stage is off."""
 
     steps: int | None = 0
-    minutes: float | None = None
     batch_size: int = 2
     lr: float = 5e-4
-    lr_final: float = 0.1
     warmup: int = 50
     region_weight: float = 5.0
     region_labels: tuple[int, ...] = SEMANTIC_CLASSES["ventricles"]
     region_margin: int = 2
     val_every: int = 200
-    checkpoint_every: int = 100
-    seed: int = 0
-    device: str = "cpu"
 
     @property
     def enabled(self) -> bool:
@@ -157,11 +153,9 @@ def refine_decoder(
     if corpus.labels is None:
         raise StageError(f"{corpus.path}: no /label dataset: the decoder stage needs the label maps")
     store = stage_store(work, {**definitions, "start_autoencoder_sha256": fingerprint(ae)})
-    final = store.final()
-    if final is not None:
-        ae.load_state_dict(final["modules"]["autoencoder"])
-        logger.info("dec: already trained (%s); delete it to retrain", store.path(FINAL))
-        return ae.eval(), StageSummary(**final["summary"])
+    done = finished_stage(store, "dec", {"autoencoder": ae})
+    if done is not None:
+        return ae.eval(), done
     ae.requires_grad_(False)
     params = decoder_parameters(ae)
     for p in params:
@@ -208,6 +202,6 @@ def refine_decoder(
             "loss": "L1 x (1 + region_weight * region), decoder only",
         },
     )
-    store.save({"modules": {"autoencoder": module_state(ae)}, "summary": summary.__dict__}, final=True)
+    save_final(store, {"autoencoder": ae}, summary)
     ae.requires_grad_(False)
     return ae.eval(), summary

@@ -22,13 +22,14 @@ from torch import nn
 from vcm.backbone_training.loop import (
     Budget,
     StageLoop,
+    StageOptions,
     StageSummary,
+    finished_stage,
     last_value,
-    module_state,
+    save_final,
     stage_store,
     tail_mean,
 )
-from vcm.training.checkpoints import FINAL
 
 __all__ = ["LDMOptions", "ema_update", "train_diffusion"]
 
@@ -39,23 +40,18 @@ VAL_NOISE_SEED = 12345
 
 
 @dataclass
-class LDMOptions:
+class LDMOptions(StageOptions):
     """How the latent U-Net trains (the ``--dm-*`` options); the network itself is in the definitions."""
 
     steps: int | None = 2000
-    minutes: float | None = None
     batch_size: int = 16
     lr: float = 2e-4
-    lr_final: float = 0.1
     warmup: int = 100
     ema_decay: float = 0.998
     val_every: int = 200
     val_timesteps: int = 8
-    checkpoint_every: int = 100
     sample_every: int = 0
     sample_ddim_steps: int = 50
-    seed: int = 0
-    device: str = "cpu"
 
 
 @torch.no_grad()
@@ -162,14 +158,12 @@ def train_diffusion(
 
     scale = float(definitions["scale_factor"])
     store = stage_store(work, definitions)
-    final = store.final()
     torch.manual_seed(opts.seed + 1)
     model = DiffusionModelUNet(**definitions["diffusion"]).to(opts.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    if final is not None:
-        ema.load_state_dict(final["modules"]["ema"])
-        logger.info("ldm: already trained (%s); delete it to retrain", store.path(FINAL))
-        return ema, StageSummary(**final["summary"])
+    done = finished_stage(store, "ldm", {"ema": ema})
+    if done is not None:
+        return ema, done
     net = Backbone(ae, model, scale_factor=scale, freeze=False)
     ema_net = Backbone(ae, ema, scale_factor=scale, freeze=True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=opts.lr)
@@ -200,11 +194,5 @@ def train_diffusion(
             "ema_decay": opts.ema_decay,
         },
     )
-    store.save(
-        {
-            "modules": {"ema": module_state(ema), "diffusion": module_state(model)},
-            "summary": summary.__dict__,
-        },
-        final=True,
-    )
+    save_final(store, {"ema": ema, "diffusion": model}, summary)
     return ema, summary

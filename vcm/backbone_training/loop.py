@@ -24,16 +24,26 @@ import torch
 from torch import nn
 
 from vcm.errors import StageError
-from vcm.training.checkpoints import FORMAT_VERSION, CheckpointStore, restore_rng_state, rng_state, signature
+from vcm.training.checkpoints import (
+    FINAL,
+    FORMAT_VERSION,
+    CheckpointStore,
+    restore_rng_state,
+    rng_state,
+    signature,
+)
 
 __all__ = [
     "Budget",
     "LossLog",
     "StageLoop",
+    "StageOptions",
     "StageSummary",
+    "finished_stage",
     "last_value",
     "module_device",
     "module_state",
+    "save_final",
     "stage_store",
     "tail_mean",
 ]
@@ -72,6 +82,17 @@ class Budget:
         warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         p = self.progress(step, elapsed_s)
         return warm * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@dataclass
+class StageOptions:
+    """What every stage's options have besides its budget, batch and learning rate."""
+
+    minutes: float | None = None
+    lr_final: float = 0.1
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
 
 
 @dataclass
@@ -150,6 +171,27 @@ def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def finished_stage(
+    store: CheckpointStore, name: str, modules: Mapping[str, nn.Module]
+) -> StageSummary | None:
+    """The summary of a finished stage (its ``checkpoint_final.pt``), its weights loaded into ``modules``;
+    ``None`` when the stage has not finished."""
+    final = store.final()
+    if final is None:
+        return None
+    for k, m in modules.items():
+        m.load_state_dict(final["modules"][k])
+    logger.info("%s: already trained (%s); delete it to retrain", name, store.path(FINAL))
+    return StageSummary(**final["summary"])
+
+
+def save_final(store: CheckpointStore, modules: Mapping[str, nn.Module], summary: StageSummary) -> None:
+    """Write a finished stage's ``checkpoint_final.pt``: the weights of ``modules`` and the summary."""
+    store.save(
+        {"modules": {k: module_state(m) for k, m in modules.items()}, "summary": summary.__dict__}, final=True
+    )
 
 
 def stage_store(work: Path, definitions: Mapping[str, Any]) -> CheckpointStore:
