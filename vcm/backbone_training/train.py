@@ -172,7 +172,10 @@ def refine_bundle(
     ae, summary = refine_decoder(backbone.autoencoder, corpus, ae_defs, work / "dec", dec_opts)
     if out.resolve() != bundle.resolve():
         shutil.copytree(bundle, out, dirs_exist_ok=True)
-    save_torch({k: v.detach().cpu().half() for k, v in ae.state_dict().items()}, out / AUTOENCODER_FILE)
+    state = {k: v.detach().cpu() for k, v in ae.state_dict().items()}
+    save_torch(
+        {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, out / AUTOENCODER_FILE
+    )
     if samples:
         samples_figure(out / "samples.png", load_bundle(out, device=dec_opts.device), corpus, ddim_steps)
     _copy_loss_plots(work, out)
@@ -186,9 +189,7 @@ def refine_bundle(
         "threads": threads,
         "device": str(dec_opts.device),
         "wall_s_this_run": round(time.monotonic() - started, 1),
-        "versions": {
-            k: prov[k] for k in ("vcm_version", "vcm_git_sha", "python", "torch_version", "monai_version")
-        },
+        "versions": _versions(prov),
     }
     record["bundle_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     write_json(out / RECORD_FILE, record)
@@ -221,6 +222,11 @@ def _copy_loss_plots(work: Path, out: Path) -> None:
         if (work / stage / "loss.png").is_file():
             with atomic_path(out / name) as tmp:
                 shutil.copyfile(work / stage / "loss.png", tmp)
+
+
+def _versions(prov: dict[str, Any]) -> dict[str, Any]:
+    """The software versions of a training record, from :func:`vcm.io.provenance`."""
+    return {k: prov[k] for k in ("vcm_version", "vcm_git_sha", "python", "torch_version", "monai_version")}
 
 
 def _training_record(
@@ -267,9 +273,7 @@ def _training_record(
         "seed": ae_opts.seed,
         "wall_s_this_run": round(wall_s, 1),
         "bundle_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
-        "versions": {
-            k: prov[k] for k in ("vcm_version", "vcm_git_sha", "python", "torch_version", "monai_version")
-        },
+        "versions": _versions(prov),
         "host": prov["host"],
         "cpu_count": os.cpu_count(),
     }
