@@ -261,12 +261,14 @@ def test_refining_the_decoder_of_a_bundle_keeps_its_latent_space(corpus_file, tm
         assert load_bundle(refined).decode(torch.zeros(1, 3, 8, 8, 8)).shape == (1, 1, *GRID)
 
 
-def test_the_decoder_stage_runs_after_the_latent_unet(corpus_file, tmp_path):
+@pytest.mark.parametrize("latent_noise", ["0", "0.1"])
+def test_the_decoder_stage_runs_after_the_latent_unet(corpus_file, tmp_path, latent_noise):
     assert cli(argv(corpus_file, tmp_path, "--ae-steps", "2", "--dm-steps", "2", "--dec-steps", "3",
-                    "--no-samples")) == 0  # fmt: skip
+                    "--dec-latent-noise", latent_noise, "--no-samples")) == 0  # fmt: skip
     assert [int(r["step"]) for r in read_losses(tmp_path / "work/dec/losses.csv")] == [1, 2, 3]
     record = json.loads((tmp_path / "bundle/training_record.json").read_text())
     assert record["decoder"]["steps"] == 3 and record["decoder"]["val_loss"] is not None
+    assert record["decoder"]["options"]["latent_noise"] == float(latent_noise)
     final = torch.load(tmp_path / "work/dec" / FINAL, weights_only=True)["modules"]["autoencoder"]
     shipped = torch.load(tmp_path / "bundle" / AUTOENCODER_FILE, weights_only=True)
     assert all(torch.equal(final[k].half(), shipped[k]) for k in shipped)

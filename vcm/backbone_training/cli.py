@@ -113,6 +113,12 @@ def _add_decoder_options(d: argparse._ArgumentGroup) -> None:
         help="extra L1 weight near the ventricles: each voxel there counts 1 + this",
     )
     d.add_argument("--dec-region-margin", type=int, default=2, help="ventricles dilated by this many voxels")
+    d.add_argument(
+        "--dec-latent-noise",
+        type=float,
+        default=0.0,
+        help="extra noise on the decoded latents, as a fraction of their std (0: none)",
+    )
     d.add_argument("--dec-val-every", type=int, default=200)
     d.add_argument(
         "--from-bundle",
@@ -177,7 +183,10 @@ def _stage_options(args: argparse.Namespace, device: str) -> tuple[AEOptions, LD
         sample_ddim_steps=args.ddim_steps,
     )
     dec_opts = DecoderOptions(
-        **common("dec"), region_weight=args.dec_region_weight, region_margin=args.dec_region_margin
+        **common("dec"),
+        region_weight=args.dec_region_weight,
+        region_margin=args.dec_region_margin,
+        latent_noise=args.dec_latent_noise,
     )
     return ae_opts, ldm_opts, dec_opts
 

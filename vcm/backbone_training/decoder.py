@@ -7,6 +7,7 @@ with an L1 loss that counts the voxels near the ventricles more:
 
     w = 1 + region_weight · [ventricles dilated by region_margin voxels],   loss = Σ w·|x̂ − x| / Σ w.
 
+``latent_noise`` adds Gaussian noise of that fraction of the latents' spread to the latents decoded in training.
 The encoder is not touched, so the latents, their ``scale_factor`` and the latent U-Net trained on them stay
 valid: this stage can refine the decoder of a bundle that is already trained (``--from-bundle``) and ships as a
 new ``models/autoencoder.pt`` alone. The corpus needs its label map (``/label``) for the region.
@@ -56,6 +57,7 @@ class DecoderOptions(StageOptions):
     region_weight: float = 5.0
     region_labels: tuple[int, ...] = SEMANTIC_CLASSES["ventricles"]
     region_margin: int = 2
+    latent_noise: float = 0.0
     val_every: int = 200
 
     @property
@@ -103,6 +105,10 @@ class _DecoderStep:
         with torch.no_grad():
             mu, sigma = self.ae.encode(x)
             z = mu + sigma * torch.randn(mu.shape, generator=g).to(opts.device)
+            if opts.latent_noise > 0:
+                # The diffusion model's latents are not posterior samples: a decoder that has seen latents
+                # off the posterior renders them with the subjects' contrast rather than its own.
+                z = z + opts.latent_noise * mu.std() * torch.randn(mu.shape, generator=g).to(opts.device)
         recon = self.ae.decode(z)
         loss = weighted_l1(recon, x, r, opts.region_weight)
         self.optimiser.zero_grad(set_to_none=True)
