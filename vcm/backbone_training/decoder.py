@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vcm.backbone_training.autoencoder import fingerprint, reconstruction_errors
 from vcm.backbone_training.corpus import FLIP_DIM, Corpus
 from vcm.backbone_training.loop import (
     Budget,
@@ -33,7 +34,6 @@ from vcm.backbone_training.loop import (
     StageSummary,
     finished_stage,
     last_value,
-    module_device,
     save_final,
     stage_store,
     tail_mean,
@@ -122,15 +122,11 @@ class _DecoderStep:
 
 def _validation(ae: nn.Module, images: torch.Tensor, region: torch.Tensor, batch: int) -> dict[str, float]:
     """Held-out L1 of the reconstruction from the posterior mean, over the image and inside the region."""
-    ae.eval()
     total = inside = n = n_region = 0.0
-    with torch.no_grad():
-        for i in range(0, images.shape[0], batch):
-            x = images[i : i + batch].to(module_device(ae)).float()
-            r = region[i : i + batch].to(x.device)
-            err = (ae.decode(ae.encode(x)[0]) - x).abs()
-            total, n = total + err.sum().item(), n + err.numel()
-            inside, n_region = inside + (err * r).sum().item(), n_region + r.sum().item()
+    for i, err in reconstruction_errors(ae, images, batch):
+        r = region[i : i + err.shape[0]].to(err.device)
+        total, n = total + err.sum().item(), n + err.numel()
+        inside, n_region = inside + (err * r).sum().item(), n_region + r.sum().item()
     return {"val_l1": total / max(n, 1), "val_region_l1": inside / max(n_region, 1)}
 
 
@@ -154,8 +150,6 @@ def refine_decoder(
     Raises:
         StageError: the corpus has no label map.
     """
-    from vcm.backbone_training.autoencoder import fingerprint
-
     if corpus.labels is None:
         raise StageError(f"{corpus.path}: no /label dataset: the decoder stage needs the label maps")
     store = stage_store(work, {**definitions, "start_autoencoder_sha256": fingerprint(ae)})
