@@ -107,7 +107,22 @@ def test_bench_command_line_lists_every_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    assert "{dag,register,sample,train,labels,steps,cohort}" in capsys.readouterr().out
+    assert "{dag,register,sample,train,layout,labels,steps,cohort}" in capsys.readouterr().out
+
+
+def test_layout_benchmark_times_both_layouts_and_names_an_unknown_case(tmp_path, capsys):
+    import argparse
+
+    from vcm.bench.layout import bench_layout, run
+
+    r = bench_layout(["decoder_train", "segmenter_train"], repeats=1, threads=1)
+    assert [row["case"] for row in r["cases"]] == ["decoder_train", "segmenter_train"]
+    for row in r["cases"]:
+        assert row["s_default"] > 0 and row["s_channels_last"] > 0
+        assert row["ratio"] == pytest.approx(row["s_default"] / row["s_channels_last"], rel=0.01)
+    args = argparse.Namespace(cases=["vcm_train", "gpu_magic"], repeats=1, threads=1, out=tmp_path / "b.json")
+    with pytest.raises(SystemExit, match="--cases: unknown gpu_magic"):
+        run(args)
 
 
 # --- steps: label fidelity against sampling steps ------------------------------------------------------------

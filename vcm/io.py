@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -104,13 +105,40 @@ def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically, and the same bytes for the same ``obj``.
 
     Saved through an open file, not a path: given a path, torch names the archive's records after the file,
-    which here is a random temporary name, so equal contents would give different files.
+    which here is a random temporary name, so equal contents would give different files. Tensors are saved
+    in the default (contiguous) layout, whatever layout they were computed in (:func:`vcm.models.layout.place`).
     """
     import torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        torch.save(_contiguous(obj), f)
     return Path(path)
+
+
+def _contiguous(obj: Any) -> Any:
+    """``obj`` with every tensor in it (through dicts, lists and tuples) in the default layout's strides.
+
+    Not ``Tensor.contiguous()`` alone: a channels-last tensor with one channel counts as contiguous but keeps
+    its own strides, which the file records.
+    """
+    if hasattr(obj, "stride") and hasattr(obj, "clone"):
+        strides, size = [], 1
+        for n in reversed(obj.shape):
+            strides.insert(0, size)
+            size *= max(int(n), 1)
+        if tuple(obj.stride()) == tuple(strides):
+            return obj
+        import torch
+
+        return obj.clone(memory_format=torch.contiguous_format)
+    if isinstance(obj, dict):  # a shallow copy keeps a state dict's ``_metadata``
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = _contiguous(v)
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_contiguous(v) for v in obj)
+    return obj
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vcm.errors import StageError
+from vcm.models.layout import place
 from vcm.models.segmenter import build_unet
 
 __all__ = ["LoopSettings", "evaluate_dice", "train_network", "transforms"]
@@ -119,7 +120,7 @@ def train_network(
     if len(ds) == 0:
         raise StageError(f"{desc}: no training subjects")
     torch.manual_seed(settings.seed)
-    net = build_unet(settings.channels, settings.strides, settings.num_res_units, n_foreground).to(device)
+    net = place(build_unet(settings.channels, settings.strides, settings.num_res_units, n_foreground), device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)

@@ -34,6 +34,7 @@ from vcm.backbone_training.loop import (
     tail_mean,
 )
 from vcm.errors import StageError
+from vcm.models.layout import place
 from vcm.training.checkpoints import CheckpointStore, signature
 
 __all__ = [
@@ -112,7 +113,7 @@ def _build_autoencoder(definitions: dict[str, Any], opts: AEOptions) -> nn.Modul
     from monai.networks.nets import AutoencoderKL
 
     torch.manual_seed(opts.seed)
-    ae = AutoencoderKL(**definitions["autoencoder"]).to(opts.device)
+    ae = place(AutoencoderKL(**definitions["autoencoder"]), opts.device)
     if opts.init_sigma > 0:
         # Start with little posterior noise: with the library's init (sigma ~ 1) the decoder first sees
         # mostly noise, and on a CPU budget the autoencoder is still worse than the mean image after
@@ -149,7 +150,8 @@ class _Adversary:
             in_channels=1,
             out_channels=1,
             norm="INSTANCE",
-        ).to(opts.device)
+        )
+        self.disc = place(self.disc, opts.device)
         self.loss = PatchAdversarialLoss(criterion="least_squares")
         self.optimiser = torch.optim.AdamW(self.disc.parameters(), lr=opts.lr)
 

@@ -30,6 +30,7 @@ from vcm.backbone_training.loop import (
     stage_store,
     tail_mean,
 )
+from vcm.models.layout import place
 
 __all__ = ["LDMOptions", "ema_update", "train_diffusion"]
 
@@ -159,7 +160,7 @@ def train_diffusion(
     scale = float(definitions["scale_factor"])
     store = stage_store(work, definitions)
     torch.manual_seed(opts.seed + 1)
-    model = DiffusionModelUNet(**definitions["diffusion"]).to(opts.device)
+    model = place(DiffusionModelUNet(**definitions["diffusion"]), opts.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     done = finished_stage(store, "ldm", {"ema": ema})
     if done is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import vcm.bench
-from vcm.bench import cohort, dag, labels, registration, sampling, steps, train_step
+from vcm.bench import cohort, dag, labels, layout, registration, sampling, steps, train_step
 
 __all__ = ["FAMILIES", "main"]
 
@@ -14,6 +14,7 @@ FAMILIES = {
     "register": registration,
     "sample": sampling,
     "train": train_step,
+    "layout": layout,
     "labels": labels,
     "steps": steps,
     "cohort": cohort,

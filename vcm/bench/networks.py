@@ -51,12 +51,13 @@ def random_backbone(scale: str, device):
     import torch
 
     from vcm.models.backbone import Backbone, brainldm_definitions, build_networks, tiny_definitions
+    from vcm.models.layout import place
 
     defs = brainldm_definitions() if scale == "brainldm" else tiny_definitions(**DEMO_BACKBONE)
     torch.manual_seed(0)
     ae, dm = build_networks(defs)
     what = "BrainLDM's networks" if scale == "brainldm" else "the demo backbone's architecture"
-    return Backbone(ae, dm, definitions=defs).to(device), f"random weights ({what})"
+    return place(Backbone(ae, dm, definitions=defs), device), f"random weights ({what})"
 
 
 def vcm_widths(name: str) -> dict:
@@ -74,6 +75,7 @@ def random_vcm(backbone, groups, widths: str, device, checkpointing: bool = Fals
 
     import torch
 
+    from vcm.models.layout import place
     from vcm.models.vcm import VCM
 
     torch.manual_seed(1)
@@ -87,4 +89,4 @@ def random_vcm(backbone, groups, widths: str, device, checkpointing: bool = Fals
     with torch.no_grad():
         for head in (vcm.head_gamma, vcm.head_beta):
             head.conv.weight.normal_(std=0.02)
-    return vcm.to(device)
+    return place(vcm, device)

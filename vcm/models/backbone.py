@@ -35,6 +35,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
 from vcm.errors import StageError
+from vcm.models.layout import place
 from vcm.models.vcm import crop_to_shape, pad_to_multiple
 
 __all__ = [
@@ -466,4 +467,4 @@ def load_bundle(
         )
     except ValueError as err:
         raise StageError(f"{net_file}: {err}") from None
-    return backbone.to(device) if device is not None else backbone
+    return place(backbone, device) if device is not None else backbone

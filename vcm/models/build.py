@@ -17,6 +17,7 @@ from torch import nn
 
 from vcm.errors import StageError
 from vcm.models.controlnet import ControlNetControl
+from vcm.models.layout import place
 from vcm.models.vcm import VCM
 
 __all__ = ["MODEL_FILE", "build_model", "load_model"]
@@ -80,4 +81,4 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
         raise StageError(
             f"{path}: not a vcm model file ({type(err).__name__}: {text[0] if text else ''})"
         ) from None
-    return model.to(device).eval(), obj
+    return place(model, device).eval(), obj

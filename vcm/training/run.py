@@ -22,6 +22,7 @@ from vcm.errors import StageError
 from vcm.latents import bundle_sha256
 from vcm.models.build import build_model
 from vcm.models.conditions import condition_groups
+from vcm.models.layout import place
 from vcm.models.vcm import subset_probabilities
 from vcm.training.batches import TrainData
 from vcm.training.checkpoints import CHECKPOINT_DIR, CheckpointStore, signature
@@ -119,7 +120,7 @@ def set_up(
     groups, data, backbone, bundle_sha = _load_inputs(cfg, *inputs, condset, size, device)
     torch.manual_seed(settings.seed)
     overrides_model = settings.vcm if settings.method == "vcm" else settings.controlnet
-    model = build_model(settings.method, groups, backbone, overrides_model).to(device)
+    model = place(build_model(settings.method, groups, backbone, overrides_model), device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
