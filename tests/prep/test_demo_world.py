@@ -63,3 +63,15 @@ def test_build_demo_writes_t1_t2_labels_manifest_and_world_report(tmp_path):
     world = json.loads((tmp_path / "world.json").read_text())
     assert world["subjects"] == 4 and 0 <= world["covariate_guess_lv_dice"]["mean"] <= 1
     assert 8 <= world["lv_ml"]["min"] <= world["lv_ml"]["max"] <= 130
+
+
+def test_build_demo_writes_the_same_files_in_worker_processes(tmp_path):
+    inline = build_demo(tmp_path / "inline", n_subjects=2, seed=3, spacing_mm=4.0)
+    pooled = build_demo(tmp_path / "pooled", n_subjects=2, seed=3, spacing_mm=4.0, workers=2)
+    assert inline.read_bytes() == pooled.read_bytes()
+    assert (tmp_path / "inline/world.json").read_text() == (tmp_path / "pooled/world.json").read_text()
+    for sid in ("sub-001", "sub-002"):
+        for kind in ("t1", "t2", "labels"):
+            a, _ = load_nifti(tmp_path / "inline" / sid / f"{kind}.nii.gz")
+            b, _ = load_nifti(tmp_path / "pooled" / sid / f"{kind}.nii.gz")
+            assert np.array_equal(a, b), (sid, kind)

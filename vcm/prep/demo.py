@@ -300,7 +300,13 @@ def _scaled(sub: dict, ranges: dict[str, tuple[float, float]]) -> tuple[list[flo
 
 
 def world_report(subjects: list[dict], masks: np.ndarray, covariates: np.ndarray) -> dict:
-    """What the world's anatomy looks like, and how much of it the covariates give away."""
+    """What the world's anatomy looks like, and how much of it the covariates give away.
+
+    Args:
+        subjects: per subject its ``lv_mm3``, ``age`` and ``atrophy``.
+        masks: the subjects' LV masks on one grid.
+        covariates: their scaled covariates.
+    """
     guess = covariate_guess_dice(masks, covariates)
     lv = np.array([s["lv_mm3"] for s in subjects]) / 1000
     corr = float(np.corrcoef(lv, [s["age"] for s in subjects])[0, 1]) if len(subjects) > 2 else float("nan")
@@ -309,7 +315,7 @@ def world_report(subjects: list[dict], masks: np.ndarray, covariates: np.ndarray
         "covariate_guess_lv_dice": {"mean": float(guess.mean()), "sd": float(guess.std()), "k": 3},
         "lv_ml": {"min": float(lv.min()), "median": float(np.median(lv)), "max": float(lv.max())},
         "lv_age_correlation": corr,
-        "atrophy": [round(s["draw"].atrophy, 3) for s in subjects],
+        "atrophy": [round(s["atrophy"], 3) for s in subjects],
     }
 
 
@@ -319,8 +325,10 @@ def build_demo(
     seed: int = 0,
     spacing_mm: float = 2.0,
     ranges_path: str | Path = "resources/covariate_ranges.yaml",
+    workers: int = 1,
 ) -> Path:
-    """Write ``n_subjects`` demo subjects, ``manifest.csv`` and ``world.json`` under ``out_dir``.
+    """Write ``n_subjects`` demo subjects, ``manifest.csv`` and ``world.json`` under ``out_dir``, the subjects
+    in ``workers`` processes (the same files for any number).
 
     Returns:
         the manifest path. ``world.json`` holds the LV Dice of a covariate-only guess (the majority vote of the
@@ -331,29 +339,18 @@ def build_demo(
     out = Path(out_dir)
     ranges = load_ranges(ranges_path)
     grid = Grid.from_config("demo")
+    make = functools.partial(
+        _demo_subject, seed=seed, spacing_mm=spacing_mm, out=out, grid=grid, ranges=ranges
+    )
     rows, subjects, masks, covs = [], [], [], []
-    for i in tqdm(range(n_subjects), desc="demo subjects", unit="subject"):
-        rng = np.random.default_rng([seed, i])  # per-subject stream: subject i does not depend on n
-        sub = make_subject(rng, spacing_mm)
-        sid = f"sub-{i + 1:03d}"
-        paths = {k: out / sid / f"{k}.nii.gz" for k in ("t1", "t2", "labels")}
-        save_nifti(paths["t1"], sub["t1"], sub["affine"], np.float32)
-        save_nifti(paths["t2"], sub["t2"], sub["affine"], np.float32)
-        save_nifti(paths["labels"], sub["labels"], sub["affine"], np.uint16)
-        rows.append(
-            {
-                "subject": sid,
-                "t1": f"{sid}/t1.nii.gz",  # manifest paths are relative to the manifest
-                "t2": f"{sid}/t2.nii.gz",
-                "age": round(sub["age"], 2),
-                "sex": sub["sex"],
-                "seg": f"{sid}/labels.nii.gz",
-                "true_lv_mm3": round(sub["lv_mm3"], 1),
-            }
-        )
-        subjects.append(sub)
-        masks.append(grid_lv_mask(sub["draw"], sub["field"], grid))
-        covs.append(_scaled(sub, ranges)[0])
+    with _pool(workers) as pool:
+        for row, summary, mask, cov in tqdm(
+            pool(make, range(n_subjects)), total=n_subjects, desc="demo subjects", unit="subject"
+        ):
+            rows.append(row)
+            subjects.append(summary)
+            masks.append(mask)
+            covs.append(cov)
     manifest = out / "manifest.csv"
     with atomic_path(manifest) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
@@ -367,6 +364,31 @@ def build_demo(
     )
     write_text(out / "README.txt", __doc__ or "")
     return manifest
+
+
+def _demo_subject(i: int, seed: int, spacing_mm: float, out: Path, grid: Grid, ranges: dict) -> tuple:
+    """Demo subject ``i`` written under ``out``: its manifest row, what :func:`world_report` reads, its LV mask
+    on ``grid`` and its scaled covariates."""
+    rng = np.random.default_rng(
+        [seed, i]
+    )  # per-subject stream: subject i does not depend on n or the workers
+    sub = make_subject(rng, spacing_mm)
+    sid = f"sub-{i + 1:03d}"
+    paths = {k: out / sid / f"{k}.nii.gz" for k in ("t1", "t2", "labels")}
+    save_nifti(paths["t1"], sub["t1"], sub["affine"], np.float32)
+    save_nifti(paths["t2"], sub["t2"], sub["affine"], np.float32)
+    save_nifti(paths["labels"], sub["labels"], sub["affine"], np.uint16)
+    row = {
+        "subject": sid,
+        "t1": f"{sid}/t1.nii.gz",  # manifest paths are relative to the manifest
+        "t2": f"{sid}/t2.nii.gz",
+        "age": round(sub["age"], 2),
+        "sex": sub["sex"],
+        "seg": f"{sid}/labels.nii.gz",
+        "true_lv_mm3": round(sub["lv_mm3"], 1),
+    }
+    summary = {"lv_mm3": sub["lv_mm3"], "age": sub["age"], "atrophy": sub["draw"].atrophy}
+    return row, summary, grid_lv_mask(sub["draw"], sub["field"], grid), _scaled(sub, ranges)[0]
 
 
 def _corpus_subject(i: int, seed: int, grid: Grid, factor: int, ranges: dict) -> tuple:
@@ -463,7 +485,7 @@ def cli(argv: list[str]) -> int:
         "--corpus", metavar="H5", help="instead: write a backbone pretraining corpus on --grid"
     )
     parser.add_argument("--grid", default="demo", help="grid preset of --corpus")
-    parser.add_argument("--workers", type=int, default=1, help="processes that build --corpus subjects")
+    parser.add_argument("--workers", type=int, default=1, help="processes that build the subjects")
     args = parser.parse_args(argv)
     if args.corpus:
         path = build_corpus(
@@ -471,6 +493,6 @@ def cli(argv: list[str]) -> int:
         )
         print(f"corpus: {path}")
         return 0
-    manifest = build_demo(args.out_dir, args.n_subjects, args.seed, args.spacing_mm)
+    manifest = build_demo(args.out_dir, args.n_subjects, args.seed, args.spacing_mm, workers=args.workers)
     print(f"manifest: {manifest}")
     return 0

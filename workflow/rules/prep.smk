@@ -11,6 +11,7 @@ rule demo_cohort:
     conda:
         # the demo world's anatomy (vcm.anatomy) warps with MONAI
         "../envs/torch.yaml"
+    threads: 2  # one process per subject at a time; the files do not depend on the count
     resources:
         mem_mb=mem_mb("demo_cohort"),
     params:
@@ -18,7 +19,7 @@ rule demo_cohort:
         out_dir=lambda w, output: os.path.dirname(output.manifest),
     shell:
         "python -m vcm demo --out-dir {params.out_dir:q} --n-subjects {params.demo[n_subjects]}"
-        " --seed {params.demo[seed]} --spacing-mm {params.demo[spacing_mm]} > {log:q} 2>&1"
+        " --seed {params.demo[seed]} --spacing-mm {params.demo[spacing_mm]} --workers {threads} > {log:q} 2>&1"
 
 
 rule template:
