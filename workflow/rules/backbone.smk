@@ -27,7 +27,7 @@ BACKBONE_TRAIN_ARGS = (
     " --ae-init-sigma 0.05 --ae-steps 2600"
     " --dm-channels 32,64,64 --dm-res-blocks 1,1,2 --dm-attention false,false,true --dm-head-channels 0,0,32"
     " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 3500 --sample-every 500 --ddim-steps 50"
-    " --dec-steps 5000 --dec-batch 2 --dec-lr 5e-4 --dec-region-weight 5 --dec-region-margin 2"
+    " --dec-steps 5000 --dec-batch 2 --dec-lr 5e-4 --dec-region-weight 5 --dec-region-margin 2 --dec-latent-noise 0.1"
 )
 
 if BACKBONE_RETRAIN:
