@@ -44,9 +44,11 @@ def test_flipped_entry_is_the_encoding_of_the_flipped_image(files):
     with torch.no_grad():
         mu0, sigma0 = backbone.encode(image)
         mu1, sigma1 = backbone.encode(flip_lr(image))
-    np.testing.assert_allclose(mu[:, 0], mu0.numpy(), atol=1e-5)
-    np.testing.assert_allclose(mu[:, 1], mu1.numpy(), atol=1e-5)
-    np.testing.assert_allclose(sigma[:, 1], sigma1.numpy(), atol=1e-5)
+    # encode_dataset runs each batch with its flip in one call; channels-last convolutions on the CPU round
+    # differently per batch composition (up to ~1.5e-5 here), far below the 1e-3 that tells a view from a copy
+    np.testing.assert_allclose(mu[:, 0], mu0.numpy(), atol=5e-5)
+    np.testing.assert_allclose(mu[:, 1], mu1.numpy(), atol=5e-5)
+    np.testing.assert_allclose(sigma[:, 1], sigma1.numpy(), atol=5e-5)
     # the asymmetric image: the flipped view is a different latent, not a copy
     assert np.abs(mu[:, 1] - mu[:, 0]).max() > 1e-3
     assert flip_lr(image)[0, 0, 0].equal(image[0, 0, -1])  # axis 0 of the LAS grid
