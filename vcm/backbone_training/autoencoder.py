@@ -143,7 +143,7 @@ class _Adversary:
         from monai.losses import PatchAdversarialLoss
         from monai.networks.nets import PatchDiscriminator
 
-        self.disc = PatchDiscriminator(
+        disc = PatchDiscriminator(
             spatial_dims=spatial_dims,
             num_layers_d=3,
             channels=opts.disc_channels,
@@ -151,7 +151,7 @@ class _Adversary:
             out_channels=1,
             norm="INSTANCE",
         )
-        self.disc = place(self.disc, opts.device)
+        self.disc = place(disc, opts.device)
         self.loss = PatchAdversarialLoss(criterion="least_squares")
         self.optimiser = torch.optim.AdamW(self.disc.parameters(), lr=opts.lr)
 

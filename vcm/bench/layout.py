@@ -46,7 +46,7 @@ def _vcm_step(channels_last: bool, train: bool) -> Callable[[], None]:
     gen = torch.Generator().manual_seed(0)
     b = 4
     rows = b * draws
-    latent = (backbone.latent_channels, *(s // backbone.downsample_factor for s in GRID))
+    latent = backbone.latent_shape(GRID)
     z_t, noise = torch.randn(rows, *latent, generator=gen), torch.randn(rows, *latent, generator=gen)
     t, cov = torch.randint(0, 1000, (rows,), generator=gen), torch.rand(rows, 1, 4, generator=gen)
     conds = {n: torch.rand(b, c, *GRID, generator=gen).round() for g in groups for n, c in g}
@@ -77,7 +77,7 @@ def _decoder_step(channels_last: bool) -> Callable[[], None]:
     params = [*ae.decoder.parameters(), *ae.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    latent = (backbone.latent_channels, *(s // backbone.downsample_factor for s in GRID))
+    latent = backbone.latent_shape(GRID)
     z = torch.randn(2, *latent, generator=gen)
     target = torch.rand(2, 1, *GRID, generator=gen)
 

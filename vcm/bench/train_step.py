@@ -52,7 +52,7 @@ def bench_train(
     vcm = random_vcm(backbone, groups, widths, dev, checkpointing).train()
     optimizer = torch.optim.AdamW(vcm.parameters(), lr=5e-5)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    latent = (backbone.latent_channels, *(s // backbone.downsample_factor for s in grid))
+    latent = backbone.latent_shape(grid)
     gen = torch.Generator().manual_seed(0)
 
     def step(b: int) -> float:

@@ -95,8 +95,7 @@ class CohortSampler:
         self.n_semantic = n_semantic
         groups = getattr(model, "groups", ()) if model is not None else ()
         self.names: tuple[str, ...] = tuple(n for g in groups for n, _ in g)
-        factor = backbone.downsample_factor
-        self.latent_shape = (backbone.latent_channels, *(s // factor for s in self.grid))
+        self.latent_shape = backbone.latent_shape(self.grid)
 
     @property
     def autocast(self) -> torch.autocast:

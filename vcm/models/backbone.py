@@ -239,6 +239,10 @@ class Backbone(nn.Module):
         """Image grid / latent grid (8 for BrainLDM, 4 for the default tiny backbone)."""
         return 2 ** (len(self.autoencoder.encoder.channels) - 1)
 
+    def latent_shape(self, grid: Sequence[int]) -> tuple[int, ...]:
+        """(channels, *spatial) of the latent of images on ``grid``."""
+        return (self.latent_channels, *(int(s) // self.downsample_factor for s in grid))
+
     @property
     def n_covariates(self) -> int:
         return len(COVARIATES)
