@@ -35,6 +35,17 @@ def test_place_puts_5d_weights_channels_last_on_the_cpu_and_keeps_the_outputs(na
     assert torch.allclose(out, ref, atol=1e-5)  # the same network: only the order of float sums differs
 
 
+def test_place_runs_group_norm_in_the_default_layout_between_channels_last_convolutions():
+    placed = place(_nets()["conv"], "cpu")
+    seen = []
+    placed[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    x = torch.rand(2, 1, 12, 16, 12, generator=torch.Generator().manual_seed(3))
+    out = place(placed, "cpu")[1](placed[0](x))  # placing twice adds no second conversion
+    assert seen == [True]  # the GroupNorm saw the default layout ...
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()  # ... and hands on channels-last
+    assert len(placed[1]._forward_pre_hooks) == 2  # place's conversion and this test's probe
+
+
 def test_place_gradients_match_the_default_layout():
     reference, placed = _nets()["conv"], place(_nets()["conv"], "cpu")
     x = torch.rand(2, 1, 12, 16, 12, generator=torch.Generator().manual_seed(2))
