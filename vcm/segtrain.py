@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vcm.errors import StageError
 from vcm.models.layout import place
-from vcm.models.segmenter import build_unet
+from vcm.models.segmenter import build_unet, predict
 
 __all__ = ["LoopSettings", "evaluate_dice", "train_network", "transforms"]
 
@@ -155,9 +155,14 @@ def train_network(
 
 @torch.no_grad()
 def evaluate_dice(
-    net: nn.Module, ds: Dataset, n_foreground: int, device: torch.device | str = "cpu"
+    net: nn.Module,
+    ds: Dataset,
+    n_foreground: int,
+    device: torch.device | str = "cpu",
+    mirror: bool = False,
 ) -> dict[str, Any]:
-    """Dice (MONAI :class:`~monai.metrics.DiceMetric`, foreground classes) of ``net`` on every item of ``ds``.
+    """Dice (MONAI :class:`~monai.metrics.DiceMetric`, foreground classes) of ``net`` on every item of ``ds``,
+    predicting as :func:`vcm.models.segmenter.predict` does (``mirror``: with test-time mirroring).
 
     Returns:
         ``subjects``, ``dice`` (per subject, the mean over classes) and ``per_class`` (per subject and class).
@@ -171,7 +176,7 @@ def evaluate_dice(
         item = ds[i]
         image = torch.as_tensor(item["image"])[None].to(device)
         label = torch.as_tensor(item["label"])[None].long().to(device)  # (1, 1, *grid)
-        pred = net(image).argmax(1, keepdim=True)
+        pred = predict(net, image, mirror).argmax(1, keepdim=True)
         onehot = lambda x: nn.functional.one_hot(x[:, 0], n_foreground + 1).movedim(-1, 1).float()  # noqa: E731
         values = metric(onehot(pred), onehot(label))[0].cpu().numpy()
         subjects.append(str(item["subject"]))

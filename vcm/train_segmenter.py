@@ -38,7 +38,7 @@ class SegmenterSettings:
         minutes: optional wall-clock cap (clusters); the demo trains a fixed number of steps.
         batch_size, lr: Adam's batch and learning rate.
         channels, strides, num_res_units: the U-Net.
-        flip: left-right flip augmentation.
+        flip: left-right flip augmentation, and test-time mirroring (:func:`vcm.models.segmenter.predict`).
         augment: blur, contrast, bias and noise augmentation (:func:`vcm.segtrain.appearance_augmentation`).
         seed: initialisation and batch order.
         num_workers: DataLoader workers.
@@ -90,7 +90,13 @@ def train_segmenter(
     """Train, score on the validation subjects, write ``segmenter.pt`` and ``segmenter.json``; return the report."""
     settings = settings or SegmenterSettings.from_config(cfg)
     lv_labels = tuple(cfg["conditions"]["lv_labels"])
-    spec = SegmenterSpec(settings.channels, settings.strides, settings.num_res_units, qc_classes(lv_labels))
+    spec = SegmenterSpec(
+        settings.channels,
+        settings.strides,
+        settings.num_res_units,
+        qc_classes(lv_labels),
+        mirror=settings.flip,
+    )
     split = f"train_{max(cfg['training']['sizes'])}"
     kw = {"label_map": label_mapping(spec.classes)}
     train = RealDataset(
@@ -109,7 +115,7 @@ def train_segmenter(
     # the training time goes to segmenter.json only: the same config and seed give the same segmenter.pt
     untimed = {k: v for k, v in info.items() if k != "seconds"}
     save_segmenter(out, net, spec, {**untimed, "split": split, "n_train": len(train)})
-    scores = evaluate_dice(net, val, n_fg)
+    scores = evaluate_dice(net, val, n_fg, mirror=spec.mirror)
     per_class = np.asarray(scores["per_class"])
     lv = per_class[:, 0]
     low, high = bootstrap_ci(lv, seed=settings.seed)

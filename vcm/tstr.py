@@ -69,7 +69,7 @@ class TstrSettings:
         real_split: real training split (default ``train_<largest training size>``).
         passed_only: train on QC-passed synthetic subjects only.
         qc_ignored_arm: with ``passed_only``, also train on every synthetic subject (``synthetic_all``).
-        flip: random left-right flip augmentation.
+        flip: random left-right flip augmentation, and test-time mirroring.
         augment: blur, contrast, bias and noise augmentation, the same for every arm.
         seed: network initialisation and batch order.
         num_workers: DataLoader workers (0: in the main process).
@@ -202,7 +202,7 @@ def _train_arm(
     """Train one arm's network on ``ds`` and score it on ``val``: its table row and the details for the JSON
     (training info, per-subject and per-class Dice)."""
     net, info = train_network(ds, settings, n_fg, device, desc=f"tstr {name}", progress=progress)
-    scores = evaluate_dice(net, val, n_fg, device)
+    scores = evaluate_dice(net, val, n_fg, device, mirror=settings.flip)
     dice = np.asarray(scores["dice"])
     low, high = bootstrap_ci(dice, seed=settings.seed)
     row = {

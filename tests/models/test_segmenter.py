@@ -19,6 +19,7 @@ from vcm.models.segmenter import (
     SegmenterSpec,
     label_mapping,
     load_segmenter,
+    predict,
     qc_classes,
 )
 from vcm.train_segmenter import SegmenterSettings, train_segmenter
@@ -67,11 +68,32 @@ def test_labels_are_freesurfer_ids_left_and_right_by_world_x():
     assert set(np.unique(QCSegmenter(_Constant(0, 10), spec, grid.affine)(np.zeros((8, 8, 8))))) == {0}
 
 
+class _LeftHalf(nn.Module):
+    """Logits that pick class 1 in the first half of axis 0 (the image's left), background elsewhere."""
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 2, *x.shape[2:])
+        half = x.shape[2] // 2
+        out[:, 1, :half], out[:, 0, half:] = 10.0, 10.0
+        return out
+
+
+def test_mirroring_averages_the_prediction_with_that_of_the_mirrored_image():
+    x = torch.rand(2, 1, 8, 6, 4)
+    plain, mirrored = predict(_LeftHalf(), x), predict(_LeftHalf(), x, mirror=True)
+    assert plain.shape == mirrored.shape == (2, 2, 8, 6, 4)
+    assert torch.allclose(plain.sum(1), torch.ones(2, 8, 6, 4))
+    assert plain[:, 1, :4].min() > 0.99 and plain[:, 1, 4:].max() < 0.01
+    # the mirrored image's left is the right: the mean is undecided everywhere
+    assert torch.allclose(mirrored, torch.full_like(mirrored, 0.5), atol=1e-4)
+
+
 def test_trains_on_real_training_subjects_scores_validation_and_loads(tmp_path, real, cfg):
     cfg["training"]["sizes"] = [2, 4]
     out = tmp_path / "qc" / "segmenter.pt"
     report = train_segmenter(cfg, real, out, SegmenterSettings(**FAST), progress=False)
     assert report["train_split"] == "train_4" and report["n_train"] == 4 and report["n_val"] == 2
+    assert torch.load(out, weights_only=True)["spec"]["mirror"] is True  # flips in training: mirrored tests
     assert report["per_subject"]["subjects"] == ["sub-06", "sub-07"]  # the validation subjects only
     assert report["lv_dice"]["mean"] > 0.6, report["lv_dice"]  # the phantom's dark LVs are easy
     low, high = report["lv_dice"]["ci95"]

@@ -53,6 +53,7 @@ class SegmenterSpec:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
     classes: dict[str, list[int]] = field(default_factory=qc_classes)
+    mirror: bool = False  # test-time left-right mirroring (:func:`predict`); files before it have none
 
 
 def build_unet(
@@ -73,6 +74,20 @@ def build_unet(
         strides=tuple(strides),
         num_res_units=num_res_units,
     )
+
+
+def predict(net: nn.Module, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+    """Class probabilities (B, K + 1, *grid) of ``net`` for images ``x`` (B, 1, *grid).
+
+    ``mirror``: the mean with the prediction for the left-right mirrored images, mirrored back (nnU-Net's
+    test-time mirroring; the networks train with left-right flips, and every class holds both hemispheres).
+    On the demo it raises the QC segmenter's LV Dice on the real validation subjects by +0.010 [+0.003,
+    +0.019] for twice the time (docs/benchmarks.md).
+    """
+    prob = net(x).softmax(1)
+    if mirror:
+        prob = (prob + net(x.flip(2)).softmax(1).flip(2)) / 2
+    return prob
 
 
 def build_segmenter(spec: SegmenterSpec) -> nn.Module:
@@ -102,7 +117,7 @@ class QCSegmenter:
         pad = [(-s) % self.k for s in x.shape[2:]]
         x = nn.functional.pad(x, [p for s in reversed(pad) for p in (0, s)])
         with torch.no_grad():
-            out = self.net(x)[0].softmax(0)
+            out = predict(self.net, x, self.spec.mirror)[0]
         return out[:, : image.shape[0], : image.shape[1], : image.shape[2]]
 
     def classes(self, image: np.ndarray) -> np.ndarray:
