@@ -33,8 +33,8 @@ def _ants_affine_ras(mat_file):
     return flip @ lps @ flip
 
 
-@pytest.mark.parametrize("seed", [3])
-def test_register_recovers_a_known_affine(tmp_path, template_dir, seed):
+@pytest.mark.parametrize("seed, working_spacing_mm", [(3, 2.0), (3, 4.0)])  # 4.0: the demo grid's spacing
+def test_register_recovers_a_known_affine(tmp_path, template_dir, seed, working_spacing_mm):
     rng = np.random.default_rng(seed)
     head, tpl_affine = load_nifti(template_dir / "t1_head.nii.gz")
     truth = _known_affine(rng)
@@ -55,7 +55,12 @@ def test_register_recovers_a_known_affine(tmp_path, template_dir, seed):
 
     grid = Grid.from_config("demo")
     info = register(
-        tmp_path / "native.nii.gz", template_dir / "t1_head.nii.gz", grid, tmp_path / "reg", "Affine", 2.0
+        tmp_path / "native.nii.gz",
+        template_dir / "t1_head.nii.gz",
+        grid,
+        tmp_path / "reg",
+        "Affine",
+        working_spacing_mm,
     )
     est = _ants_affine_ras(transforms_of(tmp_path / "reg")[0])
     # Mean displacement error over the template brain's voxels (mm).
