@@ -114,6 +114,17 @@ def test_trains_on_real_training_subjects_scores_validation_and_loads(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed and steps: the same network
 
 
+def test_a_file_from_before_mirroring_predicts_without_it(tmp_path):
+    from vcm.models.segmenter import FORMAT, build_segmenter
+
+    spec = SegmenterSpec(channels=[4, 8], strides=[2])
+    old = {k: v for k, v in spec.__dict__.items() if k != "mirror"}  # the spec as files before it stored it
+    torch.save(
+        {"format": FORMAT, "spec": old, "state_dict": build_segmenter(spec).state_dict()}, tmp_path / "s.pt"
+    )
+    assert load_segmenter(tmp_path / "s.pt", np.eye(4)).spec.mirror is False
+
+
 def test_missing_or_foreign_file_is_a_one_line_error(tmp_path):
     with pytest.raises(StageError, match="QC segmenter not found"):
         load_segmenter(tmp_path / "none.pt", np.eye(4))
