@@ -31,10 +31,10 @@ def place(module: nn.Module, device: torch.device | str) -> nn.Module:
     if device.type == "cpu":
         module = module.to(memory_format=CHANNELS_LAST)
         for norm in module.modules():
-            if isinstance(norm, nn.GroupNorm) and not getattr(norm, "_vcm_default_layout", False):
+            # placing twice adds no second pair of hooks
+            if isinstance(norm, nn.GroupNorm) and _to_default_layout not in norm._forward_pre_hooks.values():
                 norm.register_forward_pre_hook(_to_default_layout)
                 norm.register_forward_hook(_to_channels_last)
-                norm._vcm_default_layout = True  # placing twice adds no second pair of hooks
     return module
 
 
