@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from monai.networks.nets.autoencoderkl import AEKLResBlock
 
 from vcm.models.backbone import Backbone, build_networks, count_parameters, tiny_definitions
 from vcm.models.vcm import (
@@ -230,3 +231,31 @@ def test_config_rebuilds_the_same_architecture():
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.groups == model.groups and rebuilt.n_groups == 2
     assert rebuilt.condition_names == ("lv", "brain", "skull")
+
+
+@pytest.mark.parametrize(("blocks", "full_res_blocks"), [(2, 2), ([1, 2], 1), ([0, 2], 0)])
+def test_encoder_blocks_per_level(blocks, full_res_blocks):
+    """Fewer residual blocks at full resolution: the same feature grid, fewer parameters, a rebuildable config."""
+    torch.manual_seed(0)
+    model = VCM(latent_channels=3, condition_groups=TWO_GROUPS, **TINY, encoder_num_res_blocks=blocks)
+    encoder = model.encoders[0]
+    assert sum(isinstance(m, AEKLResBlock) for m in encoder.levels[0]) == full_res_blocks
+    assert sum(isinstance(m, AEKLResBlock) for m in encoder.levels[1]) == 2
+    with torch.no_grad():
+        features = model.encode(conditions(2, (16, 16, 16)))
+    assert features.shape == (2, 8, 4, 4, 4) and features.abs().sum() > 0
+    rebuilt = VCM(**json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())  # strict: the same modules
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ([2], "one entry per encoder level"),
+        ([2, -1], "must be >= 0"),
+        ([2, 0], "cannot change 4 channels to 8"),
+    ],
+)
+def test_encoder_blocks_per_level_are_checked(blocks, message):
+    with pytest.raises(ValueError, match=message):
+        VCM(latent_channels=3, condition_groups=ONE_GROUP, **TINY, encoder_num_res_blocks=blocks)

@@ -200,6 +200,8 @@ class ConditionEncoder(nn.Module):
         in_channels: input channels (sum over the group's conditions).
         channels: output channels of each level; ``len(channels)`` halvings of the grid.
         norm_num_groups: GroupNorm groups (must divide every entry of ``channels``).
+        num_res_blocks: residual blocks per level (an int for every level, or one entry per level); fewer at
+            the full-resolution level make the encoder cheaper (0 leaves conv-in and the pooling).
         norm_eps: GroupNorm epsilon.
         use_checkpointing: recompute each level's activations in the backward pass (saves memory at full
             resolution during training; no effect in eval mode or without grad).
@@ -217,8 +219,16 @@ class ConditionEncoder(nn.Module):
         norm_eps: float = 1e-6,
         use_checkpointing: bool = False,
         channels_last: bool = True,
+        num_res_blocks: int | Sequence[int] = 2,
     ) -> None:
         super().__init__()
+        blocks_per_level = (
+            [int(num_res_blocks)] * len(channels) if isinstance(num_res_blocks, int) else list(num_res_blocks)
+        )
+        if len(blocks_per_level) != len(channels) or min(blocks_per_level) < 0:
+            raise ValueError(
+                f"num_res_blocks {num_res_blocks} must be >= 0, one entry per encoder level ({len(channels)})"
+            )
         if any(c % norm_num_groups for c in channels):
             raise ValueError(
                 f"encoder channels {tuple(channels)} must be multiples of norm_num_groups={norm_num_groups}"
@@ -232,9 +242,13 @@ class ConditionEncoder(nn.Module):
         pool = Pool["avg", spatial_dims]
         levels = []
         prev = channels[0]
-        for ch in channels:
+        for ch, n_blocks in zip(channels, blocks_per_level, strict=True):
+            if n_blocks == 0 and ch != prev:
+                raise ValueError(
+                    f"an encoder level without residual blocks cannot change {prev} channels to {ch}"
+                )
             blocks = []
-            for _ in range(2):
+            for _ in range(n_blocks):
                 block = AEKLResBlock(spatial_dims, prev, norm_num_groups, norm_eps, ch)
                 nn.init.zeros_(block.conv2.conv.weight)
                 nn.init.zeros_(block.conv2.conv.bias)
@@ -266,6 +280,9 @@ class VCM(nn.Module):
         levels: ``log2`` of the autoencoder's downsampling factor (3 for BrainLDM, 2 for the demo).
         encoder_channels: channels per encoder level; defaults to ``16·[1, 2, ..., levels]``.
         encoder_norm_num_groups: GroupNorm groups in the encoders.
+        encoder_num_res_blocks: residual blocks per encoder level (an int or one per level; paper: 2). The
+            full-resolution level costs most of a CPU step: ``[0, 2]`` keeps its 3³ conv-in and pooling and
+            puts every residual block at half resolution or below.
         unet_channels: latent U-Net channels (paper: 16·[4, 8, 16]).
         unet_num_res_blocks: residual blocks per U-Net level.
         unet_attention_levels: self-attention per U-Net level; defaults to the deepest level only.
@@ -286,6 +303,7 @@ class VCM(nn.Module):
         levels: int = 3,
         encoder_channels: Sequence[int] | None = None,
         encoder_norm_num_groups: int = 16,
+        encoder_num_res_blocks: int | Sequence[int] = 2,
         unet_channels: Sequence[int] = (64, 128, 256),
         unet_num_res_blocks: int = 2,
         unet_attention_levels: Sequence[bool] | None = None,
@@ -304,6 +322,11 @@ class VCM(nn.Module):
             "levels": levels,
             "encoder_channels": None if encoder_channels is None else list(encoder_channels),
             "encoder_norm_num_groups": encoder_norm_num_groups,
+            "encoder_num_res_blocks": (
+                encoder_num_res_blocks
+                if isinstance(encoder_num_res_blocks, int)
+                else list(encoder_num_res_blocks)
+            ),
             "unet_channels": list(unet_channels),
             "unet_num_res_blocks": unet_num_res_blocks,
             "unet_attention_levels": None if unet_attention_levels is None else list(unet_attention_levels),
@@ -335,6 +358,7 @@ class VCM(nn.Module):
                     encoder_channels,
                     norm_num_groups=encoder_norm_num_groups,
                     use_checkpointing=use_checkpointing,
+                    num_res_blocks=encoder_num_res_blocks,
                 )
                 for group in self.groups
             ]
