@@ -49,14 +49,17 @@ def test_bench_sample_random_demo_networks_naive_equals_production(tmp_path):
     assert r["vcm_effect_max_abs"] > 1e-2
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_bench_train_reports_each_batch_size(checkpointing):
+@pytest.mark.parametrize(("checkpointing", "prior_bank"), [(False, False), (True, False), (False, True)])
+def test_bench_train_reports_each_batch_size(checkpointing, prior_bank):
     from vcm.bench.train_step import bench_train
 
-    r = bench_train("demo", [1, 2], 1, "lv_brain_skull", "tiny", checkpointing, 1, "cpu")
+    r = bench_train(
+        "demo", [1, 2], 1, "lv_brain_skull", "tiny", checkpointing, 1, "cpu", prior_bank=prior_bank
+    )
     assert [row["batch_size"] for row in r["batches"]] == [1, 2]
     assert all(row["s_per_step"] > 0 and row["peak_memory_mb"] > 0 for row in r["batches"])
     assert r["activation_checkpointing"] is checkpointing and r["precision"] == "fp32"
+    assert r["prior_bank"] is prior_bank
     assert r["vcm_parameters_M"] == 0.57
 
 

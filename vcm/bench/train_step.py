@@ -29,6 +29,7 @@ def bench_train(
     threads: int,
     device: str | None,
     grid: tuple[int, ...] | None = None,
+    prior_bank: bool = False,
 ) -> dict:
     """Seconds and peak memory of one VCM training step per batch size, on random-weight networks.
 
@@ -36,6 +37,8 @@ def bench_train(
     modulation, eq. 4 (:func:`vcm.train.training_loss`), backward and AdamW, under bf16 autocast on CUDA; the
     latents and conditions are random tensors of the scale's shapes. One warm-up step per batch size, then
     ``steps`` timed. A batch size that runs out of memory is reported as such, not as a failure.
+    ``prior_bank``: the backbone's prediction is computed before the clock starts, as a step that draws from
+    a :class:`~vcm.training.prior_bank.PriorBank` (``training.prior_reuse`` > 1) takes it.
     """
     import torch
 
@@ -61,10 +64,14 @@ def bench_train(
         t = torch.randint(0, 1000, (b,), generator=gen).to(dev)
         cov = torch.rand(b, 1, 4, generator=gen).to(dev)
         conds = {n: torch.rand(b, c, *grid, generator=gen).round().to(dev) for g in groups for n, c in g}
+        eps_t = None
+        if prior_bank:
+            with torch.no_grad(), autocast:
+                eps_t = backbone.eps(z_t, t, cov)
         sync()
         start = time.perf_counter()
         with autocast:
-            loss = training_loss(vcm, vcm, backbone, z_t, t, noise, cov, conds)
+            loss = training_loss(vcm, vcm, backbone, z_t, t, noise, cov, conds, eps_t=eps_t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -79,6 +86,7 @@ def bench_train(
         "latent": list(latent),
         "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
         "activation_checkpointing": checkpointing,
+        "prior_bank": prior_bank,
         "backbone": backbone_desc,
         "backbone_diffusion_parameters_M": round(
             sum(p.numel() for p in backbone.diffusion.parameters()) / 1e6, 2
@@ -120,7 +128,8 @@ def print_train(r: dict) -> None:
     """The result of :func:`bench_train` for people."""
     print(
         f"VCM training step on {r['device']}: grid {r['grid']}, latent {r['latent']}, {r['precision']}, "
-        f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'} [{', '.join(r['notes'])}]"
+        f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}, "
+        f"backbone prediction {'from a bank' if r.get('prior_bank') else 'in the step'} [{', '.join(r['notes'])}]"
     )
     print(f"  backbone: {r['backbone']} ({r['backbone_diffusion_parameters_M']} M diffusion parameters)")
     print(f"  VCM: {r['vcm']} ({r['vcm_parameters_M']} M parameters)")
@@ -143,6 +152,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     widths = [*sorted(VCM_WIDTHS), "config"]
     trn.add_argument("--widths", choices=widths, default="paper", help="config: training.vcm of the config")
     trn.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the encoders")
+    trn.add_argument(
+        "--prior-bank",
+        action="store_true",
+        help="the backbone's prediction from a bank (training.prior_reuse)",
+    )
     trn.add_argument("--threads", type=int, default=1)
     trn.add_argument("--device", default=None)
     trn.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_train.json")

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from vcm.errors import StageError
 from vcm.latents import FLIP_AXIS, LatentsFile
 from vcm.models.conditions import condition_tensor
 from vcm.models.vcm import sample_keep_mask
+
+if TYPE_CHECKING:
+    from vcm.training.prior_bank import PriorBank
 
 __all__ = [
     "TIMESTEP_SAMPLING",
@@ -127,6 +131,7 @@ class Batch:
     keep: torch.Tensor | None
     flip: torch.Tensor
     draws: int = 1
+    eps_t: torch.Tensor | None = None  # the backbone's predictions, when they come from a prior bank
 
 
 def draw_batch(
@@ -143,6 +148,7 @@ def draw_batch(
     posterior_weight: float = 1.0,
     timesteps: str = "uniform",
     draws: int = 1,
+    bank: PriorBank | None = None,
 ) -> Batch:
     """Draw a global training batch from ``generator`` and return the samples ``part`` of it.
 
@@ -167,17 +173,28 @@ def draw_batch(
         timesteps: ``uniform`` or ``cubic`` (:func:`draw_timesteps`).
         draws: ``(t, noise)`` pairs per subject: the latent tensors hold ``draws`` consecutive rows per subject,
             the conditions, flips and keep mask one row per subject.
+        bank: take the noisy latents and the backbone's predictions from this
+            :class:`~vcm.training.prior_bank.PriorBank` (entries drawn after the flips) instead of fresh noise.
     """
     b, k = batch_size, int(draws)
     idx = draw_indices(len(data), b, generator)
     flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    rows = slice(None if part.start is None else part.start * k, None if part.stop is None else part.stop * k)
+    if bank is not None:
+        entry = torch.randint(0, bank.entries, (b, k), generator=generator)
+        keep = (
+            sample_keep_mask(b, n_groups, keep_probs, generator=generator) if keep_probs is not None else None
+        )
+        conditions, _, _, cov = data.batch(idx[part], flips[part], device)
+        z_t, t, noise, eps = bank.take(idx[part], flips[part], entry[part], device)
+        keep = keep[part].to(device) if keep is not None else None
+        return Batch(z_t, t, noise, cov.repeat_interleave(k, dim=0), conditions, keep, flips[part], k, eps)
     shape = (b * k, *data.latent_shape)
     posterior = torch.randn(shape, generator=generator)
     t = draw_timesteps(b * k, len(alphas_cumprod), generator, timesteps)
     noise = torch.randn(shape, generator=generator)
     keep = sample_keep_mask(b, n_groups, keep_probs, generator=generator) if keep_probs is not None else None
     conditions, mu, sigma, cov = data.batch(idx[part], flips[part], device)
-    rows = slice(None if part.start is None else part.start * k, None if part.stop is None else part.stop * k)
     t, noise = t[rows].to(device), noise[rows].to(device)
     mu, sigma, cov = (x.repeat_interleave(k, dim=0) for x in (mu, sigma, cov))
     z0 = (mu + posterior_weight * sigma * posterior[rows].to(device)) * scale_factor

@@ -153,6 +153,7 @@ def _draw(run: Run) -> Batch:
         run.backbone.posterior_weight,
         s.timesteps,
         s.noise_draws,
+        run.bank,
     )
 
 
@@ -188,6 +189,7 @@ def _optimise(run: Run, net: nn.Module, batch: Batch) -> torch.Tensor:
             batch.draws,
             s.loss_weighting,
             s.lv_weight,
+            batch.eps_t,
         )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

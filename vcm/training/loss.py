@@ -58,6 +58,7 @@ def training_loss(
     draws: int = 1,
     weighting: str = "none",
     lv_weight: float = 0.0,
+    eps_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of one batch: eq. 4 for VCM, the noise MSE for ControlNet.
 
@@ -78,14 +79,17 @@ def training_loss(
             (:func:`~vcm.diffusion.vcm_loss`'s ``reference``; VCM only).
         lv_weight: extra weight of the error in the LV region (:func:`lv_region_weight`) where the
             conditions hold ``lv``; 0 or no ``lv``: every latent voxel counts the same (the paper).
+        eps_t: the backbone's predictions on ``z_t`` when they are already known (a
+            :class:`~vcm.training.prior_bank.PriorBank`); VCM then skips the backbone's forward pass.
     """
     keep = keep if drop != "none" else None
     weight = None
     if lv_weight and "lv" in conditions:  # a set without an lv condition trains unweighted
         weight = lv_region_weight(conditions["lv"], tuple(z_t.shape[2:]), lv_weight, draws)
     if isinstance(model, VCM):
-        with torch.no_grad():
-            eps_t = backbone.eps(z_t, t, cov)
+        if eps_t is None:
+            with torch.no_grad():
+                eps_t = backbone.eps(z_t, t, cov)
         if drop == "input" and keep is not None:
             conditions, keep = model.drop_inputs(conditions, keep), None
         gamma, beta = net(z_t, eps_t, t, conditions, keep, draws)

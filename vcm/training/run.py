@@ -27,6 +27,7 @@ from vcm.models.vcm import subset_probabilities
 from vcm.training.batches import TrainData
 from vcm.training.checkpoints import CHECKPOINT_DIR, CheckpointStore, signature
 from vcm.training.distributed import rank_and_world
+from vcm.training.prior_bank import PriorBank, bank_entries
 from vcm.training.settings import Settings
 
 __all__ = ["Run", "set_up"]
@@ -55,6 +56,7 @@ class Run:
     keep_probs: dict[tuple[int, ...], float] | None  # modality dropout; None: keep every group
     drop: str
     store: CheckpointStore
+    bank: PriorBank | None = None  # the backbone's predictions, computed once (training.prior_reuse > 1)
 
     @property
     def title(self) -> str:
@@ -142,6 +144,26 @@ def set_up(
             "model": getattr(model, "config", None),
         }  # not the process count: every rank draws the global batch, so a run may resume on more or fewer
     )
+    alphas = ddpm_scheduler().alphas_cumprod.to(device)
+    bank = None
+    if (
+        settings.method == "vcm" and settings.prior_reuse > 1
+    ):  # ControlNet's backbone pass carries its control
+        flips = 2 if settings.flip else 1
+        entries = bank_entries(
+            settings.steps, settings.batch_size, settings.noise_draws, settings.prior_reuse, len(data), flips
+        )
+        bank = PriorBank.build(
+            data,
+            backbone,
+            alphas,
+            entries,
+            settings.flip,
+            settings.seed,
+            settings.timesteps,
+            device=device,
+            progress=rank == 0,
+        )
     return Run(
         cfg=cfg,
         settings=settings,
@@ -158,8 +180,9 @@ def set_up(
         model=model,
         optimizer=optimizer,
         generator=generator,
-        alphas=ddpm_scheduler().alphas_cumprod.to(device),
+        alphas=alphas,
         keep_probs=keep_probs if drop != "none" else None,
         drop=drop,
         store=CheckpointStore(Path(out_dir) / CHECKPOINT_DIR, run_signature, owner=rank == 0),
+        bank=bank,
     )

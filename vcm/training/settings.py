@@ -59,6 +59,10 @@ class Settings:
         lv_weight: extra weight of the noise error in the latent voxels the ``lv`` condition covers (and
             their neighbours): each voxel counts ``1 + lv_weight · coverage`` (0: the paper; see
             :func:`~vcm.training.loss.lv_region_weight`).
+        prior_reuse: how many times, on average, each of the frozen backbone's noise predictions is trained on
+            (VCM only): 1 (the paper) runs the backbone on fresh noise every step; ``R > 1`` computes a bank of
+            ``steps · batch_size · noise_draws / R`` noisy latents and predictions before the first step and
+            draws from it (:mod:`~vcm.training.prior_bank`), which takes the backbone out of the step.
         vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
         controlnet: overrides of :class:`~vcm.models.controlnet.ControlNetControl` arguments.
         preview_subjects: validation subjects previewed at the end of training (0: no preview).
@@ -85,6 +89,7 @@ class Settings:
     noise_draws: int = 1
     loss_weighting: str = "none"
     lv_weight: float = 0.0
+    prior_reuse: int = 1
     vcm: dict[str, Any] = field(default_factory=dict)
     controlnet: dict[str, Any] = field(default_factory=dict)
     preview_subjects: int = 2
