@@ -98,6 +98,37 @@ def _load_inputs(
     return groups, data, backbone, bundle_sha
 
 
+def _prior_bank(
+    settings: Settings,
+    data: TrainData,
+    backbone: nn.Module,
+    alphas: torch.Tensor,
+    device: torch.device,
+    rank: int,
+) -> PriorBank | None:
+    """The run's bank of backbone predictions when ``training.prior_reuse`` > 1, else ``None``.
+
+    VCM only: ControlNet's backbone pass carries its control, so there is nothing to reuse.
+    """
+    if settings.method != "vcm" or settings.prior_reuse <= 1:
+        return None
+    flips = 2 if settings.flip else 1
+    entries = bank_entries(
+        settings.steps, settings.batch_size, settings.noise_draws, settings.prior_reuse, len(data), flips
+    )
+    return PriorBank.build(
+        data,
+        backbone,
+        alphas,
+        entries,
+        settings.flip,
+        settings.seed,
+        settings.timesteps,
+        device=device,
+        progress=rank == 0,
+    )
+
+
 def set_up(
     cfg: Mapping[str, Any],
     inputs: tuple[str | Path, str | Path, str | Path],
@@ -145,25 +176,7 @@ def set_up(
         }  # not the process count: every rank draws the global batch, so a run may resume on more or fewer
     )
     alphas = ddpm_scheduler().alphas_cumprod.to(device)
-    bank = None
-    if (
-        settings.method == "vcm" and settings.prior_reuse > 1
-    ):  # ControlNet's backbone pass carries its control
-        flips = 2 if settings.flip else 1
-        entries = bank_entries(
-            settings.steps, settings.batch_size, settings.noise_draws, settings.prior_reuse, len(data), flips
-        )
-        bank = PriorBank.build(
-            data,
-            backbone,
-            alphas,
-            entries,
-            settings.flip,
-            settings.seed,
-            settings.timesteps,
-            device=device,
-            progress=rank == 0,
-        )
+    bank = _prior_bank(settings, data, backbone, alphas, device, rank)
     return Run(
         cfg=cfg,
         settings=settings,
