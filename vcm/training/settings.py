@@ -52,8 +52,9 @@ class Settings:
             favours the noisy early sampling steps where the anatomy is laid down (T2I-Adapter's choice for
             structural conditions; see :func:`~vcm.training.batches.draw_timesteps`).
         noise_draws: ``(t, noise)`` pairs per subject and step (paper: 1). VCM's time-free encoder runs once
-            per subject, and it costs ~80 % of a demo step on CPU, so K draws give K times the samples for far
-            less than K times the time, and a less noisy gradient.
+            per subject, so K draws give K times the samples for less than K times the time, and a less noisy
+            gradient (on the demo's CPU the encoders were about half of a step and the backbone's pass a
+            quarter, before ``encoder_num_res_blocks`` and ``prior_reuse`` took most of both out).
         loss_weighting: ``none`` (eq. 4) or ``backbone``: each sample's MSE divided by the frozen backbone's
             MSE on it, so that every noise level counts the same (VCM only; see :func:`~vcm.diffusion.vcm_loss`).
         lv_weight: extra weight of the noise error in the latent voxels the ``lv`` condition covers (and
