@@ -180,26 +180,23 @@ def draw_batch(
     idx = draw_indices(len(data), b, generator)
     flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
     rows = slice(None if part.start is None else part.start * k, None if part.stop is None else part.stop * k)
-    if bank is not None:
-        entry = torch.randint(0, bank.entries, (b, k), generator=generator)
-        keep = (
-            sample_keep_mask(b, n_groups, keep_probs, generator=generator) if keep_probs is not None else None
-        )
-        conditions, _, _, cov = data.batch(idx[part], flips[part], device)
-        z_t, t, noise, eps = bank.take(idx[part], flips[part], entry[part], device)
-        keep = keep[part].to(device) if keep is not None else None
-        return Batch(z_t, t, noise, cov.repeat_interleave(k, dim=0), conditions, keep, flips[part], k, eps)
     shape = (b * k, *data.latent_shape)
-    posterior = torch.randn(shape, generator=generator)
-    t = draw_timesteps(b * k, len(alphas_cumprod), generator, timesteps)
-    noise = torch.randn(shape, generator=generator)
+    if bank is None:
+        posterior = torch.randn(shape, generator=generator)
+        t = draw_timesteps(b * k, len(alphas_cumprod), generator, timesteps)
+        noise = torch.randn(shape, generator=generator)
+    else:
+        entry = torch.randint(0, bank.entries, (b, k), generator=generator)
     keep = sample_keep_mask(b, n_groups, keep_probs, generator=generator) if keep_probs is not None else None
+    keep = keep[part].to(device) if keep is not None else None
     conditions, mu, sigma, cov = data.batch(idx[part], flips[part], device)
-    t, noise = t[rows].to(device), noise[rows].to(device)
     mu, sigma, cov = (x.repeat_interleave(k, dim=0) for x in (mu, sigma, cov))
+    if bank is not None:
+        z_t, t, noise, eps = bank.take(idx[part], flips[part], entry[part], device)
+        return Batch(z_t, t, noise, cov, conditions, keep, flips[part], k, eps)
+    t, noise = t[rows].to(device), noise[rows].to(device)
     z0 = (mu + posterior_weight * sigma * posterior[rows].to(device)) * scale_factor
     z_t = add_noise(z0, noise, t, alphas_cumprod)
-    keep = keep[part].to(device) if keep is not None else None
     return Batch(z_t, t, noise, cov, conditions, keep, flips[part], k)
 
 
