@@ -171,7 +171,8 @@ def _set_lr(run: Run, state: _State) -> float:
 
 
 def _optimise(run: Run, net: nn.Module, batch: Batch) -> torch.Tensor:
-    """One AdamW step on ``batch`` (bf16 autocast on CUDA); returns the loss."""
+    """One AdamW step on ``batch`` (bf16 autocast on CUDA; the gradient norm clipped at
+    ``training.grad_clip_norm`` when set); returns the loss."""
     s = run.settings
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
         loss = training_loss(
@@ -193,6 +194,8 @@ def _optimise(run: Run, net: nn.Module, batch: Batch) -> torch.Tensor:
         )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if s.grad_clip_norm is not None:
+        nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip_norm)
     run.optimizer.step()
     return loss
 

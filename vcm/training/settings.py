@@ -64,6 +64,9 @@ class Settings:
             (VCM only): 1 (the paper) runs the backbone on fresh noise every step; ``R > 1`` computes a bank of
             ``steps · batch_size · noise_draws / R`` noisy latents and predictions before the first step and
             draws from it (:mod:`~vcm.training.prior_bank`), which takes the backbone out of the step.
+        grad_clip_norm: clips the global gradient norm before each AdamW step (``None``: no clipping, the
+            paper). A short run at a high peak lr can take one outsized step at the end of the warm-up and stall
+            for hundreds of steps; clipping bounds that step (docs/benchmarks.md, sessions 16-17).
         vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
         controlnet: overrides of :class:`~vcm.models.controlnet.ControlNetControl` arguments.
         preview_subjects: validation subjects previewed at the end of training (0: no preview).
@@ -91,6 +94,7 @@ class Settings:
     loss_weighting: str = "none"
     lv_weight: float = 0.0
     prior_reuse: int = 1
+    grad_clip_norm: float | None = None
     vcm: dict[str, Any] = field(default_factory=dict)
     controlnet: dict[str, Any] = field(default_factory=dict)
     preview_subjects: int = 2

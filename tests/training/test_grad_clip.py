@@ -1,0 +1,49 @@
+"""Gradient-norm clipping of the control module's training (``training.grad_clip_norm``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures import TINY_VCM, make_encoded
+from vcm.config import load_config
+from vcm.training.loop import train
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``(steps, clip) -> state dict`` of a tiny VCM trained that many steps at that clipping norm."""
+    root = tmp_path_factory.mktemp("clip")
+    files = make_encoded(root)
+    cfg = load_config(REPO / "config" / "config.yaml")
+    cfg["condition_sets"] = {"two": [["lv", "brain"], ["skull"]]}
+    cfg["training"].update(
+        batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=10, seed=0, vcm=TINY_VCM, prior_reuse=1
+    )
+
+    def run(steps: int, clip: float | None) -> dict[str, torch.Tensor]:
+        out = root / f"s{steps}_c{clip}"
+        args = (cfg, files["dataset"], files["latents"], files["bundle"], "two", 2, out)
+        result = train(*args, progress=False, write_model=False, steps=steps, grad_clip_norm=clip)
+        return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+    return run
+
+
+def _largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_a_norm_above_the_gradients_changes_nothing(trained):
+    assert _largest_change(trained(2, None), trained(2, 1.0e6)) == 0.0
+
+
+def test_a_tiny_norm_all_but_stops_the_updates(trained):
+    # AdamW's step is about lr whatever the gradient's scale, unless the gradient is far below its eps (1e-8)
+    assert _largest_change(trained(1, None), trained(2, None)) > 1e-4
+    assert _largest_change(trained(1, 1e-12), trained(2, 1e-12)) < 1e-5
