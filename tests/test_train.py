@@ -279,6 +279,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, files, tcfg)
 
     rows = list(csv.DictReader(open(tmp_path / "full" / "loss.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert all(float(r["grad_norm"]) > 0 for r in rows)
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
 
     # a rerun after the final checkpoint trains nothing and rewrites the model

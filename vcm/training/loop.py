@@ -73,7 +73,7 @@ class _State:
     resumed_at: list[int] = field(default_factory=list)  # the step of every resume of this run, in order
     elapsed0: float = 0.0  # seconds trained before this call
     history: dict[str, list[float]] = field(
-        default_factory=lambda: {"step": [], "loss": [], "lr": [], "elapsed_s": []}
+        default_factory=lambda: {"step": [], "loss": [], "lr": [], "elapsed_s": [], "grad_norm": []}
     )
     start: float = 0.0  # perf_counter when this call's loop started
     fraction: float = 0.0  # of the time budget, as rank 0 measured it
@@ -100,6 +100,8 @@ def _resume(run: Run, fresh: bool) -> _State:
         state.total = int(ckpt["scheduler"]["total_steps"])
     state.warmup = int(ckpt["scheduler"]["warmup_steps"])
     state.history = {k: list(v) for k, v in ckpt["history"].items()}
+    # checkpoints written before the gradient norm was logged
+    state.history.setdefault("grad_norm", [float("nan")] * len(state.history["step"]))
     state.elapsed0 = float(ckpt.get("elapsed_s", 0.0))
     if run.rank == 0:
         logger.info(
@@ -170,9 +172,9 @@ def _set_lr(run: Run, state: _State) -> float:
     return lr
 
 
-def _optimise(run: Run, net: nn.Module, batch: Batch) -> torch.Tensor:
+def _optimise(run: Run, net: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """One AdamW step on ``batch`` (bf16 autocast on CUDA; the gradient norm clipped at
-    ``training.grad_clip_norm`` when set); returns the loss."""
+    ``training.grad_clip_norm`` when set); returns the loss and the gradient norm before clipping."""
     s = run.settings
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
         loss = training_loss(
@@ -194,15 +196,19 @@ def _optimise(run: Run, net: nn.Module, batch: Batch) -> torch.Tensor:
         )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if s.grad_clip_norm is not None:
-        nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip_norm)
+    # an infinite norm measures without clipping: the gradients are multiplied by exactly 1
+    limit = s.grad_clip_norm if s.grad_clip_norm is not None else float("inf")
+    norm = nn.utils.clip_grad_norm_(run.model.parameters(), limit)
     run.optimizer.step()
-    return loss
+    return loss, norm
 
 
-def _agree(run: Run, loss: torch.Tensor, interrupted: bool, elapsed: float) -> torch.Tensor:
+def _agree(
+    run: Run, loss: torch.Tensor, norm: torch.Tensor, interrupted: bool, elapsed: float
+) -> torch.Tensor:
     """One collective per step: the mean loss, the stop request and rank 0's clock, so that every rank uses
-    the same learning rate and stops at the same step. Returns ``[loss, stop, elapsed]`` on the CPU."""
+    the same learning rate and stops at the same step, and the gradient norm (the same on every rank after
+    DDP's reduction). Returns ``[loss, stop, elapsed, grad norm]`` on the CPU."""
     # NCCL reduces CUDA tensors only; gloo CPU ones
     comm = run.device if run.world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
     flags = torch.stack(
@@ -210,11 +216,13 @@ def _agree(run: Run, loss: torch.Tensor, interrupted: bool, elapsed: float) -> t
             loss.detach().float().reshape(()),
             torch.tensor(float(interrupted), device=loss.device),
             torch.tensor(elapsed if run.rank == 0 else 0.0, device=loss.device),
+            norm.detach().float().reshape(()).to(loss.device),
         ]
     ).to(comm)
     if run.world > 1:
         dist.all_reduce(flags)
         flags[0] /= run.world
+        flags[3] /= run.world
     return flags.cpu()
 
 
@@ -225,6 +233,7 @@ def _record(run: Run, state: _State, flags: torch.Tensor, lr: float, bar: tqdm) 
     history["loss"].append(float(flags[0]))
     history["lr"].append(lr)
     history["elapsed_s"].append(float(flags[2]))
+    history["grad_norm"].append(float(flags[3]))
     bar.update(1)
     bar.set_postfix(loss=f"{flags[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
     if run.budget is not None:
@@ -320,10 +329,10 @@ def _loop(
     while state.step < (state.total or s.steps):
         batch = _draw(run)
         lr = _set_lr(run, state)
-        loss = _optimise(run, net, batch)
+        loss, norm = _optimise(run, net, batch)
         state.step += 1
         state.done_here += 1
-        flags = _agree(run, loss, interrupt.flag, state.elapsed())
+        flags = _agree(run, loss, norm, interrupt.flag, state.elapsed())
         _record(run, state, flags, lr, bar)
         limit = state.total or s.steps
         if run.rank == 0 and state.step < limit and state.step % s.checkpoint_every == 0:
@@ -429,14 +438,16 @@ def _model_file(
 
 
 def _write_loss(out_dir: Path, history: Mapping[str, Sequence[float]], title: str) -> None:
-    """``loss.csv`` (step, loss, lr, elapsed seconds) and, once there is a step, ``loss.png``."""
+    """``loss.csv`` (step, loss, lr, elapsed seconds, gradient norm before clipping) and, once there is a
+    step, ``loss.png``."""
     from vcm.io import atomic_path
 
     with atomic_path(out_dir / "loss.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", "loss", "lr", "elapsed_s"])
-        for row in zip(history["step"], history["loss"], history["lr"], history["elapsed_s"], strict=True):
-            writer.writerow([int(row[0]), f"{row[1]:.6g}", f"{row[2]:.6g}", f"{row[3]:.2f}"])
+        keys = ("step", "loss", "lr", "elapsed_s", "grad_norm")
+        writer.writerow(keys)
+        for row in zip(*(history[k] for k in keys), strict=True):
+            writer.writerow([int(row[0]), f"{row[1]:.6g}", f"{row[2]:.6g}", f"{row[3]:.2f}", f"{row[4]:.4g}"])
     if history["step"]:
         from vcm.plots import loss_curve
 
