@@ -206,9 +206,9 @@ def _optimise(run: Run, net: nn.Module, batch: Batch) -> tuple[torch.Tensor, tor
 def _agree(
     run: Run, loss: torch.Tensor, norm: torch.Tensor, interrupted: bool, elapsed: float
 ) -> torch.Tensor:
-    """One collective per step: the mean loss, the stop request and rank 0's clock, so that every rank uses
-    the same learning rate and stops at the same step, and the gradient norm (the same on every rank after
-    DDP's reduction). Returns ``[loss, stop, elapsed, grad norm]`` on the CPU."""
+    """One collective per step: the mean loss, the stop request, rank 0's clock (so that every rank uses the
+    same learning rate and stops at the same step) and the gradient norm (equal on every rank once DDP has
+    averaged the gradients). Returns ``[loss, stop, elapsed, grad norm]`` on the CPU."""
     # NCCL reduces CUDA tensors only; gloo CPU ones
     comm = run.device if run.world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
     flags = torch.stack(
