@@ -190,10 +190,11 @@ def draw_batch(
     keep = sample_keep_mask(b, n_groups, keep_probs, generator=generator) if keep_probs is not None else None
     keep = keep[part].to(device) if keep is not None else None
     conditions, mu, sigma, cov = data.batch(idx[part], flips[part], device)
-    mu, sigma, cov = (x.repeat_interleave(k, dim=0) for x in (mu, sigma, cov))
-    if bank is not None:
+    cov = cov.repeat_interleave(k, dim=0)
+    if bank is not None:  # the bank holds the noisy latents: the posterior is not needed
         z_t, t, noise, eps = bank.take(idx[part], flips[part], entry[part], device)
         return Batch(z_t, t, noise, cov, conditions, keep, flips[part], k, eps)
+    mu, sigma = (x.repeat_interleave(k, dim=0) for x in (mu, sigma))
     t, noise = t[rows].to(device), noise[rows].to(device)
     z0 = (mu + posterior_weight * sigma * posterior[rows].to(device)) * scale_factor
     z_t = add_noise(z0, noise, t, alphas_cumprod)

@@ -59,6 +59,10 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# a run's per-step history, the columns of ``loss.csv``
+_HISTORY_KEYS = ("step", "loss", "lr", "elapsed_s", "grad_norm")
+
+
 # --- state --------------------------------------------------------------------------------------------------
 
 
@@ -72,9 +76,7 @@ class _State:
     resumed_from: int = 0
     resumed_at: list[int] = field(default_factory=list)  # the step of every resume of this run, in order
     elapsed0: float = 0.0  # seconds trained before this call
-    history: dict[str, list[float]] = field(
-        default_factory=lambda: {"step": [], "loss": [], "lr": [], "elapsed_s": [], "grad_norm": []}
-    )
+    history: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in _HISTORY_KEYS})
     start: float = 0.0  # perf_counter when this call's loop started
     fraction: float = 0.0  # of the time budget, as rank 0 measured it
     done_here: int = 0
@@ -221,8 +223,7 @@ def _agree(
     ).to(comm)
     if run.world > 1:
         dist.all_reduce(flags)
-        flags[0] /= run.world
-        flags[3] /= run.world
+        flags[[0, 3]] /= run.world  # the loss and the gradient norm: means
     return flags.cpu()
 
 
@@ -444,9 +445,8 @@ def _write_loss(out_dir: Path, history: Mapping[str, Sequence[float]], title: st
 
     with atomic_path(out_dir / "loss.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        keys = ("step", "loss", "lr", "elapsed_s", "grad_norm")
-        writer.writerow(keys)
-        for row in zip(*(history[k] for k in keys), strict=True):
+        writer.writerow(_HISTORY_KEYS)
+        for row in zip(*(history[k] for k in _HISTORY_KEYS), strict=True):
             writer.writerow([int(row[0]), f"{row[1]:.6g}", f"{row[2]:.6g}", f"{row[3]:.2f}", f"{row[4]:.4g}"])
     if history["step"]:
         from vcm.plots import loss_curve
