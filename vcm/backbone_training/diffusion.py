@@ -3,7 +3,7 @@
 :func:`train_diffusion` trains MONAI's :class:`~monai.networks.nets.DiffusionModelUNet` on the scaled latents
 of the frozen autoencoder with the DDPM epsilon objective and the project's schedule
 (:func:`vcm.diffusion.ddpm_scheduler`), calling it exactly as :meth:`vcm.models.backbone.Backbone.eps` does;
-an exponential moving average of the weights (:func:`ema_update`) is validated and shipped.
+an exponential moving average of the weights (:func:`~vcm.training.ema.ema_update`) is validated and shipped.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from vcm.backbone_training.loop import (
     tail_mean,
 )
 from vcm.models.layout import place
+from vcm.training.ema import ema_decay_at, ema_update
 
-__all__ = ["LDMOptions", "ema_update", "train_diffusion"]
+__all__ = ["LDMOptions", "train_diffusion"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +54,6 @@ class LDMOptions(StageOptions):
     val_timesteps: int = 8
     sample_every: int = 0
     sample_ddim_steps: int = 50
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """Move ``ema``'s parameters towards ``model``'s by ``1 - decay``; copy the buffers."""
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-        e.copy_(b)
 
 
 def _validation(
@@ -126,7 +118,7 @@ class _DiffusionStep:
         loss.backward()
         self.optimiser.step()
         step = self.loop.step
-        ema_update(self.ema, self.model, min(opts.ema_decay, (1 + step) / (10 + step)))
+        ema_update(self.ema, self.model, ema_decay_at(step, opts.ema_decay))
         return {"loss": loss.item()}
 
 

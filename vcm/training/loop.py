@@ -36,6 +36,7 @@ from vcm.training.checkpoints import (
     rng_state,
     save_atomic,
 )
+from vcm.training.ema import ema_decay_at, ema_update
 from vcm.training.loss import training_loss
 from vcm.training.run import Run, set_up
 from vcm.training.schedule import lr_factor, lr_factor_time
@@ -94,6 +95,8 @@ def _resume(run: Run, fresh: bool) -> _State:
     if ckpt is None:
         return state
     run.model.load_state_dict(ckpt["model"])
+    if run.ema is not None:
+        run.ema.load_state_dict(ckpt["ema"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     restore_rng_state(ckpt["rng"], run.generator)
     state.step = state.resumed_from = int(ckpt["step"])
@@ -112,6 +115,10 @@ def _resume(run: Run, fresh: bool) -> _State:
     return state
 
 
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def _checkpoint(run: Run, state: _State) -> dict[str, Any]:
     """What a resume needs (the store adds the run's signature)."""
     settings = run.settings
@@ -119,7 +126,8 @@ def _checkpoint(run: Run, state: _State) -> dict[str, Any]:
         "format": FORMAT_VERSION,
         "method": settings.method,
         "step": state.step,
-        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "model": _cpu_state(run.model),
+        **({"ema": _cpu_state(run.ema)} if run.ema is not None else {}),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": {
             "total_steps": state.total,
@@ -174,9 +182,10 @@ def _set_lr(run: Run, state: _State) -> float:
     return lr
 
 
-def _optimise(run: Run, net: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _optimise(run: Run, net: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One AdamW step on ``batch`` (bf16 autocast on CUDA; the gradient norm clipped at
-    ``training.grad_clip_norm`` when set); returns the loss and the gradient norm before clipping."""
+    ``training.grad_clip_norm`` when set; the moving average of the weights updated when
+    ``training.ema_decay`` is set); returns the loss and the gradient norm before clipping."""
     s = run.settings
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
         loss = training_loss(
@@ -202,6 +211,8 @@ def _optimise(run: Run, net: nn.Module, batch: Batch) -> tuple[torch.Tensor, tor
     limit = s.grad_clip_norm if s.grad_clip_norm is not None else float("inf")
     norm = nn.utils.clip_grad_norm_(run.model.parameters(), limit)
     run.optimizer.step()
+    if run.ema is not None:
+        ema_update(run.ema, run.model, ema_decay_at(step, s.ema_decay))
     return loss, norm
 
 
@@ -330,7 +341,7 @@ def _loop(
     while state.step < (state.total or s.steps):
         batch = _draw(run)
         lr = _set_lr(run, state)
-        loss, norm = _optimise(run, net, batch)
+        loss, norm = _optimise(run, net, batch, state.step)
         state.step += 1
         state.done_here += 1
         flags = _agree(run, loss, norm, interrupt.flag, state.elapsed())
@@ -380,7 +391,7 @@ def _finish(
     if run.world > 1:
         dist.barrier()
     result = TrainResult(
-        run.model,
+        run.shipped,
         state.step,
         int(state.total),
         state.history,
@@ -415,7 +426,7 @@ def _model_file(
     return {
         "format": FORMAT_VERSION,
         "method": s.method,
-        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "model": _cpu_state(run.shipped),
         "model_config": run.model.config,
         "condition_set": run.condset,
         "condition_groups": [[[n, c] for n, c in g] for g in run.groups],

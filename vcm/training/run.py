@@ -8,6 +8,7 @@ with its optimizer and the batch generator, and signs the run for its
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +58,12 @@ class Run:
     drop: str
     store: CheckpointStore
     bank: PriorBank | None = None  # the backbone's predictions, computed once (training.prior_reuse > 1)
+    ema: nn.Module | None = None  # the moving average of the weights (training.ema_decay), what vcm.pt holds
+
+    @property
+    def shipped(self) -> nn.Module:
+        """The weights ``vcm.pt`` holds and the previews sample with: the moving average, else the model."""
+        return self.model if self.ema is None else self.ema
 
     @property
     def title(self) -> str:
@@ -198,4 +205,5 @@ def set_up(
         drop=drop,
         store=CheckpointStore(Path(out_dir) / CHECKPOINT_DIR, run_signature, owner=rank == 0),
         bank=bank,
+        ema=copy.deepcopy(model).requires_grad_(False) if settings.ema_decay is not None else None,
     )

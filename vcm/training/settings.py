@@ -67,6 +67,9 @@ class Settings:
         grad_clip_norm: clips the global gradient norm before each AdamW step (``None``: no clipping, the
             paper). A short run at a high peak lr can take one outsized step at the end of the warm-up and stall
             for hundreds of steps; clipping bounds that step (docs/benchmarks.md, sessions 16-17).
+        ema_decay: when set, ``vcm.pt`` holds an exponential moving average of the weights with this decay
+            (:mod:`~vcm.training.ema`; lower during the first steps) instead of the last step's (``None``: the
+            last step's, the paper); the checkpoints keep both.
         vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
         controlnet: overrides of :class:`~vcm.models.controlnet.ControlNetControl` arguments.
         preview_subjects: validation subjects previewed at the end of training (0: no preview).
@@ -95,6 +98,7 @@ class Settings:
     lv_weight: float = 0.0
     prior_reuse: int = 1
     grad_clip_norm: float | None = None
+    ema_decay: float | None = None
     vcm: dict[str, Any] = field(default_factory=dict)
     controlnet: dict[str, Any] = field(default_factory=dict)
     preview_subjects: int = 2
