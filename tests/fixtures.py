@@ -166,6 +166,17 @@ def make_encoded(root: Path) -> dict[str, Path]:
     return {"dataset": dataset, "bundle": bundle, "latents": encode(dataset, bundle, root / "latents.h5")}
 
 
+def two_branch_config(**training) -> dict:
+    """The demo config with one set ``two`` (``[lv, brain]`` and ``[skull]`` branches) and a tiny VCM;
+    ``training`` updates the ``training`` section."""
+    from vcm.config import load_config
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    cfg["condition_sets"] = {"two": [["lv", "brain"], ["skull"]]}
+    cfg["training"].update(vcm=TINY_VCM, **training)
+    return cfg
+
+
 def make_vcm(path: Path, groups: list, bundle: Path, condset: str, seed: int = 0) -> Path:
     """A tiny ``vcm.pt`` on ``bundle`` whose weights leave the identity (a visible control, the same every run)."""
     from vcm.latents import bundle_sha256

@@ -8,14 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.fixtures import TINY_VCM, make_encoded
-from vcm.config import load_config
+from tests.fixtures import make_encoded, two_branch_config
 from vcm.training.checkpoints import CHECKPOINT_DIR, FINAL
 from vcm.training.ema import ema_decay_at, ema_update
 from vcm.training.loop import train
 from vcm.training.run import set_up
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("decay, expected", [(0.0, 3.0), (1.0, 1.0), (0.75, 1.5)])
@@ -35,10 +32,9 @@ def test_the_decay_is_lower_over_the_first_steps(step, expected):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ema")
     files = make_encoded(root)
-    cfg = load_config(REPO / "config" / "config.yaml")
-    cfg["condition_sets"] = {"two": [["lv", "brain"], ["skull"]]}
-    cfg["training"].update(
-        batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=2, seed=0, vcm=TINY_VCM, prior_reuse=1
+    # ema_decay None in the config: the runs without the override train and return the last step's weights
+    cfg = two_branch_config(
+        batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=2, seed=0, prior_reuse=1, ema_decay=None
     )
 
     def run(out: str, **kwargs):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.fixtures import TINY_VCM, make_encoded
-from vcm.config import load_config
+from tests.fixtures import make_encoded, two_branch_config
 from vcm.training.loop import train
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -20,11 +16,7 @@ def trained(tmp_path_factory):
     """``(steps, clip) -> (state dict, history)`` of a tiny VCM trained that many steps at that clipping norm."""
     root = tmp_path_factory.mktemp("clip")
     files = make_encoded(root)
-    cfg = load_config(REPO / "config" / "config.yaml")
-    cfg["condition_sets"] = {"two": [["lv", "brain"], ["skull"]]}
-    cfg["training"].update(
-        batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=10, seed=0, vcm=TINY_VCM, prior_reuse=1
-    )
+    cfg = two_branch_config(batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=10, seed=0, prior_reuse=1)
 
     def run(steps: int, clip: float | None) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
         out = root / f"s{steps}_c{clip}"

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures import TINY_VCM, make_encoded
-from vcm.config import load_config
+from tests.fixtures import make_encoded, two_branch_config
 from vcm.diffusion import ddpm_scheduler
 from vcm.models.backbone import load_bundle
 from vcm.training.batches import TrainData, add_noise, draw_batch
 from vcm.training.loop import train
 from vcm.training.prior_bank import PriorBank, bank_entries
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -94,10 +92,8 @@ def test_a_batch_from_the_bank_takes_its_subjects_flips_and_entries(bank_inputs)
 
 
 def test_training_with_a_prior_bank_is_reproducible_and_differs_from_fresh_noise(tmp_path, files):
-    cfg = load_config(REPO / "config" / "config.yaml")
-    cfg["condition_sets"] = {"two": [["lv", "brain"], ["skull"]]}
-    cfg["training"].update(
-        steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, seed=0, vcm=TINY_VCM, noise_draws=2, prior_reuse=2
+    cfg = two_branch_config(
+        steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, seed=0, noise_draws=2, prior_reuse=2
     )
 
     def run(out, **kwargs):
