@@ -300,6 +300,27 @@ def test_modulation_is_applied_at_every_evaluation(backbone, kind):
     plain = sample_latents(eps_fn, noise, make_scheduler(kind, 6))
     torch.testing.assert_close(with_vcm, by_hand, atol=1e-6, rtol=0)
     assert (with_vcm - plain).abs().max() > 1e-2
+    # cohort.control_scale: 0 is the backbone alone, 2 doubles the correction at every step
+    off = sample_latents(eps_fn, noise, make_scheduler(kind, 6), Constant(), {}, control_scale=0.0)
+    torch.testing.assert_close(off, plain, atol=1e-6, rtol=0)
+    doubled = sample_latents(eps_fn, noise, make_scheduler(kind, 6), Constant(), {}, control_scale=2.0)
+    by_hand = sample_latents(lambda z, t: eps_fn(z, t) * (1 - 0.6) + 0.4, noise, make_scheduler(kind, 6))
+    torch.testing.assert_close(doubled, by_hand, atol=1e-4, rtol=0)  # the same map, rounded in another order
+    assert (doubled - with_vcm).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(1.0, [0.9, 1.7]), (0.0, [1.0, 2.0]), (2.0, [0.8, 1.4])])
+def test_control_scale_multiplies_the_correction_about_the_identity(scale, expected):
+    eps, gamma, beta = torch.tensor([1.0, 2.0]), torch.tensor([-0.3, -0.2]), torch.tensor([0.2, 0.1])
+    torch.testing.assert_close(modulate(eps, gamma, beta, scale), torch.tensor(expected))
+
+
+def test_control_scale_one_is_the_papers_formula_bit_for_bit():
+    """Training and the default sampling keep eps * (1 + gamma) + beta exactly (same float rounding)."""
+    g = torch.Generator().manual_seed(3)
+    eps, gamma, beta = (torch.randn(4096, generator=g) for _ in range(3))
+    assert torch.equal(modulate(eps, gamma, beta), eps * (1 + gamma) + beta)
+    assert torch.equal(modulate(eps, gamma, beta, 1.0), eps * (1 + gamma) + beta)
 
 
 def test_dpmpp_2m_scheduler_serves_several_runs(backbone, conditions):

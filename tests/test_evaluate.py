@@ -178,6 +178,10 @@ def test_settings_follow_the_qc_segmentation_backend():
         == "synthseg"
     )
     assert EvalSettings.from_config(cfg).steps == cfg["cohort"]["steps"]
+    # the evaluation samples as the cohort does unless told otherwise
+    assert EvalSettings.from_config(cfg).control_scale == cfg["cohort"]["control_scale"] == 2.0
+    own = validate_config({**cfg, "evaluation": {"control_scale": 1.0}})
+    assert EvalSettings.from_config(own).control_scale == 1.0
     with pytest.raises(StageError, match="'evaluation.ssim_kernel': expected an odd size"):
         EvalSettings.from_config(cfg, ssim_kernel=8)
     with pytest.raises(StageError, match="unknown key 'kernel' under 'evaluation'"):

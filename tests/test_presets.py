@@ -38,7 +38,11 @@ def test_the_preset_holds_the_papers_settings():
     assert (t["lr"], t["batch_size"], t["l1_scale"], t["min_lr_ratio"]) == (5e-5, 16, 1.0, 0.1)
     assert (t["loss_weighting"], t["noise_draws"], t["timesteps"], t["flip"]) == ("none", 1, "uniform", True)
     assert (t["prior_reuse"], t["grad_clip_norm"], t["ema_decay"]) == (1, None, None)
-    assert (cfg["cohort"]["sampler"], cfg["cohort"]["steps"]) == ("ddim", 200)
+    assert (cfg["cohort"]["sampler"], cfg["cohort"]["steps"], cfg["cohort"]["control_scale"]) == (
+        "ddim",
+        200,
+        1.0,
+    )
     assert cfg["cohort"]["size"] == 10_000
 
 

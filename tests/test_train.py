@@ -339,6 +339,9 @@ def test_controlnet_starts_as_the_backbone_then_trains_and_saves(tmp_path, files
     model, meta = load_model(tmp_path / "cn" / "vcm.pt")
     assert meta["method"] == "controlnet" and isinstance(model, ControlNetControl)
     assert_same_state(model.state_dict(), result.model.state_dict())
+    with torch.no_grad():  # cohort.control_scale multiplies the trained residuals: 0 is the frozen model
+        assert not torch.allclose(model(backbone, z, t, cov, cond), backbone.eps(z, t, cov), atol=1e-6)
+        torch.testing.assert_close(model(backbone, z, t, cov, cond, 0.0), backbone.eps(z, t, cov))
     # the backbone stays frozen: its weights are not in the ControlNet's file
     assert not any(k.startswith("diffusion.") for k in model.state_dict())
 

@@ -249,6 +249,7 @@ def sample_latents(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
+    control_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sampling of diffusion latents (DDIM or DPM-Solver++), modulated by VCM at every network evaluation.
 
@@ -266,6 +267,7 @@ def sample_latents(
             from ``generator`` and depends on the batch composition. DDIM only.
         generator: random generator for ``eta > 0``.
         progress: called as ``progress(step, total)`` after every step.
+        control_scale: multiplies VCM's correction of the prior (:func:`~vcm.models.vcm.modulate`); 1 as trained.
 
     Returns:
         the denoised diffusion latent z_0 (same shape as ``noise``).
@@ -287,7 +289,7 @@ def sample_latents(
                 gamma, beta = vcm.forward_from_features(z, eps_t, t_batch, features)
             else:
                 gamma, beta = vcm(z, eps_t, t_batch, conditions, keep)
-            eps_t = modulate(eps_t, gamma, beta)
+            eps_t = modulate(eps_t, gamma, beta, control_scale)
         z = _step(scheduler, eps_t, t, z, eta, generator)
         if progress is not None:
             progress(i + 1, total)
@@ -305,11 +307,13 @@ def sample_images(
     sampler: str,
     steps: int,
     progress: Callable[[int, int], None] | None = None,
+    control_scale: float = 1.0,
 ) -> np.ndarray:
     """Images (B, *grid) in [0, 1] from ``noise`` by :func:`sample_latents` with ``sampler`` (one of
     :data:`SAMPLERS`) at ``steps`` steps: controlled by ``model`` (``method`` ``vcm``: VCM's features computed
     once; otherwise a ControlNet-style module called as ``model(backbone, z, t, cov,
-    model.condition_input(conditions))``), or uncontrolled (``model=None``). bfloat16 autocast on CUDA."""
+    model.condition_input(conditions), control_scale)``), or uncontrolled (``model=None``), the control
+    multiplied by ``control_scale`` (``cohort.control_scale``). bfloat16 autocast on CUDA."""
 
     def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return backbone.eps(z, t, cov)
@@ -320,11 +324,16 @@ def sample_images(
         if model is None:
             z = sample_latents(eps_fn, noise, scheduler, progress=progress)
         elif method == "vcm":
-            z = sample_latents(eps_fn, noise, scheduler, model, conditions, progress=progress)
+            z = sample_latents(
+                eps_fn, noise, scheduler, model, conditions, progress=progress, control_scale=control_scale
+            )
         else:
             cond = model.condition_input(conditions)
             z = sample_latents(
-                lambda z, t: model(backbone, z, t, cov, cond), noise, scheduler, progress=progress
+                lambda z, t: model(backbone, z, t, cov, cond, control_scale),
+                noise,
+                scheduler,
+                progress=progress,
             )
         # decode one at a time: the decoder's activations dominate memory at full resolution
         return np.stack(

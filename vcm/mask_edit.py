@@ -56,7 +56,8 @@ def mask_edit_check(
     """Sample each subject's three LV variants from the same noise; measure how the anatomy follows.
 
     Args:
-        cfg: the validated config (``conditions.lv_labels``, ``cohort.sampler`` and ``steps``).
+        cfg: the validated config (``conditions.lv_labels``, ``cohort.sampler``, ``steps`` and
+            ``control_scale``).
         dataset: ``dataset.h5`` (validation subjects, conditions, covariates).
         model_path: the trained ``vcm.pt`` (its condition set must use ``lv``).
         bundle: the backbone bundle it was trained on.
@@ -83,6 +84,7 @@ def mask_edit_check(
     lv_labels = tuple(cfg["conditions"]["lv_labels"])
     steps = int(steps or cfg["cohort"]["steps"])
     sampler = sampler or cfg["cohort"]["sampler"]
+    control_scale = float(cfg["cohort"]["control_scale"])
     with DatasetFile(dataset) as data:
         val = data.split("val")[:n_subjects]
         if val.size == 0:
@@ -105,7 +107,9 @@ def mask_edit_check(
         cond = dict(stored)
         cond["lv"] = np.stack([v[variant] for v in variants])[:, None].astype(stored["lv"].dtype)
         tensors = {n: condition_tensor(n, torch.from_numpy(x), n_sem).to(device) for n, x in cond.items()}
-        images[variant] = sample_images(model, meta["method"], backbone, tensors, cov, noise, sampler, steps)
+        images[variant] = sample_images(
+            model, meta["method"], backbone, tensors, cov, noise, sampler, steps, control_scale=control_scale
+        )
     for k, subject in enumerate(subjects):
         ring = variants[k]["dilated"] & ~variants[k]["original"]
         for variant in VARIANTS:
@@ -125,6 +129,7 @@ def mask_edit_check(
         "subjects": subjects,
         "sampler": sampler,
         "steps": steps,
+        "control_scale": control_scale,
         "rows": rows,
         "summary": summarise(rows),
     }

@@ -51,6 +51,7 @@ class _Run:
     ssim_kernel: int
     ssim_sigma: float
     device: Any
+    control_scale: float = 1.0
 
     def sample(self, sampler: str, steps: int, limit: int | None = None) -> tuple[np.ndarray, float]:
         """Images of the subjects (the first ``limit``) and the wall seconds that sampling and decoding took."""
@@ -74,7 +75,17 @@ class _Run:
             }
             start = time.perf_counter()
             images.append(
-                sample_images(self.model, self.method, self.backbone, cond, cov, noise, sampler, steps)
+                sample_images(
+                    self.model,
+                    self.method,
+                    self.backbone,
+                    cond,
+                    cov,
+                    noise,
+                    sampler,
+                    steps,
+                    control_scale=self.control_scale,
+                )
             )
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -129,6 +140,7 @@ def _load(
         settings.ssim_kernel,
         settings.ssim_sigma,
         device,
+        settings.control_scale,
     )
 
 

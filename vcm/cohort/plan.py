@@ -41,6 +41,8 @@ class CohortSettings:
         shard_size: subjects per shard (one job each).
         sampler: ``ddim`` or ``dpmpp_2m`` (:data:`vcm.diffusion.SAMPLERS`; the schema checks the name).
         steps: sampling steps (network evaluations per sample).
+        control_scale: multiplies the control module's correction at every step (1: as trained;
+            :func:`vcm.models.vcm.modulate`).
         new_anatomy_fraction: probability that a subject gets a deformed (new) anatomy.
         seed: base seed; every subject's randomness derives from ``(seed, index[, attempt])``.
         batch_size: samples per sampling batch (partial batches are padded to this size).
@@ -60,6 +62,7 @@ class CohortSettings:
     shard_size: int
     sampler: str
     steps: int
+    control_scale: float
     new_anatomy_fraction: float
     seed: int
     batch_size: int

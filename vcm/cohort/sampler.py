@@ -68,6 +68,7 @@ class CohortSampler:
         chunk: samples per full-resolution pass (condition encoder, decoder).
         n_semantic: semantic classes (one-hot channels).
         device: where to sample; bf16 autocast on CUDA only.
+        control_scale: multiplies the control at every step (``cohort.control_scale``; 1: as trained).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class CohortSampler:
         chunk: int = 1,
         n_semantic: int = 8,
         device: torch.device | str = "cpu",
+        control_scale: float = 1.0,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval() if model is not None else None
@@ -90,6 +92,7 @@ class CohortSampler:
         self.grid = tuple(int(s) for s in grid)
         self.sampler = sampler
         self.steps = int(steps)
+        self.control_scale = float(control_scale)
         self.batch_size = int(batch_size)
         self.chunk = int(chunk)
         self.n_semantic = n_semantic
@@ -159,10 +162,12 @@ class CohortSampler:
             if self.method == "vcm":
                 # padding rows get zero features: their results are discarded, so they need no encoder pass
                 feats = _Features(self.model, self._pad(self.features(cond)))
-                return sample_latents(eps_fn, noise, scheduler, feats, {}, progress=progress)[:n]
+                return sample_latents(
+                    eps_fn, noise, scheduler, feats, {}, progress=progress, control_scale=self.control_scale
+                )[:n]
             cn_cond = self._pad(self.model.condition_input(cond)).to(self.device)
             return sample_latents(
-                lambda z, t: self.model(self.backbone, z, t, cov, cn_cond),
+                lambda z, t: self.model(self.backbone, z, t, cov, cn_cond, self.control_scale),
                 noise,
                 scheduler,
                 progress=progress,

@@ -150,6 +150,7 @@ def generate_shard(
             settings.decode_chunk,
             data.n_semantic,
             device,
+            settings.control_scale,
         )
         run.seconds["setup"] = time.perf_counter() - start
         if not run.run(sampler, indices, f"shard {int(shard):05d}", progress):

@@ -210,8 +210,11 @@ class Evaluation:
             n: condition_tensor(n, x[sl], n_sem).to(self.device) for n, x in self.data.conditions.items()
         }
         how = (self.settings.sampler, self.settings.steps, tick)
+        scale = self.settings.control_scale
         return {
-            self.method: sample_images(self.model, self.method, self.backbone, conditions, cov, noise, *how),
+            self.method: sample_images(
+                self.model, self.method, self.backbone, conditions, cov, noise, *how, control_scale=scale
+            ),
             UNCONTROLLED: sample_images(None, self.method, self.backbone, conditions, cov, noise, *how),
         }
 

@@ -2,7 +2,7 @@
 
 The schema (``workflow/schemas/config.schema.yaml``) owns the defaults; :meth:`EvalSettings.from_config`
 reads a validated config (:func:`vcm.config.load_config` / :func:`~vcm.config.validate_config`) and resolves
-the keys that defer to other sections (``sampler`` and ``steps`` to ``cohort.sampler`` and ``cohort.steps``,
+the keys that defer to other sections (``sampler``, ``steps`` and ``control_scale`` to the ``cohort``'s,
 ``segmentation`` to ``qc.backend``).
 """
 
@@ -27,6 +27,7 @@ class EvalSettings:
         subjects: evaluate the first N validation subjects (``None``: all of them).
         sampler: ``ddim`` or ``dpmpp_2m`` (default ``cohort.sampler``).
         steps: sampling steps (default ``cohort.steps``).
+        control_scale: multiplies the control at every sampling step (default ``cohort.control_scale``).
         seed: validation subject ``i`` of ``dataset.h5`` starts from the noise of seed ``seed * 1_000_003 + i``
             (the previews' scheme: the same subject gets the same noise in previews and evaluation).
         batch_size: subjects sampled together.
@@ -41,6 +42,7 @@ class EvalSettings:
     subjects: int | None = None
     sampler: str | None = None
     steps: int | None = None
+    control_scale: float | None = None
     seed: int = 0
     batch_size: int = 4
     segmentation: str | None = None
@@ -51,7 +53,7 @@ class EvalSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> EvalSettings:
-        """Read ``cfg["evaluation"]`` of a validated config (and ``cohort.sampler``, ``cohort.steps``,
+        """Read ``cfg["evaluation"]`` of a validated config (and ``cohort.sampler``, ``steps``, ``control_scale``,
         ``qc.backend`` where it defers to them); ``overrides`` that are not ``None`` win.
 
         Raises:
@@ -59,7 +61,7 @@ class EvalSettings:
                 the config's values).
         """
         values = section_values(cfg, "evaluation", [f.name for f in fields(cls)], overrides)
-        for key in ("sampler", "steps"):
+        for key in ("sampler", "steps", "control_scale"):
             if values.get(key) is None:
                 values[key] = cfg["cohort"][key]
         out = cls(**values)

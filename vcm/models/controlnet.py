@@ -93,9 +93,16 @@ class ControlNetControl(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(
-        self, backbone: nn.Module, z_t: torch.Tensor, t: torch.Tensor, cov: torch.Tensor, cond: torch.Tensor
+        self,
+        backbone: nn.Module,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        cov: torch.Tensor,
+        cond: torch.Tensor,
+        scale: float = 1.0,
     ) -> torch.Tensor:
-        """The frozen U-Net's noise prediction with this ControlNet's residuals (grads flow to the ControlNet)."""
+        """The frozen U-Net's noise prediction with this ControlNet's residuals (grads flow to the ControlNet),
+        multiplied by ``scale`` (MONAI's ``conditioning_scale``; ``cohort.control_scale`` when sampling)."""
         b, spatial = z_t.shape[0], z_t.shape[2:]
         cov = cov.to(device=z_t.device, dtype=z_t.dtype).reshape(b, 1, -1)
         cov_map = cov.reshape(b, -1, *([1] * len(spatial))).expand(b, cov.shape[-1], *spatial)
@@ -104,7 +111,9 @@ class ControlNetControl(nn.Module):
         if any(pads):  # pad the conditions by the same latent margin, in image voxels
             cond = F.pad(cond, [p * self.factor for p in pads])
         t = t.long()
-        down, mid = self.controlnet(x, timesteps=t, controlnet_cond=cond.to(x.dtype), context=cov)
+        down, mid = self.controlnet(
+            x, timesteps=t, controlnet_cond=cond.to(x.dtype), conditioning_scale=scale, context=cov
+        )
         eps = unet(
             x,
             timesteps=t,

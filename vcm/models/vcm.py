@@ -65,9 +65,23 @@ __all__ = [
 ConditionGroups = Sequence[Sequence[tuple[str, int]] | Mapping[str, int]]
 
 
-def modulate(eps_t: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """Apply VCM's modulation to the frozen model's noise prediction: ``eps_t * (1 + gamma) + beta``."""
-    return eps_t * (1 + gamma) + beta
+def modulate(
+    eps_t: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Apply VCM's modulation to the frozen model's noise prediction: ``eps_t * (1 + gamma) + beta``.
+
+    Args:
+        eps_t: the frozen model's noise prediction.
+        gamma: VCM's scale, of latent shape.
+        beta: VCM's shift, of latent shape.
+        scale: the control scale ``s`` (``cohort.control_scale``, sampling only): ``eps_t + s * (eps_t * gamma
+            + beta)``, the module's correction of the prior multiplied as classifier-free guidance multiplies
+            the conditional direction, at no extra network evaluation. 1 is the trained modulation (computed by
+            the paper's formula, bit for bit), 0 the frozen model alone.
+    """
+    if scale == 1.0:
+        return eps_t * (1 + gamma) + beta
+    return eps_t + scale * (eps_t * gamma + beta)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:

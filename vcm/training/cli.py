@@ -149,6 +149,7 @@ def _preview_trained(
         lv_labels=cfg["conditions"]["lv_labels"],
         device=device,
         segmenter_path=args.segmenter,
+        control_scale=cfg["cohort"]["control_scale"],
     )
     print(preview_summary(folder, metrics))
 
@@ -192,6 +193,7 @@ def preview_cli(argv: list[str]) -> int:
         lv_labels=cfg["conditions"]["lv_labels"],
         device=device,
         segmenter_path=args.segmenter,
+        control_scale=cfg["cohort"]["control_scale"],
     )
     print(preview_summary(Path(args.out_dir), metrics))
     return 0

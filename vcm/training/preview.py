@@ -158,6 +158,7 @@ def _sample(
     steps: int,
     seed: int,
     progress: bool,
+    control_scale: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
     """The controlled and uncontrolled samples from the same noise, and the decoded posterior mean of the real
     image (what the autoencoder keeps of the real anatomy); also the diffusion latents of the real images."""
@@ -168,7 +169,9 @@ def _sample(
     bar = tqdm(total=2 * steps, desc=f"preview {sampler}", unit="step", disable=not progress)
     tick = lambda i, n: bar.update(1)  # noqa: E731
     images = {
-        name: sample_images(control, method, backbone, val.conditions, val.cov, noise, sampler, steps, tick)
+        name: sample_images(
+            control, method, backbone, val.conditions, val.cov, noise, sampler, steps, tick, control_scale
+        )
         for name, control in (("controlled", model), ("uncontrolled", None))
     }
     bar.close()
@@ -245,6 +248,7 @@ def preview(
     device: torch.device | str = "cpu",
     progress: bool = True,
     segmenter_path: str | Path | None = None,
+    control_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Controlled vs uncontrolled previews of a few validation subjects, from the same noise.
 
@@ -270,6 +274,7 @@ def preview(
         lv_labels: FreeSurfer labels of the LV in the atlas segmentation.
         device: where to sample.
         progress: tqdm bar.
+        control_scale: multiplies the control at every sampling step (``cohort.control_scale``).
 
     Returns:
         the metrics written to ``preview_metrics.json``.
@@ -281,7 +286,7 @@ def preview(
     names = [n for g in meta["condition_groups"] for n, _ in g]
     model = model.to(device).eval()
     val = _read_validation(dataset, names, n_subjects, device)
-    images, z0 = _sample(model, meta["method"], backbone, val, sampler, steps, seed, progress)
+    images, z0 = _sample(model, meta["method"], backbone, val, sampler, steps, seed, progress, control_scale)
     sample_s = time.perf_counter() - start
     errors = noise_error(model, meta["method"], backbone, z0, val.conditions, val.cov, seed=seed)
     dice_method, segment = _lv_segmenter(val, template_dir, segmenter_path)
@@ -297,6 +302,7 @@ def preview(
         "condition_set": meta.get("condition_set"),
         "sampler": sampler,
         "steps": int(steps),
+        "control_scale": float(control_scale),
         "subjects": per_subject,
         "lv_dice_controlled": mean("dice_controlled"),
         "lv_dice_uncontrolled": mean("dice_uncontrolled"),
