@@ -70,6 +70,8 @@ def run(tmp_path_factory) -> dict[str, Path]:
     evaluation = root / "eval" / "lv_n2.csv"
     evaluation.parent.mkdir()
     table.to_csv(evaluation, index=False)
+    settings = {"sampler": "dpmpp_2m", "steps": 15, "control_scale": 2.0}
+    evaluation.with_suffix(".json").write_text(json.dumps({"settings": settings}))
     tstr = root / "eval" / "tstr.csv"
     pd.DataFrame(
         {
@@ -181,6 +183,7 @@ def test_summary_has_every_table_and_links(run):
         "| [loss](models/lv/n2/loss.png) |" in text
     )
     assert "| condition set | # train | method | n | DSC ↑ | HD95 (mm) ↓ |" in text
+    assert "Sampled with dpmpp_2m at 15 steps, control scale 2 (`cohort.control_scale`)." in text
     assert "| lv | 2 | VCM | 2 | 0.850 [0.800, 0.900] |" in text  # mean [bootstrap 95 % interval]
     assert "| lv | 2 | backbone (uncontrolled) | 2 | 0.550 [0.500, 0.600] |" in text
     assert "| lv | 2 | Δ controlled − uncontrolled | 2 | 0.300 [0.300, 0.300] |" in text  # paired

@@ -316,6 +316,20 @@ def _segmenter_section(segmenter_json: str | Path | None, base: Path) -> list[st
     ]
 
 
+def _sampling_note(eval_csvs: Sequence[str | Path]) -> str:
+    """How the evaluation sampled, from the settings its ``<stem>.json`` records beside each table."""
+    notes = []
+    for path in eval_csvs:
+        info = Path(path).with_suffix(".json")
+        if info.is_file():
+            s = json.loads(info.read_text())["settings"]
+            notes.append(
+                f" Sampled with {s['sampler']} at {s['steps']} steps, control scale {s.get('control_scale', 1.0):g}"
+                " (`cohort.control_scale`)."
+            )
+    return "".join(dict.fromkeys(notes))
+
+
 def _evaluation_section(
     eval_csvs: Sequence[str | Path], mask_edits: Sequence[str | Path], base: Path
 ) -> list[str]:
@@ -326,7 +340,9 @@ def _evaluation_section(
         parts.append(
             "Each trained method (`training.methods`) vs the uncontrolled backbone (same noise and covariates), "
             "mean [bootstrap 95 % interval] over the validation subjects; a Δ row is the method's paired "
-            "difference from the backbone (`results/eval/<method>/`).\n\n"
+            "difference from the backbone (`results/eval/<method>/`)."
+            + _sampling_note(eval_csvs)
+            + "\n\n"
             + markdown_table(display_table([pd.read_csv(p) for p in eval_csvs]))
         )
     else:
