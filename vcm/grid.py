@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from vcm.antspy import import_ants
+
 # Centre of the MNI152 2009a brain mask's bounding box in x and y; z raised 5 mm so the skull above
 # the vertex fits in the 160 mm field of view (brain spans z = -72..82 mm).
 MNI_BRAIN_CENTER_MM = (0.0, -17.0, 10.0)
@@ -75,7 +77,8 @@ class Grid:
 
     def reference_image(self):  # -> ants.ANTsImage
         """An empty ANTs image on this grid (the 'fixed' space for resampling)."""
-        import ants
         import nibabel as nib
+
+        ants = import_ants()
 
         return ants.from_nibabel_nifti(nib.Nifti1Image(np.zeros(self.shape, np.float32), self.affine))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vcm.antspy import import_ants
 from vcm.errors import StageError
 
 if TYPE_CHECKING:
@@ -86,10 +87,10 @@ def _synthseg(s: Mapping[str, Any], grid: Any) -> Segmenter:
     """The ``synthseg`` backend with the config's ``segmentation.synthseg`` settings ``s``."""
 
     def synthseg(image: np.ndarray, path: Path) -> np.ndarray:
-        import ants
-
         from vcm.prep.registration import read_ants
         from vcm.prep.segmentation import run_synthseg
+
+        ants = import_ants()
 
         with tempfile.TemporaryDirectory(prefix="vcm_qc_synthseg_", dir=path.parent) as tmp:
             seg_path, _ = run_synthseg(

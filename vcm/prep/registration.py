@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vcm.antspy import import_ants
 from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
@@ -30,8 +31,9 @@ OUTPUTS = ("t1.nii.gz", "registration.json", "registration.png")
 
 def to_ants(data: np.ndarray, affine: np.ndarray):
     """A numpy volume with a RAS affine as an ANTs image (ANTs works in LPS; nibabel converts)."""
-    import ants
     import nibabel as nib
+
+    ants = import_ants()
 
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
     img.header.set_xyzt_units("mm", "sec")
@@ -51,6 +53,7 @@ def seed_ants(seed: int) -> None:
     """Make ANTs reproducible: antspyx ignores a ``random_seed`` argument; its global deterministic mode
     passes ``--random-seed`` to every registration (and runs ITK single-threaded). ANTs treats seed 0 as
     "seed from the clock", so config seed s is passed as s + 1."""
+    import_ants()
     import ants.config
 
     ants.config.set_ants_deterministic(True, int(seed) + 1)
@@ -72,7 +75,7 @@ def affine_determinant(transform_files: list[str]) -> float:
 
     Native volumes follow from grid volumes by this factor.
     """
-    import ants
+    ants = import_ants()
 
     det = 1.0
     for f in transform_files:
@@ -103,7 +106,8 @@ def register(
     measure), and the affine's determinant. A second modality of the same session (``t2_path``, in the T1's
     scanner space) goes onto the grid with the T1's transform as ``t2.nii.gz``.
     """
-    import ants
+    ants = import_ants()
+    from ants.math.image_similarity import image_similarity  # one module of a subpackage import_ants skips
 
     seed_ants(seed)
     out = Path(out_dir)
@@ -140,7 +144,7 @@ def register(
         "seconds": round(time.perf_counter() - start, 2),
         "ncc_with_template": round(correlation(head, data, head > 0.02), 4),
         "mattes_mi": float(
-            ants.image_similarity(tpl_grid, to_ants(data, grid.affine), metric_type="MattesMutualInformation")
+            image_similarity(tpl_grid, to_ants(data, grid.affine), metric_type="MattesMutualInformation")
         ),
         "affine_determinant": affine_determinant(fwd),
         "fwdtransforms": [os.path.relpath(f, out) for f in fwd],
@@ -176,7 +180,7 @@ def transforms_of(reg_dir: str | Path, inverse: bool = False) -> list[str]:
 
 def resample_labels_to_grid(labels_path: str | Path, reg_dir: str | Path, grid: Grid) -> np.ndarray:
     """Carry a native-space label map onto the grid with the subject's forward transforms (nearest label)."""
-    import ants
+    ants = import_ants()
 
     on_grid = ants.apply_transforms(
         fixed=grid.reference_image(),
@@ -192,10 +196,10 @@ def overlay_png(
 ) -> None:
     """3-plane PNG of the registered subject with the template's brain outline in red (``note``: a line
     added to the title, e.g. why the subject was excluded)."""
-    import ants
-
     from vcm.io import load_nifti
     from vcm.plots import three_plane
+
+    ants = import_ants()
 
     data, _ = load_nifti(Path(out_dir) / "t1.nii.gz")
     tpl = ants.apply_transforms(

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vcm.antspy import import_ants
 from vcm.errors import StageError
 from vcm.grid import Grid
 from vcm.io import read_json, save_nifti, write_json
@@ -52,10 +53,10 @@ def segment_atlas(
     t1_grid: str | Path, template_dir: str | Path, grid: Grid, transform: str = "SyN", seed: int = 0
 ) -> np.ndarray:
     """Warp the template labels onto a registered subject (both on ``grid``)."""
-    import ants
-
     from vcm.io import load_nifti
     from vcm.prep.registration import normalise_intensity
+
+    ants = import_ants()
 
     seed_ants(seed)
     reference = grid.reference_image()
