@@ -103,7 +103,9 @@ def test_two_methods_train_evaluate_and_the_cohort_samples_its_method(tmp_path):
 
     t1 = tmp_path / "t1.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(t1))
-    manifest, results = fake_checked_inputs(tmp_path / "run", 30, t1)
+    demo = load_config(REPO / "config" / "config.yaml")
+    size = max(demo["training"]["sizes"])
+    manifest, results = fake_checked_inputs(tmp_path / "run", demo["dataset"]["val_size"] + size, t1)
     both = tmp_path / "both.yaml"
     both.write_text(
         yaml.safe_dump(
@@ -121,4 +123,4 @@ def test_two_methods_train_evaluate_and_the_cohort_samples_its_method(tmp_path):
     cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--configfile", str(both), "--", str(shard)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.count("python -m vcm train-vcm") == 1 and "--method controlnet" in out
-    assert f"--model {results}/models/controlnet/lv_brain_skull/n24/vcm.pt" in out
+    assert f"--model {results}/models/controlnet/lv_brain_skull/n{size}/vcm.pt" in out

@@ -164,7 +164,7 @@ rule tstr:
         condset=r"[A-Za-z0-9_.-]+",
     conda:
         "../envs/torch.yaml"
-    threads: 1
+    threads: 2  # the DAG's last job: alone on the machine in the demo
     resources:
         mem_mb=mem_mb("tstr"),
     params:
