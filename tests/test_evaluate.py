@@ -455,3 +455,18 @@ def test_the_table_lists_every_method_beside_the_backbone_once():
     assert list(shown["s / training step"][:3]) == ["–", "0.36", "0.9"]
     assert shown["DSC ↑"][0].startswith("0.550") and shown["DSC ↑"][2].startswith("0.700")
     assert shown["DSC ↑"][4].startswith("0.150")  # ControlNet − backbone, paired
+
+
+@pytest.mark.parametrize(
+    ("extra", "networks"), [({}, None), ({"repeats": [4], "dice_seed_sd": [0.0123]}, "4 (0.012)")]
+)
+def test_tstr_display_names_the_networks_averaged(extra, networks):
+    from vcm.evaluation.tables import tstr_display
+
+    row = {"train_data": ["real"], "source": ["train_4"], "n_train": [4], "labels": ["lv"], "steps": [300]}
+    shown = tstr_display(
+        pd.DataFrame({**row, "dice_mean": [0.8], "dice_ci_low": [0.7], "dice_ci_high": [0.9], **extra})
+    )
+    assert shown["Dice on real val ↑ [95% CI]"].tolist() == ["0.800 [0.700, 0.900]"]
+    column = "networks (sd of their Dice)"
+    assert (shown[column].tolist() == [networks]) if networks else column not in shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -72,6 +73,26 @@ def test_same_seed_same_result(tmp_path, files, tcfg):
     a = run_tstr(tcfg, files["dataset"], files["cohort"], tmp_path / "a.csv", settings, progress=False)
     b = run_tstr(tcfg, files["dataset"], files["cohort"], tmp_path / "b.csv", settings, progress=False)
     pd.testing.assert_series_equal(a["dice_mean"], b["dice_mean"])
+
+
+def test_repeats_average_each_subjects_dice_over_the_seeds_networks(tmp_path, files, tcfg):
+    """tstr.repeats = 2 scores each subject with the mean of the networks of seeds 0 and 1, each trained as a
+    single run of that seed would be."""
+    fast = {**FAST, "steps": 6, "qc_ignored_arm": False}
+    paths = {name: tmp_path / f"{name}.csv" for name in ("both", "seed0", "seed1")}
+    both = TstrSettings.from_config(tcfg, **fast, repeats=2)
+    table = run_tstr(tcfg, files["dataset"], files["cohort"], paths["both"], both, progress=False)
+    for seed in (0, 1):
+        single = TstrSettings.from_config(tcfg, **fast, seed=seed)
+        run_tstr(tcfg, files["dataset"], files["cohort"], paths[f"seed{seed}"], single, progress=False)
+    info = {name: json.loads(p.with_suffix(".json").read_text())["results"] for name, p in paths.items()}
+    for arm in ("synthetic", "real", "real+synthetic"):
+        seeds = [np.asarray(info[f"seed{s}"][arm]["dice"]) for s in (0, 1)]
+        np.testing.assert_allclose(info["both"][arm]["dice"], (seeds[0] + seeds[1]) / 2, rtol=1e-6)
+        assert [r["seed"] for r in info["both"][arm]["repeats"]] == [0, 1]
+        assert info["both"][arm]["repeats"][1]["dice_mean"] == pytest.approx(seeds[1].mean())
+    assert list(table["repeats"]) == [2, 2, 2] and (table["dice_seed_sd"] >= 0).all()
+    assert "repeats" not in pd.read_csv(paths["seed0"]).columns  # one network: the table as before
 
 
 def test_semantic_classes_and_minutes_cap(tmp_path, files, tcfg):

@@ -13,7 +13,9 @@ and budget (``tstr.steps``, optionally ``tstr.minutes``; the loop of :mod:`vcm.s
   to use);
 
 and each is scored with MONAI's :class:`~monai.metrics.DiceMetric` against the real validation subjects'
-labels (``/splits/val``). Targets (``tstr.labels``): ``lv`` (the lateral-ventricle mask, the paper's
+labels (``/splits/val``). With ``tstr.repeats = R`` each arm trains R networks (seeds ``seed`` … ``seed + R −
+1``) and a subject's Dice is their mean: one 300-step network's Dice moves by ~0.01–0.03 with its seed, as much
+as the differences between arms (docs/benchmarks.md, session 21). Targets (``tstr.labels``): ``lv`` (the lateral-ventricle mask, the paper's
 condition) or ``semantics`` (the 8 classes of appendix A.3; Dice is the mean over the foreground classes).
 
 Outputs (``--out results/eval/tstr/<set>.csv``): one row per training source with the mean, sample sd and a
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +73,9 @@ class TstrSettings:
         qc_ignored_arm: with ``passed_only``, also train on every synthetic subject (``synthetic_all``).
         flip: random left-right flip augmentation, and test-time mirroring.
         augment: blur, contrast, bias and noise augmentation, the same for every arm.
-        seed: network initialisation and batch order.
+        seed: network initialisation and batch order (of the first network of each arm).
         num_workers: DataLoader workers (0: in the main process).
+        repeats: networks per arm, seeds ``seed`` … ``seed + repeats - 1``; a subject's Dice is their mean.
     """
 
     steps: int = 300
@@ -90,6 +93,7 @@ class TstrSettings:
     augment: bool = False
     seed: int = 0
     num_workers: int = 0
+    repeats: int = 1
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> TstrSettings:
@@ -165,9 +169,8 @@ def run_tstr(
             details[name] = {"n_train": 0, "n_total": synthetic.n_total}
             logger.warning("TSTR %s: no training subjects (no synthetic subject passed QC)", name)
             continue
-        augment.set_random_state(settings.seed)  # every arm sees the same flips
         source = _source(name, cohort, settings)
-        row, details[name] = _train_arm(name, source, ds, val, settings, n_fg, device, progress)
+        row, details[name] = _train_arm(name, source, ds, augment, val, settings, n_fg, device, progress)
         rows.append(row)
         if name.startswith("synthetic"):
             details[name]["n_total"] = synthetic.n_total
@@ -193,41 +196,68 @@ def _train_arm(
     name: str,
     source: str,
     ds: Any,
+    augment: Any,
     val: RealDataset,
     settings: TstrSettings,
     n_fg: int,
     device: torch.device | str,
     progress: bool,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train one arm's network on ``ds`` and score it on ``val``: its table row and the details for the JSON
-    (training info, per-subject and per-class Dice)."""
-    net, info = train_network(ds, settings, n_fg, device, desc=f"tstr {name}", progress=progress)
-    scores = evaluate_dice(net, val, n_fg, device, mirror=settings.flip)
-    dice = np.asarray(scores["dice"])
+    """Train one arm's ``settings.repeats`` networks on ``ds`` and score them on ``val``: its table row and the
+    details for the JSON (training info, per-subject and per-class Dice, averaged over the networks)."""
+    runs = []
+    for seed in range(settings.seed, settings.seed + settings.repeats):
+        augment.set_random_state(seed)  # every arm sees the same flips
+        run = replace(settings, seed=seed)
+        desc = f"tstr {name}" if settings.repeats == 1 else f"tstr {name} seed {seed}"
+        net, info = train_network(ds, run, n_fg, device, desc=desc, progress=progress)
+        runs.append({**info, **evaluate_dice(net, val, n_fg, device, mirror=settings.flip)})
+    dice = np.mean([r["dice"] for r in runs], axis=0)
     low, high = bootstrap_ci(dice, seed=settings.seed)
     row = {
         "train_data": name,
         "source": source,
         "n_train": len(ds),
         "labels": settings.labels,
-        "steps": info["steps"],
-        "seconds": info["seconds"],
-        "final_loss": info["final_loss"],
+        "steps": runs[0]["steps"],
+        "seconds": round(sum(r["seconds"] for r in runs), 2),
+        "final_loss": float(np.mean([r["final_loss"] for r in runs])),
         "n_val": len(val),
         "dice_mean": float(dice.mean()),
         "dice_sd": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
         "dice_ci_low": low,
         "dice_ci_high": high,
     }
+    details = {key: row[key] for key in ("steps", "seconds", "final_loss")}
+    details.update(
+        subjects=runs[0]["subjects"],
+        dice=[float(d) for d in dice],
+        per_class=np.mean([r["per_class"] for r in runs], axis=0).tolist(),
+        n_train=len(ds),
+    )
+    if settings.repeats > 1:
+        means = [float(np.mean(r["dice"])) for r in runs]
+        row["repeats"], row["dice_seed_sd"] = settings.repeats, float(np.std(means, ddof=1))
+        details["repeats"] = [
+            {
+                "seed": settings.seed + i,
+                "dice_mean": m,
+                "final_loss": r["final_loss"],
+                "seconds": r["seconds"],
+            }
+            for i, (m, r) in enumerate(zip(means, runs, strict=True))
+        ]
     logger.info(
-        "TSTR %s: Dice %.3f [%.3f, %.3f] on %d real validation subjects",
+        "TSTR %s: Dice %.3f [%.3f, %.3f] on %d real validation subjects (%d network%s)",
         name,
         dice.mean(),
         low,
         high,
         len(val),
+        settings.repeats,
+        "s" if settings.repeats > 1 else "",
     )
-    return row, {**info, **scores, "n_train": len(ds)}
+    return row, details
 
 
 def _source(arm: str, cohort: str | Path, settings: TstrSettings) -> str:
@@ -248,10 +278,17 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override tstr.steps")
     parser.add_argument("--minutes", type=float, default=None, help="override tstr.minutes")
     parser.add_argument("--labels", choices=("lv", "semantics"), default=None, help="override tstr.labels")
+    parser.add_argument("--repeats", type=int, default=None, help="override tstr.repeats (networks per arm)")
     args = parser.parse_args(argv)
     device = configure_runtime(args)
     cfg = load_config(args.config)
-    settings = TstrSettings.from_config(cfg, steps=args.steps, minutes=args.minutes, labels=args.labels)
+    settings = TstrSettings.from_config(
+        cfg, steps=args.steps, minutes=args.minutes, labels=args.labels, repeats=args.repeats
+    )
+    if settings.repeats < 1:
+        raise StageError(
+            f"--repeats / config key 'tstr.repeats': expected at least 1, got {settings.repeats}"
+        )
     table = run_tstr(cfg, args.dataset, args.cohort, args.out, settings, device)
     for r in table.to_dict("records"):
         if not r["n_train"]:

@@ -213,7 +213,7 @@ def tstr_display(tstr: pd.DataFrame) -> pd.DataFrame:
     """The TSTR table for people: where the network was trained, on how many subjects, its real-val Dice."""
     if tstr.empty:
         return tstr
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "trained on": tstr["train_data"],
             "source": tstr["source"],
@@ -231,6 +231,18 @@ def tstr_display(tstr: pd.DataFrame) -> pd.DataFrame:
             ],
         }
     )
+    if "repeats" in tstr:  # tstr.repeats > 1: each subject's Dice is the mean of that many networks
+        out.insert(
+            5,
+            "networks (sd of their Dice)",
+            [
+                "1" if pd.isna(r) else f"{int(r)} ({sd:.3f})"
+                for r, sd in zip(
+                    tstr["repeats"], tstr.get("dice_seed_sd", tstr["repeats"] * np.nan), strict=True
+                )
+            ],
+        )
+    return out
 
 
 def write_tables(
