@@ -15,8 +15,9 @@ and budget (``tstr.steps``, optionally ``tstr.minutes``; the loop of :mod:`vcm.s
 and each is scored with MONAI's :class:`~monai.metrics.DiceMetric` against the real validation subjects'
 labels (``/splits/val``). With ``tstr.repeats = R`` each arm trains R networks (seeds ``seed`` … ``seed + R −
 1``) and a subject's Dice is their mean: one 300-step network's Dice moves by ~0.01–0.03 with its seed, as much
-as the differences between arms (docs/benchmarks.md, session 21). Targets (``tstr.labels``): ``lv`` (the lateral-ventricle mask, the paper's
-condition) or ``semantics`` (the 8 classes of appendix A.3; Dice is the mean over the foreground classes).
+as the differences between arms (docs/benchmarks.md, session 21). Targets (``tstr.labels``): ``lv`` (the
+lateral-ventricle mask, the paper's condition) or ``semantics`` (the 8 classes of appendix A.3; Dice is the
+mean over the foreground classes).
 
 Outputs (``--out results/eval/tstr/<set>.csv``): one row per training source with the mean, sample sd and a
 bootstrap 95 % interval of the validation Dice, and ``<stem>.json`` with per-subject and per-class Dice,
