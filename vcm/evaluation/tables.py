@@ -237,9 +237,7 @@ def tstr_display(tstr: pd.DataFrame) -> pd.DataFrame:
             "networks (sd of their Dice)",
             [
                 "1" if pd.isna(r) else f"{int(r)} ({sd:.3f})"
-                for r, sd in zip(
-                    tstr["repeats"], tstr.get("dice_seed_sd", tstr["repeats"] * np.nan), strict=True
-                )
+                for r, sd in zip(tstr["repeats"], tstr["dice_seed_sd"], strict=True)  # written together
             ],
         )
     return out
