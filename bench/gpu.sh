@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-results/benchmarks/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import monai, nibabel, jsonschema" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import monai, nibabel, jsonschema, diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vcm_site .whl/*.whl
   export PYTHONPATH=/tmp/vcm_site
 fi
