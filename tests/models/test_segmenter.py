@@ -146,6 +146,41 @@ def test_autoencoder_ceiling_scores_real_and_reconstructed_images(tmp_path, real
     assert 0 <= r["reconstruction"]["mean"] < r["real"]["mean"]  # a random autoencoder loses the anatomy
 
 
+def test_bench_labels_counts_images_at_the_qc_threshold_and_pairs_a_second_bundle(
+    tmp_path, real, cfg, capsys
+):
+    import argparse
+    import json
+
+    from tests.fixtures import make_bundle
+    from vcm.bench import labels
+
+    cfg["training"]["sizes"] = [2, 4]
+    seg = tmp_path / "segmenter.pt"
+    train_segmenter(cfg, real, seg, SegmenterSettings(**FAST), progress=False)
+    bundle, other = make_bundle(tmp_path / "a"), make_bundle(tmp_path / "b", seed=1)
+    args = argparse.Namespace(
+        dataset=real,
+        bundle=bundle,
+        segmenter=seg,
+        atlas_subjects=0,
+        dice_min=0.5,
+        against=other,
+        out=tmp_path / "r.json",
+    )
+    labels.run(args)
+    r = json.loads(args.out.read_text())
+    for key in ("real", "reconstruction"):
+        assert r[key]["reaching"] == sum(v >= 0.5 for v in r[key]["values"]) and r[key]["dice_min"] == 0.5
+    theirs, ours = r["against"]["reconstruction"]["values"], r["reconstruction"]["values"]
+    assert r["against"]["paired_difference"][0] == pytest.approx(sum(theirs) / 2 - sum(ours) / 2)
+    out = capsys.readouterr().out
+    assert f"{r['real']['reaching']} of 2 at >= 0.5" in out and "paired difference" in out
+    args.against = bundle  # the same bundle: no difference
+    labels.run(args)
+    assert json.loads(args.out.read_text())["against"]["paired_difference"] == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("augment", [True, False])
 def test_appearance_augmentation_changes_images_never_labels(augment):
     from vcm.segtrain import transforms
