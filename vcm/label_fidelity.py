@@ -47,21 +47,28 @@ def autoencoder_ceiling(
     n: int | None = None,
     lv_labels: tuple[int, ...] = LATERAL_VENTRICLES,
 ) -> dict[str, Any]:
-    """QC-segmenter LV Dice of the real images and of their autoencoder reconstructions (validation split)."""
+    """QC-segmenter LV Dice of the real images and of their autoencoder reconstructions (validation split).
+
+    Each summary also lists ``volume_ratios``: the segmented LV volume over the true one, per image (what QC's
+    check of a design's LV target measures against the target).
+    """
     from vcm.models.backbone import load_bundle
     from vcm.models.segmenter import load_segmenter
 
     _, subjects, images, labels, affine = _validation(dataset, n)
     backbone = load_bundle(bundle)
     seg = load_segmenter(segmenter, affine)
-    real, recon = [], []
+    dice: dict[str, list[float]] = {"real": [], "reconstruction": []}
+    ratios: dict[str, list[float]] = {"real": [], "reconstruction": []}
     for image, label in zip(images, labels, strict=True):
         truth = mask_of(label, lv_labels)
         mu, _ = backbone.encode(torch.from_numpy(image)[None, None])
         rec = backbone.decode(mu * backbone.scale_factor)[0, 0].float().numpy()
-        real.append(mask_dice(mask_of(seg(image), lv_labels), truth))
-        recon.append(mask_dice(mask_of(seg(rec), lv_labels), truth))
-    return {"subjects": subjects, "real": _summary(real), "reconstruction": _summary(recon)}
+        for key, img in (("real", image), ("reconstruction", rec)):
+            found = mask_of(seg(img), lv_labels)
+            dice[key].append(mask_dice(found, truth))
+            ratios[key].append(float(found.sum() / max(int(truth.sum()), 1)))
+    return {"subjects": subjects} | {k: _summary(dice[k]) | {"volume_ratios": ratios[k]} for k in dice}
 
 
 def atlas_dice(

@@ -165,17 +165,25 @@ def test_bench_labels_counts_images_at_the_qc_threshold_and_pairs_a_second_bundl
         segmenter=seg,
         atlas_subjects=0,
         dice_min=0.5,
+        volume_tolerance=0.15,
         against=other,
         out=tmp_path / "r.json",
     )
     labels.run(args)
     r = json.loads(args.out.read_text())
     for key in ("real", "reconstruction"):
-        assert r[key]["reaching"] == sum(v >= 0.5 for v in r[key]["values"]) and r[key]["dice_min"] == 0.5
+        dice, ratios = r[key]["values"], r[key]["volume_ratios"]
+        assert r[key]["reaching"] == sum(v >= 0.5 for v in dice) and r[key]["dice_min"] == 0.5
+        assert len(ratios) == 2 and all(v >= 0 for v in ratios)
+        assert r[key]["volume_within"] == sum(abs(v - 1) <= 0.15 for v in ratios)
+        assert r[key]["both"] == sum(
+            d >= 0.5 and abs(v - 1) <= 0.15 for d, v in zip(dice, ratios, strict=True)
+        )
     theirs, ours = r["against"]["reconstruction"]["values"], r["reconstruction"]["values"]
     assert r["against"]["paired_difference"][0] == pytest.approx(sum(theirs) / 2 - sum(ours) / 2)
     out = capsys.readouterr().out
-    assert f"{r['real']['reaching']} of 2 at >= 0.5" in out and "paired difference" in out
+    assert f"{r['real']['reaching']} of 2 at >= 0.5, {r['real']['volume_within']} with the LV volume" in out
+    assert "paired difference" in out
     args.against = bundle  # the same bundle: no difference
     labels.run(args)
     assert json.loads(args.out.read_text())["against"]["paired_difference"] == [0.0, 0.0, 0.0]

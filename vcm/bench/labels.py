@@ -36,16 +36,38 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     lab.add_argument("--dice-min", type=float, default=0.7, help="QC's LV Dice threshold (qc.dice_min)")
     lab.add_argument(
+        "--volume-tolerance",
+        type=float,
+        default=0.15,
+        help="QC's LV-volume tolerance (qc.target_tolerance), here against the true volume",
+    )
+    lab.add_argument(
         "--against", type=Path, default=None, help="a second bundle, paired on the same subjects"
     )
     lab.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_labels.json")
     return lab
 
 
-def reaching(summary: dict, dice_min: float) -> dict:
-    """``summary`` (a :mod:`vcm.label_fidelity` summary) with how many of its images reach ``dice_min``."""
-    values = np.asarray(summary["values"], dtype=float)
-    return {**summary, "dice_min": dice_min, "reaching": int((values >= dice_min).sum())}
+def reaching(summary: dict, dice_min: float, tolerance: float) -> dict:
+    """``summary`` (a :mod:`vcm.label_fidelity` summary) with how many of its images reach ``dice_min``, how many
+    have a segmented LV volume within ``tolerance`` of the true one, and how many pass both."""
+    dice = np.asarray(summary["values"], dtype=float) >= dice_min
+    volume = np.abs(np.asarray(summary["volume_ratios"], dtype=float) - 1) <= tolerance
+    return {
+        **summary,
+        "dice_min": dice_min,
+        "volume_tolerance": tolerance,
+        "reaching": int(dice.sum()),
+        "volume_within": int(volume.sum()),
+        "both": int((dice & volume).sum()),
+    }
+
+
+def _counts(v: dict) -> str:
+    return (
+        f"{v['reaching']} of {v['n']} at >= {v['dice_min']:g}, {v['volume_within']} with the LV volume within "
+        f"{v['volume_tolerance']:.0%} of the truth, {v['both']} both"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -55,10 +77,12 @@ def run(args: argparse.Namespace) -> None:
 
     r = autoencoder_ceiling(args.dataset, args.bundle, args.segmenter)
     for key in ("real", "reconstruction"):
-        r[key] = reaching(r[key], args.dice_min)
+        r[key] = reaching(r[key], args.dice_min, args.volume_tolerance)
     if args.against is not None:
         other = reaching(
-            autoencoder_ceiling(args.dataset, args.against, args.segmenter)["reconstruction"], args.dice_min
+            autoencoder_ceiling(args.dataset, args.against, args.segmenter)["reconstruction"],
+            args.dice_min,
+            args.volume_tolerance,
         )
         mean, low, high = paired_difference(other["values"], r["reconstruction"]["values"])
         r["against"] = {
@@ -77,13 +101,13 @@ def run(args: argparse.Namespace) -> None:
             v = r[key]
             print(
                 f"LV Dice, {name}: {v['mean']:.3f} [95% CI {v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], n = {v['n']}"
-                + (f"; {v['reaching']} of {v['n']} at >= {v['dice_min']:g}" if "reaching" in v else "")
+                + (f"; {_counts(v)}" if "reaching" in v else "")
             )
     if "against" in r:
         v, (mean, low, high) = r["against"]["reconstruction"], r["against"]["paired_difference"]
         print(
             f"LV Dice, reconstructions through {args.against}: {v['mean']:.3f} [95% CI {v['ci95'][0]:.3f}, "
-            f"{v['ci95'][1]:.3f}]; {v['reaching']} of {v['n']} at >= {v['dice_min']:g}; "
+            f"{v['ci95'][1]:.3f}]; {_counts(v)}; "
             f"paired difference {mean:+.3f} [{low:+.3f}, {high:+.3f}]"
         )
     write_result(args.out, r)
