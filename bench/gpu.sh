@@ -3,7 +3,8 @@
 #   bash bench/gpu.sh [OUT_DIR]                on a CUDA machine (results/benchmarks/gpu by default)
 #   SMOKE=1 bash bench/gpu.sh /tmp/gpu-smoke   on a CPU: the same commands on a 32x48x32 grid, 1-2 steps
 # Missing packages install from the wheels in .whl/ (made by bench/wheels.sh for the GPU machine's Python 3.12).
-# Writes: env.json, sample_b1.json, sample_b16.json, train.json, train_checkpointing.json, log.txt.
+# Writes: env.json, sample_b1.json, sample_b16.json, profile_sample_b16.txt, train.json, train_checkpointing.json,
+# log.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/benchmarks/gpu}
@@ -35,7 +36,8 @@ print(info)
 PYEOF
 # sampling: batch 1 (the memory goal) and the production batch (throughput), DDIM-200 extrapolated
 "$PY" -m vcm.bench sample "${scale[@]}" --volumes 1 --steps "$sample_steps" --out "$OUT/sample_b1.json"
-"$PY" -m vcm.bench sample "${scale[@]}" --volumes "$big" --steps "$sample_steps" --out "$OUT/sample_b$big.json"
+"$PY" -m vcm.bench sample "${scale[@]}" --volumes "$big" --steps "$sample_steps" --out "$OUT/sample_b$big.json" \
+  --profile "$OUT/profile_sample_b$big.txt"  # where a production step's time goes: backbone, vcm, scheduler
 # training: batch 2 and 16 (bf16 on CUDA), without and with activation checkpointing of the encoders
 "$PY" -m vcm.bench train "${scale[@]}" --batch-sizes "2,$big" --steps "$train_steps" --out "$OUT/train.json"
 "$PY" -m vcm.bench train "${scale[@]}" --batch-sizes "2,$big" --steps "$train_steps" --checkpointing \

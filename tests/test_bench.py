@@ -93,6 +93,7 @@ def test_gpu_script_smoke_on_cpu_writes_every_result(tmp_path):
         "log.txt",
         "sample_b1.json",
         "sample_b2.json",
+        "profile_sample_b2.txt",
         "train.json",
         "train_checkpointing.json",
     }
@@ -101,6 +102,10 @@ def test_gpu_script_smoke_on_cpu_writes_every_result(tmp_path):
     assert train["activation_checkpointing"] and [b["batch_size"] for b in train["batches"]] == [2, 2]
     sample = json.loads((tmp_path / "sample_b1.json").read_text())
     assert sample["within_tolerance"] and sample["vcm_parameters_M"] > 40
+    parts = json.loads((tmp_path / "sample_b2.json").read_text())["profile"]
+    assert set(parts) == {"backbone", "vcm", "scheduler"} and parts["backbone"] > parts["scheduler"] > 0
+    table = (tmp_path / "profile_sample_b2.txt").read_text()
+    assert table.startswith("one production run: 2 volumes x 2 steps on cpu") and "aten::" in table
 
 
 def test_bench_command_line_lists_every_benchmark(capsys):

@@ -281,16 +281,21 @@ def sample_latents(
     features = vcm.encode(conditions, keep) if (vcm is not None and cache_features) else None
     z = noise
     total = len(scheduler.timesteps)
+    # the labels name each part of a step in a torch.profiler trace (`vcm.bench sample --profile`)
+    record = torch.profiler.record_function
     for i, t in enumerate(scheduler.timesteps):
         t_batch = torch.full((z.shape[0],), int(t), dtype=torch.long, device=z.device)
-        eps_t = eps_fn(z, t_batch)
+        with record("backbone"):
+            eps_t = eps_fn(z, t_batch)
         if vcm is not None:
-            if cache_features:
-                gamma, beta = vcm.forward_from_features(z, eps_t, t_batch, features)
-            else:
-                gamma, beta = vcm(z, eps_t, t_batch, conditions, keep)
-            eps_t = modulate(eps_t, gamma, beta, control_scale)
-        z = _step(scheduler, eps_t, t, z, eta, generator)
+            with record("vcm"):
+                if cache_features:
+                    gamma, beta = vcm.forward_from_features(z, eps_t, t_batch, features)
+                else:
+                    gamma, beta = vcm(z, eps_t, t_batch, conditions, keep)
+                eps_t = modulate(eps_t, gamma, beta, control_scale)
+        with record("scheduler"):
+            z = _step(scheduler, eps_t, t, z, eta, generator)
         if progress is not None:
             progress(i + 1, total)
     return z

@@ -36,13 +36,15 @@ def bench_sample(
     scale: str = "demo",
     grid: tuple[int, ...] | None = None,
     repeats: int = 1,
+    profile: Path | None = None,
 ) -> dict:
     """Time the naive, production and backbone-only samplers on the same inputs (see the module docstring).
 
     ``scale="brainldm"`` ignores ``dataset`` and ``bundle`` (random BrainLDM networks, blob conditions);
     ``grid`` overrides the scale's image grid (a smoke run of the BrainLDM networks on a small grid).
     ``repeats`` alternates the production and floor runs that many times and keeps each one's median run
-    (the naive loop, ~10x slower, runs once).
+    (the naive loop, ~10x slower, runs once). ``profile`` writes a torch.profiler table of one more
+    production run there (:func:`profile_run`).
 
     Returns:
         per sampler: wall and CPU seconds per volume (measured at ``steps`` and extrapolated to
@@ -100,7 +102,36 @@ def bench_sample(
         "notes": notes,
     }
     out.update(_figures(results, steps, volumes, extrapolate_to, dev))
+    if profile is not None:
+        out["profile"] = profile_run(production, conds, cov, seeds, dev, Path(profile))
     return out
+
+
+def profile_run(
+    sampler: Any, conds: Any, cov: Any, seeds: list[int], dev: Any, path: Path
+) -> dict[str, float]:
+    """One run of ``sampler`` under torch.profiler: writes the operators and the step's parts (``backbone``,
+    ``vcm``, ``scheduler``, the labels of :func:`vcm.diffusion.sample_latents`) by their own time on the device
+    (the CPU's on a CPU) as a text table to ``path``; returns the parts' total milliseconds."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        sampler.sample(conds, cov, seeds)
+        synchronizer(dev)()
+    events = prof.key_averages()
+    key = "device_time_total" if cuda else "cpu_time_total"
+    parts = {
+        e.key: round(getattr(e, key) / 1e3, 3) for e in events if e.key in ("backbone", "vcm", "scheduler")
+    }
+    table = events.table(sort_by=f"self_{key}", row_limit=30)
+    head = f"one production run: {len(seeds)} volumes x {sampler.steps} steps on {dev} (torch {torch.__version__})"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{head}\nparts, ms ({key}): {parts}\n{table}\n")
+    print(f"profile: {path} (parts, ms: {parts})")
+    return parts
 
 
 def _networks(scale: str, bundle: Path | None, model: Path | None, condset: str, widths: str, dev) -> tuple:
@@ -370,6 +401,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     smp.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks" / "bench_sample.json")
     smp.add_argument("--scale", choices=sorted(SCALES), default="demo", help="demo grid or BrainLDM's")
     smp.add_argument("--grid", type=ints, default=None, help="override the scale's grid, e.g. 32,48,32")
+    smp.add_argument(
+        "--profile", type=Path, default=None, help="a torch.profiler table of one production run"
+    )
     return smp
 
 
