@@ -28,7 +28,16 @@ from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.labels import brain_mask, mask_of, semantic_map
 
-__all__ = ["DatasetSource", "SubjectPlan", "plan_subject", "ranges_path", "smooth_displacement", "warp"]
+__all__ = [
+    "DatasetSource",
+    "SubjectPlan",
+    "plan_subject",
+    "ranges_path",
+    "smooth_displacement",
+    "warp",
+    "warp_conditions",
+    "warped_covariates",
+]
 
 
 # --- the real subjects -------------------------------------------------------------------------------------
@@ -127,7 +136,7 @@ def warp(volume: np.ndarray, displacement: np.ndarray, order: int) -> np.ndarray
     return out.astype(volume.dtype, copy=False)
 
 
-def _warp_conditions(
+def warp_conditions(
     conds: Mapping[str, np.ndarray], warped: np.ndarray, disp: np.ndarray, lv_labels: Sequence[int]
 ) -> dict[str, np.ndarray]:
     """The conditions of the warped label map: masks re-derived from it, other maps warped alike."""
@@ -146,7 +155,7 @@ def _warp_conditions(
     return out
 
 
-def _warped_covariates(
+def warped_covariates(
     raw: np.ndarray, label: np.ndarray, warped: np.ndarray, data: DatasetSource
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scaled and raw covariates of a new anatomy: LV and brain volumes scaled by the voxel counts."""
@@ -223,8 +232,8 @@ def plan_subject(
             label.shape, data.spacing, settings.deform_max_mm, settings.deform_smoothness_mm, rng
         )
         warped = warp(label, disp, 0)
-        conds = _warp_conditions(conds, warped, disp, data.lv_labels)
-        cov, raw = _warped_covariates(raw, label, warped, data)
+        conds = warp_conditions(conds, warped, disp, data.lv_labels)
+        cov, raw = warped_covariates(raw, label, warped, data)
         label = warped
     plan = SubjectPlan(index, src, data.subjects[src], new, label, conds, cov, raw)
     if design is not None and design.any:
@@ -253,10 +262,10 @@ def _steer(plan: SubjectPlan, design: Design, seed: int, data: DatasetSource) ->
         steered = steer_label(
             plan.label, data.lv_labels, data.spacing, wanted.get("lv_volume"), wanted.get("brain_volume")
         )
-        plan.conditions = _warp_conditions(
+        plan.conditions = warp_conditions(
             plan.conditions, steered.label, steered.displacement, data.lv_labels
         )
-        _, raw = _warped_covariates(raw, plan.label, steered.label, data)
+        _, raw = warped_covariates(raw, plan.label, steered.label, data)
         plan.label = steered.label
     raw = raw.copy()
     raw[0], raw[1] = targets["sex"], targets["age"]

@@ -88,7 +88,31 @@ class TrainData:
             self.affine = data.affine if data.has_affine else None
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.subjects)
+
+    def extend(
+        self,
+        subjects: Sequence[str],
+        conditions: Mapping[str, np.ndarray],
+        covariates: np.ndarray,
+        mu: np.ndarray,
+        sigma: np.ndarray,
+    ) -> None:
+        """Append subjects that are not rows of ``dataset.h5`` (:mod:`~vcm.training.anatomy_augmentation`):
+        conditions (N, C, *grid) in the stored dtypes, scaled covariates (N, 4) and their posteriors as
+        :func:`~vcm.latents.encode_dataset` returns them (N, 2, C, *latent grid)."""
+        if set(conditions) != set(self.cond):
+            raise StageError(
+                f"extra subjects need the conditions {sorted(self.cond)}, got {sorted(conditions)}"
+            )
+        self.subjects = [*self.subjects, *subjects]
+        for n, x in conditions.items():
+            self.cond[n] = torch.cat(
+                [self.cond[n], torch.from_numpy(np.asarray(x, self.cond[n].numpy().dtype))]
+            )
+        self.cov = torch.cat([self.cov, torch.from_numpy(np.asarray(covariates, np.float32))])
+        self.mu = torch.cat([self.mu, torch.from_numpy(np.asarray(mu, np.float32))])
+        self.sigma = torch.cat([self.sigma, torch.from_numpy(np.asarray(sigma, np.float32))])
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -136,6 +136,30 @@ def _prior_bank(
     )
 
 
+def _augment_anatomy(
+    cfg: Mapping[str, Any],
+    settings: Settings,
+    dataset: str | Path,
+    data: TrainData,
+    backbone: nn.Module,
+    device: torch.device,
+    rank: int,
+) -> None:
+    """Add ``training.anatomy_augmentation``'s ventricle-pushed copies of the split to ``data``, encoded by the
+    frozen autoencoder (:mod:`~vcm.training.anatomy_augmentation`); nothing when ``copies`` is 0."""
+    from vcm.latents import encode_dataset
+    from vcm.training.anatomy_augmentation import AnatomyAugmentation, augment_subjects
+
+    augmentation = AnatomyAugmentation.from_config(settings.anatomy_augmentation)
+    if augmentation.copies == 0:
+        return
+    extra = augment_subjects(
+        dataset, data.index, list(data.cond), cfg, augmentation, settings.seed, progress=rank == 0
+    )
+    mu, sigma = encode_dataset(backbone, extra.images, device=device, progress=False)
+    data.extend(extra.subjects, extra.conditions, extra.covariates, mu, sigma)
+
+
 def set_up(
     cfg: Mapping[str, Any],
     inputs: tuple[str | Path, str | Path, str | Path],
@@ -158,6 +182,7 @@ def set_up(
             f"training.batch_size {settings.batch_size} is not divisible by the {world} processes"
         )
     groups, data, backbone, bundle_sha = _load_inputs(cfg, *inputs, condset, size, device)
+    _augment_anatomy(cfg, settings, inputs[0], data, backbone, device, rank)
     torch.manual_seed(settings.seed)
     overrides_model = settings.vcm if settings.method == "vcm" else settings.controlnet
     model = place(build_model(settings.method, groups, backbone, overrides_model), device)

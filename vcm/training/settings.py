@@ -70,6 +70,9 @@ class Settings:
         ema_decay: when set, ``vcm.pt`` holds an exponential moving average of the weights with this decay
             (:mod:`~vcm.training.ema`; lower during the first steps) instead of the last step's (``None``: the
             last step's, the paper); the checkpoints keep both.
+        anatomy_augmentation: ``copies`` of each training subject with its lateral ventricles pushed to a
+            larger volume, drawn in ``lv_factor`` (:mod:`~vcm.training.anatomy_augmentation`; empty or 0
+            copies: none, the paper).
         vcm: overrides of :class:`~vcm.models.vcm.VCM` arguments (e.g. channel widths for the demo grid).
         controlnet: overrides of :class:`~vcm.models.controlnet.ControlNetControl` arguments.
         preview_subjects: validation subjects previewed at the end of training (0: no preview).
@@ -99,6 +102,9 @@ class Settings:
     prior_reuse: int = 1
     grad_clip_norm: float | None = None
     ema_decay: float | None = None
+    anatomy_augmentation: dict[str, Any] = field(
+        default_factory=lambda: {"copies": 0, "lv_factor": [1.25, 2.5]}
+    )
     vcm: dict[str, Any] = field(default_factory=dict)
     controlnet: dict[str, Any] = field(default_factory=dict)
     preview_subjects: int = 2
