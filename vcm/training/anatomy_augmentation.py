@@ -9,6 +9,8 @@ image warped by the same backward field, the conditions re-derived from the push
 alike (images), the LV-volume covariate scaled by the voxel-count ratio. The frozen autoencoder encodes the
 warped image and its flip like any other (:func:`vcm.latents.encode_dataset`), so the pairs join the split in
 memory (:meth:`vcm.training.batches.TrainData.extend`) and nothing new is written to disk.
+On the demo it moved the cohort's LV volumes toward their targets and flagged fewer possible copies, but
+passed no more subjects and cost the samples SSIM (docs/benchmarks.md, session 23): the demo leaves it off.
 
 Each copy's volume factor is drawn log-uniformly from ``lv_factor`` by a stream seeded with
 ``(training.seed, dataset row, copy)``: a subject's copies do not depend on the split or the run's other draws.
