@@ -193,6 +193,7 @@ def train_threads(wildcards):
     Over-subscribing a few cores is worse than sharing them (measured: 2 threads ran 4x slower than 1 on 2 busy
     cores)."""
     cores = workflow.global_resources.get("_cores")
+    cores = getattr(cores, "value", cores)  # Snakemake 9.27 holds a Resource here, 9.15 an int
     if cores is None or cores >= 1024:
         return 2
     return max(1, cores // max(1, len(MODELS)))
