@@ -83,8 +83,8 @@ def test_the_whole_study_dag_dry_runs_through_the_slurm_profile(tmp_path):
     )
     jobs, _, _ = dry_run_jobs([PRESET, local], "profiles/slurm")
     models = 2 * 2 * 3  # methods x condition sets x training sizes
-    assert {rule: jobs.get(rule) for rule in ("register", "segment", "conditions")} == dict.fromkeys(
-        ("register", "segment", "conditions"), 30
+    assert {rule: jobs.get(rule) for rule in ("register_segment", "conditions")} == dict.fromkeys(
+        ("register_segment", "conditions"), 30
     )
     assert jobs["train_vcm"] == models and jobs["evaluate"] == models
     assert jobs["mask_edit"] == models  # both condition sets have an LV mask

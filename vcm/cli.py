@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "check-inputs": "vcm.prep.inputs:cli",
     "register": "vcm.prep.registration:cli",
     "segment": "vcm.prep.segmentation:cli",
+    "register-segment": "vcm.prep.register_segment:cli",
     "conditions": "vcm.prep.conditions:cli",
     "subject-gates": "vcm.prep.exclusion:cli",
     "dataset": "vcm.dataset:cli",

@@ -156,3 +156,30 @@ def test_label_volumes_and_synthseg_csv(tmp_path):
     )
     parsed = synthseg_volumes(csv)
     assert parsed["lv_mm3"] == 3 and parsed["brain_mm3"] == 11 and parsed["labels_mm3"][16] == 8
+
+
+def test_register_segment_runs_both_stages_in_one_process(tmp_path, demo_subject, template_dir):
+    """The workflow's per-subject job: registration then segmentation, each with its own status file."""
+    from vcm.cli import main
+    from vcm.grid import Grid
+    from vcm.io import write_json
+    from vcm.prep.exclusion import read_status
+
+    subject = demo_subject / "sub-001"
+    write_json(tmp_path / "meta.json", {"seg": str(subject / "labels.nii.gz")})
+    out = tmp_path / "prep"
+    args = ["register-segment", "--config", "config/config.yaml", "--subject", "sub-001"]
+    args += ["--t1", str(subject / "t1.nii.gz"), "--meta", str(tmp_path / "meta.json")]
+    args += ["--template-dir", str(template_dir), "--out-dir", str(out)]
+    args += ["--register-status", str(out / "status" / "register.json")]
+    args += ["--segment-status", str(out / "status" / "segment.json")]
+    assert main(args) == 0
+    assert read_status(out / "status" / "register.json") is None
+    assert read_json(out / "status" / "segment.json")["stage"] == "segment"
+    assert read_status(out / "status" / "segment.json") is None
+    labels, _ = load_nifti(out / "labels.nii.gz", np.int32)
+    assert labels.shape == Grid.from_config("demo").shape
+    native, affine = load_nifti(subject / "labels.nii.gz", np.int32)
+    lv_native = mask_of(native, LATERAL_VENTRICLES).sum() * abs(np.linalg.det(affine[:3, :3]))
+    assert read_json(out / "volumes.json")["lv_mm3"] == pytest.approx(lv_native)
+    assert (out / "registration.json").is_file() and (out / "registration.png").stat().st_size > 10_000

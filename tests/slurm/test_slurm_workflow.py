@@ -56,8 +56,7 @@ def test_every_job_went_through_sbatch_on_its_partition(slurm_run):
     out, results = slurm_run["output"], slurm_run["results"]
     finished = re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", out)
     assert {
-        "register",
-        "segment",
+        "register_segment",
         "conditions",
         "dataset",
         "train_vcm",

@@ -63,7 +63,7 @@ def test_dataset_holds_every_subject_with_conditions_and_covariates(demo_run):
 
 
 def test_every_rule_leaves_a_log_and_pictures(demo_run):
-    for rule in ("register", "segment", "conditions"):
+    for rule in ("register_segment", "conditions"):
         assert (demo_run / "logs" / rule / "sub-001.log").is_file()
     assert (demo_run / "logs" / "dataset.log").is_file()
     assert (demo_run / "prep" / "sub-003" / "registration.png").stat().st_size > 10_000
@@ -148,8 +148,9 @@ def test_bad_subjects_are_excluded_and_the_rest_finish(demo_run, tmp_path, write
     log = (results / "logs" / "check_inputs.log").read_text()
     assert "subject bad-nan: excluded at check_inputs:" in log
     assert "subject bad-sex: excluded at check_inputs: sex 'X' is not F/M" in log
-    noise_log = (results / "logs" / "register" / "bad-noise.log").read_text()
+    noise_log = (results / "logs" / "register_segment" / "bad-noise.log").read_text()
     assert "subject bad-noise: excluded at register: correlation with the template" in noise_log
+    assert "subject bad-noise: excluded at register; nothing to do at segment" in noise_log
     assert pd.read_csv(results / "passed.csv")["subject"].tolist() == ["sub-001", "sub-002", "sub-003"]
     with h5py.File(results / "dataset.h5") as h5:
         assert [s.decode() for s in h5["subjects"][:]] == ["sub-001", "sub-002", "sub-003"]

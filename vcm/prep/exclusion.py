@@ -2,7 +2,8 @@
 
 Snakemake has no optional outputs, so an excluded subject's jobs still complete, explicitly:
 
-* every per-subject stage (``register``, ``segment``, ``conditions``) runs inside :func:`run_subject_stage`,
+* every per-subject stage (``register``, ``segment``, ``conditions``; the workflow runs the first two in one
+  job, ``register-segment``) runs inside :func:`run_subject_stage`,
   which writes the stage's **status** (``prep/<subject>/status/<stage>.json``: ``passed``, or ``excluded``
   with the stage that excluded the subject, the failed gates and the reason). A failed gate
   (:mod:`vcm.prep.gates`) or any exception in the stage's work excludes the subject; an exception that is

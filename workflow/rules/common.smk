@@ -60,8 +60,7 @@ if not _cfg_path.is_file() or _cfg_path.read_text() != _text:
 MEM_MB = {
     "demo_cohort": (3500, 6000),
     "template": (2000, 4000),
-    "register": (2000, 4000),
-    "segment": (2000, 8000),
+    "register_segment": (2000, 8000),
     "conditions": (1000, 3000),
     "dataset": (2000, 8000),
     "backbone_corpus": (2000, 4000),

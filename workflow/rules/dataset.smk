@@ -5,7 +5,7 @@ rule dataset:
     input:
         subjects=rules.subject_gates.output.passed,
         covariates=lambda w: expand(rules.conditions.output.covariates, subject=dataset_subjects()),
-        labels=lambda w: expand(rules.segment.output.labels, subject=dataset_subjects()),
+        labels=lambda w: expand(rules.register_segment.output.labels, subject=dataset_subjects()),
     output:
         f"{RESULTS}/dataset.h5",
     log:

@@ -74,16 +74,25 @@ checkpoint check_inputs:
 # Per-subject stages never fail on a bad subject: a failed gate (data.gates) or an error records the
 # exclusion in the stage's status (prep/<subject>/status/<stage>.json), the outputs it did not write become
 # placeholders, and the next stages pass the subject through; subject_gates gathers the statuses.
-rule register:
+# Per-subject rules read the subject's manifest row from inputs/<subject>.json (written by check_inputs,
+# rewritten only when the row changes); params must not depend on the checkpoint (remote jobs reject that).
+SUBJECT_META = f"{RESULTS}/inputs/{{subject}}.json"
+
+
+# Registration and segmentation run in one job per subject (two stages, two statuses): half the per-subject
+# jobs a 1 000-subject dry run plans and a cluster queues (docs/benchmarks.md, DAG build). A change to either
+# stage's settings reruns both; condition sets rerun neither (the structures they need are the trigger).
+rule register_segment:
     input:
         t1=lambda w: subject_row(w)["t1"],
         t2=lambda w: [subject_row(w)["t2"]] if USE_T2 else [],
         template_head=rules.template.output.t1_head,
+        template_labels=rules.template.output.labels,
+        meta=SUBJECT_META,
     output:
         t1=f"{PREP}/{{subject}}/t1.nii.gz",
         t2=T2_OUT,
         info=f"{PREP}/{{subject}}/registration.json",
-        status=f"{PREP}/{{subject}}/status/register.json",
         png=report(
             f"{PREP}/{{subject}}/registration.png",
             caption="../report/registration.rst",
@@ -91,65 +100,28 @@ rule register:
             subcategory="{subject}",
             labels={"subject": "{subject}", "figure": "registration"},
         ),
+        labels=f"{PREP}/{{subject}}/labels.nii.gz",
+        volumes=f"{PREP}/{{subject}}/volumes.json",
+        register_status=f"{PREP}/{{subject}}/status/register.json",
+        segment_status=f"{PREP}/{{subject}}/status/segment.json",
     log:
-        f"{LOGS}/register/{{subject}}.log",
+        f"{LOGS}/register_segment/{{subject}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/register/{{subject}}.tsv"
+        f"{RESULTS}/benchmarks/register_segment/{{subject}}.tsv"
     conda:
         "../envs/prep.yaml"
     threads: 1
     resources:
-        mem_mb=mem_mb("register"),
+        mem_mb=mem_mb("register_segment"),
     params:
         settings=section(
             "grid",
             "registration",
             "intensity",
+            "segmentation",
+            "conditions.lv_labels",
             "data.gates.min_template_ncc",
             "data.gates.affine_determinant",
-        ),
-        config=CONFIG_FILE,
-        t2=lambda w, input: shell_option("--t2", input.t2[0]) if USE_T2 else "",
-        template_dir=template_dir,
-        out_dir=lambda w, output: os.path.dirname(output.t1),
-    shell:
-        "python -m vcm register --config {params.config:q} --subject {wildcards.subject} --t1 {input.t1:q}"
-        " {params.t2}"
-        " --template-dir {params.template_dir:q} --out-dir {params.out_dir:q} --status {output.status:q}"
-        " --threads {threads} > {log:q} 2>&1"
-
-
-# Per-subject rules read the subject's manifest row from inputs/<subject>.json (written by check_inputs,
-# rewritten only when the row changes); params must not depend on the checkpoint (remote jobs reject that).
-SUBJECT_META = f"{RESULTS}/inputs/{{subject}}.json"
-
-
-rule segment:
-    input:
-        t1=lambda w: subject_row(w)["t1"],
-        registered=rules.register.output.t1,
-        info=rules.register.output.info,
-        previous=rules.register.output.status,
-        template_labels=rules.template.output.labels,
-        meta=SUBJECT_META,
-    output:
-        labels=f"{PREP}/{{subject}}/labels.nii.gz",
-        volumes=f"{PREP}/{{subject}}/volumes.json",
-        status=f"{PREP}/{{subject}}/status/segment.json",
-    log:
-        f"{LOGS}/segment/{{subject}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/segment/{{subject}}.tsv"
-    conda:
-        "../envs/prep.yaml"
-    threads: 1
-    resources:
-        mem_mb=mem_mb("segment"),
-    params:
-        settings=section(
-            "grid",
-            "segmentation",
-            "conditions",
             "data.gates.lv_ml",
             "data.gates.brain_ml",
             "data.gates.min_structure_voxels",
@@ -157,14 +129,14 @@ rule segment:
         # the structures the condition sets need, not the sets themselves: a new set reruns no segmentation
         structures=eval_digest(required_structures(CFG)),
         config=CONFIG_FILE,
-        reg_dir=lambda w, input: os.path.dirname(input.registered),
-        template_dir=lambda w, input: os.path.dirname(input.template_labels),
-        out_dir=lambda w, output: os.path.dirname(output.labels),
+        t2=lambda w, input: shell_option("--t2", input.t2[0]) if USE_T2 else "",
+        template_dir=template_dir,
+        out_dir=lambda w, output: os.path.dirname(output.t1),
     shell:
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads} python -m vcm segment --config {params.config:q}"
-        " --subject {wildcards.subject} --t1 {input.t1:q} --meta {input.meta:q} --reg-dir {params.reg_dir:q}"
-        " --template-dir {params.template_dir:q} --out-dir {params.out_dir:q}"
-        " --status {output.status:q} --previous-status {input.previous:q} > {log:q} 2>&1"
+        "python -m vcm register-segment --config {params.config:q} --subject {wildcards.subject}"
+        " --t1 {input.t1:q} {params.t2} --meta {input.meta:q} --template-dir {params.template_dir:q}"
+        " --out-dir {params.out_dir:q} --register-status {output.register_status:q}"
+        " --segment-status {output.segment_status:q} --threads {threads} > {log:q} 2>&1"
 
 
 CONDITION_FILES = condition_names(CFG)
@@ -172,10 +144,10 @@ CONDITION_FILES = condition_names(CFG)
 
 rule conditions:
     input:
-        t1=rules.register.output.t1,
-        labels=rules.segment.output.labels,
-        volumes=rules.segment.output.volumes,
-        previous=rules.segment.output.status,
+        t1=rules.register_segment.output.t1,
+        labels=rules.register_segment.output.labels,
+        volumes=rules.register_segment.output.volumes,
+        previous=rules.register_segment.output.segment_status,
         meta=SUBJECT_META,
         t2=T2_OUT,
     output:
