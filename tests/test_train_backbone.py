@@ -13,8 +13,8 @@ import torch
 
 from vcm.backbone_training.autoencoder import LATENTS_FILE
 from vcm.backbone_training.cli import cli
-from vcm.backbone_training.decoder import region_mask, weighted_l1
 from vcm.backbone_training.loop import StageLoop
+from vcm.backbone_training.region import region_mask, weighted_l1
 from vcm.backbone_training.samples import sample_images
 from vcm.errors import StageError
 from vcm.models.backbone import AUTOENCODER_FILE, DIFFUSION_FILE, NETWORK_FILE, load_bundle
@@ -284,3 +284,34 @@ def test_the_decoder_stage_needs_labels_and_a_budget(corpus_file, tmp_path):
             h5[key] = src[key][...]
     with pytest.raises(StageError, match="no /label"):
         cli(argv(bare, tmp_path, "--from-bundle", str(tmp_path / "bundle"), "--dec-steps", "2"))
+
+
+@pytest.mark.parametrize("crop", [None, "8,8,8"])
+def test_the_autoencoder_can_count_the_ventricles_more(corpus_file, tmp_path, crop):
+    """--ae-region-weight: the same first batch and initialisation give the same plain L1 but a different
+    loss (the L1 near the ventricles counted 6x), the weights move apart, and the record says so."""
+    extra = ["--ae-crop", crop] if crop else []
+    runs = {}
+    for weight in ("0", "5"):
+        out = tmp_path / f"w{weight}"
+        assert cli(argv(corpus_file, out, "--ae-steps", "4", "--dm-steps", "1", "--no-samples",
+                        "--ae-region-weight", weight, *extra)) == 0  # fmt: skip
+        runs[weight] = (read_losses(out / "work/ae/losses.csv"), out)
+    (plain, plain_dir), (weighted, weighted_dir) = runs["0"], runs["5"]
+    assert float(plain[0]["l1"]) == pytest.approx(float(weighted[0]["l1"]), rel=1e-6)
+    assert float(plain[0]["loss"]) != pytest.approx(float(weighted[0]["loss"]), rel=1e-3)
+    a = torch.load(plain_dir / "bundle" / AUTOENCODER_FILE, weights_only=True)
+    b = torch.load(weighted_dir / "bundle" / AUTOENCODER_FILE, weights_only=True)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+    record = json.loads((weighted_dir / "bundle/training_record.json").read_text())
+    assert record["autoencoder"]["options"]["region_weight"] == 5.0
+    assert record["autoencoder"]["extra"]["loss"].startswith("L1 x (1 + region_weight")
+
+
+def test_the_autoencoder_region_needs_labels(corpus_file, tmp_path):
+    bare = tmp_path / "bare.h5"
+    with h5py.File(corpus_file) as src, h5py.File(bare, "w") as h5:
+        for key in ("image", "covariates", "splits/train", "splits/val"):
+            h5[key] = src[key][...]
+    with pytest.raises(StageError, match="no /label.*--ae-region-weight"):
+        cli(argv(bare, tmp_path, "--ae-steps", "2", "--dm-steps", "1", "--ae-region-weight", "5"))

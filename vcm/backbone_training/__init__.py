@@ -8,7 +8,8 @@ tiny_definitions`) and writes them as a bundle that :func:`vcm.models.backbone.l
 1. **autoencoder** (stage ``ae``): :class:`~monai.networks.nets.AutoencoderKL`, loss
    ``L1(x, x̂) + w_kl · KL`` (KL summed over the latent, averaged over the batch), left-right flip augmentation,
    optionally a :class:`~monai.networks.nets.PatchDiscriminator` least-squares adversarial term after a
-   warm-up (off by default). No perceptual loss: its pretrained weights cannot be downloaded here.
+   warm-up (off by default); ``--ae-region-weight`` counts the L1 near the ventricles more (off by default).
+   No perceptual loss: its pretrained weights cannot be downloaded here.
 2. **latents**: the posterior mean ``mu`` of every image and of its left-right flip (axis 0 of the LAS grid),
    encoded once; ``scale_factor = 1 / std`` of the training latents.
 3. **diffusion** (stage ``ldm``): :class:`~monai.networks.nets.DiffusionModelUNet` on
@@ -40,6 +41,7 @@ The package, one concept per module:
 * :mod:`vcm.backbone_training.loop`: the loop the stages share (budget, schedule, loss log, checkpoints);
 * :mod:`vcm.backbone_training.autoencoder`: stage 1 and the latents it encodes;
 * :mod:`vcm.backbone_training.diffusion`: stage 3, the latent U-Net and its EMA;
+* :mod:`vcm.backbone_training.region`: the reconstruction loss weighted near the ventricles (stages 1 and 4);
 * :mod:`vcm.backbone_training.decoder`: stage 4, the decoder refined near the ventricles;
 * :mod:`vcm.backbone_training.samples`: DDIM samples and the samples figure;
 * :mod:`vcm.backbone_training.train`: the whole stage, corpus to bundle and training record;

@@ -1,9 +1,11 @@
 """Stage 1 of the backbone: the AutoencoderKL, its loss and validation, and the latents it encodes.
 
 :func:`train_autoencoder` trains MONAI's :class:`~monai.networks.nets.AutoencoderKL` with
-``L1(x, x̂) + w_kl · KL`` (:func:`kl_loss`), left-right flips, optional random crops and an optional
-least-squares patch-adversarial term; :func:`encode_latents` then encodes the posterior means the latent U-Net
-trains on, cached in the work folder by :func:`load_or_encode_latents`.
+``L1(x, x̂) + w_kl · KL`` (:func:`kl_loss`), left-right flips, optional random crops, an optional
+least-squares patch-adversarial term and, with ``region_weight``, the L1 counted more near the ventricles
+(:mod:`vcm.backbone_training.region`; the encoder then learns to keep what the decoder needs there);
+:func:`encode_latents` then encodes the posterior means the latent U-Net trains on, cached in the work folder
+by :func:`load_or_encode_latents`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from vcm.backbone_training.loop import (
     stage_store,
     tail_mean,
 )
+from vcm.backbone_training.region import VENTRICLES, region_mask, weighted_l1
 from vcm.errors import StageError
 from vcm.models.layout import place
 from vcm.training.checkpoints import CheckpointStore, signature
@@ -69,6 +72,9 @@ class AEOptions(StageOptions):
     disc_channels: int = 16
     init_sigma: float = 0.05
     crop: tuple[int, ...] | None = None
+    region_weight: float = 0.0
+    region_labels: tuple[int, ...] = VENTRICLES
+    region_margin: int = 2
     val_every: int = 100
 
 
@@ -175,6 +181,7 @@ class _AutoencoderStep:
     ae: nn.Module
     optimiser: torch.optim.Optimizer
     images: torch.Tensor
+    region: torch.Tensor | None  # (N, 1, *grid) 0/1 near the ventricles, with ``opts.region_weight`` > 0
     opts: AEOptions
     factor: int
     crop: tuple[int, ...] | None
@@ -185,14 +192,20 @@ class _AutoencoderStep:
         opts = self.opts
         idx = torch.randint(self.images.shape[0], (opts.batch_size,), generator=g)
         x = self.images[idx].to(opts.device).float()
+        if self.region is not None:  # cropped and flipped with the image, as one more channel
+            x = torch.cat([x, self.region[idx].to(opts.device)], 1)
         if self.crop is not None:
             x = _crops(x, self.crop, self.factor, g)
         flip = (torch.rand(opts.batch_size, generator=g) < 0.5).to(opts.device)
         x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(FLIP_DIM), x)
+        region = None
+        if self.region is not None:
+            x, region = x[:, :1], x[:, 1:]
         recon, mu, sigma = self.ae(x)
         l1 = F.l1_loss(recon, x)
         kl = kl_loss(mu, sigma)
-        loss = l1 + opts.kl_weight * kl
+        rec_loss = l1 if region is None else weighted_l1(recon, x, region, opts.region_weight)
+        loss = rec_loss + opts.kl_weight * kl
         out = {"l1": l1.item(), "kl": kl.item()}
         adversary = self.adversary
         adv_on = adversary is not None and self.loop.step >= opts.adv_start
@@ -229,6 +242,12 @@ def train_autoencoder(
     done = finished_stage(store, "ae", {"autoencoder": ae})
     if done is not None:
         return ae, done
+    region = None
+    if opts.region_weight > 0:
+        if corpus.labels is None:
+            raise StageError(f"{corpus.path}: no /label dataset: --ae-region-weight needs the label maps")
+        region = region_mask(corpus.labels, tuple(opts.region_labels), opts.region_margin)
+        region = region[torch.from_numpy(corpus.train)]
     factor, crop = _crop_geometry(corpus.grid, definitions, opts.crop)
     optimiser = torch.optim.AdamW(ae.parameters(), lr=opts.lr)
     modules: dict[str, nn.Module] = {"autoencoder": ae}
@@ -249,7 +268,7 @@ def train_autoencoder(
         opts.checkpoint_every,
     )
     train_images = corpus.images[torch.from_numpy(corpus.train)]
-    step = _AutoencoderStep(ae, optimiser, train_images, opts, factor, crop, adversary, loop)
+    step = _AutoencoderStep(ae, optimiser, train_images, region, opts, factor, crop, adversary, loop)
     val_fn = None
     if len(corpus.val):
         val_images = corpus.images[torch.from_numpy(corpus.val)]
@@ -265,7 +284,9 @@ def train_autoencoder(
         val_loss=last_value(rows, "val_l1"),
         extra={
             "train_kl": tail_mean(rows, "kl"),
-            "loss": "L1 + kl_weight * KL" + (" + adv" if adversary is not None else ""),
+            "loss": ("L1" if region is None else "L1 x (1 + region_weight * region)")
+            + " + kl_weight * KL"
+            + (" + adv" if adversary is not None else ""),
         },
     )
     save_final(store, {"autoencoder": ae}, summary)

@@ -80,6 +80,13 @@ def _add_autoencoder_options(a: argparse._ArgumentGroup) -> None:
         default=0.05,
         help="initial posterior sigma (0: library initialisation)",
     )
+    a.add_argument(
+        "--ae-region-weight",
+        type=float,
+        default=0.0,
+        help="extra L1 weight near the ventricles (the corpus' /label): each voxel there counts 1 + this (0: off)",
+    )
+    a.add_argument("--ae-region-margin", type=int, default=2, help="ventricles dilated by this many voxels")
     a.add_argument("--adv-weight", type=float, default=0.0, help="patch-adversarial weight (0: off)")
     a.add_argument("--adv-start", type=int, default=0, help="step at which the adversarial term starts")
     a.add_argument("--ae-val-every", type=int, default=100)
@@ -175,6 +182,8 @@ def _stage_options(args: argparse.Namespace, device: str) -> tuple[AEOptions, LD
         crop=tuple(args.ae_crop) if args.ae_crop else None,
         adv_weight=args.adv_weight,
         adv_start=args.adv_start,
+        region_weight=args.ae_region_weight,
+        region_margin=args.ae_region_margin,
     )
     ldm_opts = LDMOptions(
         **common("dm"),
@@ -199,7 +208,7 @@ def cli(argv: list[str]) -> int:
         torch.set_num_interop_threads(1)
     started = time.monotonic()
     ae_opts, ldm_opts, dec_opts = _stage_options(args, device)
-    corpus = load_corpus(args.data, labels=dec_opts.enabled)
+    corpus = load_corpus(args.data, labels=dec_opts.enabled or ae_opts.region_weight > 0)
     out = Path(args.out)
     command = "python -m vcm train-backbone " + shlex.join(argv)
     if args.samples_only:

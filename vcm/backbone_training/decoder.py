@@ -1,6 +1,6 @@
 """Stage 4 of the backbone (optional): the decoder refined where the labels matter, the latent space kept.
 
-The autoencoder of stage 1 weighs every voxel alike, so the ventricles — a few per cent of the image, and what
+The autoencoder of stage 1 weighs every voxel alike (unless ``--ae-region-weight``), so the ventricles — a few per cent of the image, and what
 every control figure of the project measures — come out of its decoder blurred. :func:`refine_decoder` trains
 only the decoder (and its ``post_quant_conv``) further, on latents drawn from the frozen encoder's posterior,
 with an L1 loss that counts the voxels near the ventricles more:
@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vcm.backbone_training.autoencoder import fingerprint, reconstruction_errors
@@ -38,10 +36,10 @@ from vcm.backbone_training.loop import (
     stage_store,
     tail_mean,
 )
+from vcm.backbone_training.region import VENTRICLES, region_mask, weighted_l1
 from vcm.errors import StageError
-from vcm.labels import SEMANTIC_CLASSES
 
-__all__ = ["DecoderOptions", "decoder_parameters", "refine_decoder", "region_mask", "weighted_l1"]
+__all__ = ["DecoderOptions", "decoder_parameters", "refine_decoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ class DecoderOptions(StageOptions):
     lr: float = 5e-4
     warmup: int = 50
     region_weight: float = 5.0
-    region_labels: tuple[int, ...] = SEMANTIC_CLASSES["ventricles"]
+    region_labels: tuple[int, ...] = VENTRICLES
     region_margin: int = 2
     latent_noise: float = 0.0
     val_every: int = 200
@@ -63,21 +61,6 @@ class DecoderOptions(StageOptions):
     @property
     def enabled(self) -> bool:
         return bool(self.steps) or bool(self.minutes)
-
-
-def region_mask(labels: np.ndarray, ids: tuple[int, ...], margin: int) -> torch.Tensor:
-    """``labels`` (N, *grid) in ``ids``, dilated by ``margin`` voxels (a cube): (N, 1, *grid) float32 of 0/1."""
-    mask = torch.from_numpy(np.isin(labels, ids)).float()[:, None]
-    if margin > 0:
-        pool = {2: F.max_pool2d, 3: F.max_pool3d}[mask.dim() - 2]
-        mask = pool(mask, 2 * margin + 1, stride=1, padding=margin)
-    return mask
-
-
-def weighted_l1(recon: torch.Tensor, x: torch.Tensor, region: torch.Tensor, weight: float) -> torch.Tensor:
-    """The L1 error with the voxels of ``region`` counted ``1 + weight`` times, normalised by the weights."""
-    w = 1.0 + weight * region
-    return ((recon - x).abs() * w).sum() / w.sum()
 
 
 def decoder_parameters(ae: nn.Module) -> list[nn.Parameter]:
