@@ -58,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_region_options(group: argparse._ArgumentGroup, prefix: str, default_weight: float) -> None:
+    """``--<prefix>-region-weight`` and ``--<prefix>-region-margin``: the stage's L1 weighted near the
+    ventricles (:mod:`vcm.backbone_training.region`; the corpus' ``/label``)."""
+    group.add_argument(
+        f"--{prefix}-region-weight",
+        type=float,
+        default=default_weight,
+        help="extra L1 weight near the ventricles: each voxel there counts 1 + this (0: off)",
+    )
+    group.add_argument(
+        f"--{prefix}-region-margin", type=int, default=2, help="ventricles dilated by this many voxels"
+    )
+
+
 def _add_autoencoder_options(a: argparse._ArgumentGroup) -> None:
     a.add_argument("--ae-channels", type=_ints, default=[8, 16, 32], help="e.g. 8,16,32 (factor 4)")
     a.add_argument("--latent-channels", type=int, default=3)
@@ -80,13 +94,7 @@ def _add_autoencoder_options(a: argparse._ArgumentGroup) -> None:
         default=0.05,
         help="initial posterior sigma (0: library initialisation)",
     )
-    a.add_argument(
-        "--ae-region-weight",
-        type=float,
-        default=0.0,
-        help="extra L1 weight near the ventricles (the corpus' /label): each voxel there counts 1 + this (0: off)",
-    )
-    a.add_argument("--ae-region-margin", type=int, default=2, help="ventricles dilated by this many voxels")
+    _add_region_options(a, "ae", default_weight=0.0)
     a.add_argument("--adv-weight", type=float, default=0.0, help="patch-adversarial weight (0: off)")
     a.add_argument("--adv-start", type=int, default=0, help="step at which the adversarial term starts")
     a.add_argument("--ae-val-every", type=int, default=100)
@@ -113,13 +121,7 @@ def _add_decoder_options(d: argparse._ArgumentGroup) -> None:
     d.add_argument("--dec-minutes", type=float, default=None)
     d.add_argument("--dec-batch", type=int, default=2)
     d.add_argument("--dec-lr", type=float, default=5e-4)
-    d.add_argument(
-        "--dec-region-weight",
-        type=float,
-        default=5.0,
-        help="extra L1 weight near the ventricles: each voxel there counts 1 + this",
-    )
-    d.add_argument("--dec-region-margin", type=int, default=2, help="ventricles dilated by this many voxels")
+    _add_region_options(d, "dec", default_weight=5.0)
     d.add_argument(
         "--dec-latent-noise",
         type=float,
