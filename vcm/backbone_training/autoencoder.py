@@ -77,6 +77,11 @@ class AEOptions(StageOptions):
     region_margin: int = 2
     val_every: int = 100
 
+    @property
+    def uses_region(self) -> bool:
+        """Whether the L1 is weighted near the ventricles (the corpus' label maps are then needed)."""
+        return self.region_weight > 0
+
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma²) ‖ N(0, 1)) summed over the latent, averaged over the batch."""
@@ -243,11 +248,10 @@ def train_autoencoder(
     if done is not None:
         return ae, done
     region = None
-    if opts.region_weight > 0:
+    if opts.uses_region:
         if corpus.labels is None:
             raise StageError(f"{corpus.path}: no /label dataset: --ae-region-weight needs the label maps")
-        region = region_mask(corpus.labels, tuple(opts.region_labels), opts.region_margin)
-        region = region[torch.from_numpy(corpus.train)]
+        region = region_mask(corpus.labels[corpus.train], tuple(opts.region_labels), opts.region_margin)
     factor, crop = _crop_geometry(corpus.grid, definitions, opts.crop)
     optimiser = torch.optim.AdamW(ae.parameters(), lr=opts.lr)
     modules: dict[str, nn.Module] = {"autoencoder": ae}

@@ -210,7 +210,7 @@ def cli(argv: list[str]) -> int:
         torch.set_num_interop_threads(1)
     started = time.monotonic()
     ae_opts, ldm_opts, dec_opts = _stage_options(args, device)
-    corpus = load_corpus(args.data, labels=dec_opts.enabled or ae_opts.region_weight > 0)
+    corpus = load_corpus(args.data, labels=dec_opts.enabled or ae_opts.uses_region)
     out = Path(args.out)
     command = "python -m vcm train-backbone " + shlex.join(argv)
     if args.samples_only:
