@@ -2,9 +2,8 @@
 
 The autoencoder of stage 1 weighs every voxel alike (unless ``--ae-region-weight``), so the ventricles — a few
 per cent of the image, and what every control figure of the project measures — come out of its decoder
-blurred. :func:`refine_decoder` trains
-only the decoder (and its ``post_quant_conv``) further, on latents drawn from the frozen encoder's posterior,
-with an L1 loss that counts the voxels near the ventricles more:
+blurred. :func:`refine_decoder` trains only the decoder (and its ``post_quant_conv``) further, on latents
+drawn from the frozen encoder's posterior, with an L1 loss that counts the voxels near the ventricles more:
 
     w = 1 + region_weight · [ventricles dilated by region_margin voxels],   loss = Σ w·|x̂ − x| / Σ w.
 
