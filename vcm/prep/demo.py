@@ -47,7 +47,7 @@ VENTRICLE_BOX_MM = ((-60.0, 60.0), (-80.0, 60.0), (-40.0, 60.0))
 VENTRICLE_BOX_SPACING_MM = 2.0
 # Lateral-ventricle volume (native ml): log-normal around 24 ml at 63 years, skewed to AD-like sizes.
 LV_MEDIAN_ML, LV_LOG_SD, LV_AGE_SLOPE, LV_RANGE_ML = 24.0, 0.55, 0.025, (8.0, 120.0)
-SHAPE_LATTICE_MM, SHAPE_AMPLITUDE_MM = 24.0, 2.5
+SHAPE_LATTICE_MM, SHAPE_AMPLITUDE_MM = 24.0, 3.5
 ATROPHY_THRESHOLD = 0.15  # at full atrophy, cortex with under 65 % tissue becomes CSF
 CSF_T1 = 0.30  # the template's ventricular T1 intensity
 CORTEX = (3, 42, 8, 47)

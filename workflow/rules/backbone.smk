@@ -23,8 +23,8 @@ BACKBONE_CORPUS = f"{RESULTS}/backbone/corpus.h5"
 BACKBONE_CORPUS_SUBJECTS = 400
 BACKBONE_TRAIN_ARGS = (
     "--seed 0 --checkpoint-every 100"
-    " --ae-channels 8,16,32 --latent-channels 8 --ae-res-blocks 1 --ae-batch 2 --ae-lr 1e-3 --kl-weight 1e-8"
-    " --ae-init-sigma 0.05 --ae-steps 2600"
+    " --ae-channels 16,32,32 --latent-channels 8 --ae-res-blocks 1 --ae-batch 2 --ae-lr 1e-3 --kl-weight 1e-8"
+    " --ae-init-sigma 0.05 --ae-steps 2600 --ae-region-weight 5 --ae-region-margin 2"
     " --dm-channels 32,64,64 --dm-res-blocks 1,1,2 --dm-attention false,false,true --dm-head-channels 0,0,32"
     " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 3500 --sample-every 500 --ddim-steps 50"
     " --dec-steps 5000 --dec-batch 2 --dec-lr 5e-4 --dec-region-weight 5 --dec-region-margin 2 --dec-latent-noise 0.1"
