@@ -16,18 +16,18 @@ BACKBONE_WORK = f"{RESULTS}/backbone/work"
 BACKBONE_CORPUS = f"{RESULTS}/backbone/corpus.h5"
 
 # The recipe of the shipped resources/backbone/demo weights (docs/backbone.md): 400 demo-world subjects,
-# factor-4 autoencoder with 8 latent channels, 4.3 M-parameter latent U-Net, then the decoder refined near the
-# ventricles (stage 4; the latent space stays). Fixed step counts (those of the shipped run: 2600 AE, 3500
-# U-Net, 5000 decoder), so a retrain does not depend on the machine's speed. About 105 min on two CPU cores
-# (corpus 12 min with two workers, autoencoder 21 min, U-Net 58 min, decoder 25 min).
+# factor-4 autoencoder (16, 32, 32) with 8 latent channels trained with the ventricles weighted 6x in its L1,
+# 4.3 M-parameter latent U-Net. Fixed step counts (2600 autoencoder, 4500 U-Net), so a retrain does not depend
+# on the machine's speed. About 3 h on two CPU cores alone (corpus 28 min with two workers, autoencoder 61 min,
+# U-Net ~105 min at 1.2-1.5 s a step). Stage 4 (the decoder refined on noisy latents, --dec-steps) is not part
+# of the shipped run: the region-weighted autoencoder already carries the ventricles (docs/backbone.md).
 BACKBONE_CORPUS_SUBJECTS = 400
 BACKBONE_TRAIN_ARGS = (
     "--seed 0 --checkpoint-every 100"
     " --ae-channels 16,32,32 --latent-channels 8 --ae-res-blocks 1 --ae-batch 2 --ae-lr 1e-3 --kl-weight 1e-8"
     " --ae-init-sigma 0.05 --ae-steps 2600 --ae-region-weight 5 --ae-region-margin 2"
     " --dm-channels 32,64,64 --dm-res-blocks 1,1,2 --dm-attention false,false,true --dm-head-channels 0,0,32"
-    " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 3500 --sample-every 500 --ddim-steps 50"
-    " --dec-steps 5000 --dec-batch 2 --dec-lr 5e-4 --dec-region-weight 5 --dec-region-margin 2 --dec-latent-noise 0.1"
+    " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 4500 --sample-every 500 --ddim-steps 50"
 )
 
 if BACKBONE_RETRAIN:
