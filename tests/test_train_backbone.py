@@ -107,7 +107,7 @@ def test_loss_falls_on_a_tiny_overfit(corpus_file, tmp_path):
 
 
 def test_bundle_loads_back_in_float32_and_has_the_right_shapes(corpus_file, tmp_path):
-    assert cli(argv(corpus_file, tmp_path, "--ae-steps", "2", "--dm-steps", "2")) == 0
+    assert cli(argv(corpus_file, tmp_path, "--ae-steps", "2", "--dm-steps", "2", "--sample-every", "2")) == 0
     bundle = tmp_path / "bundle"
     for rel in (AUTOENCODER_FILE, DIFFUSION_FILE):  # shipped small: float16 on disk
         state = torch.load(bundle / rel, weights_only=True)
@@ -131,6 +131,11 @@ def test_bundle_loads_back_in_float32_and_has_the_right_shapes(corpus_file, tmp_
     assert images.shape == (2, 1, *GRID) and 0 <= images.min() and images.max() <= 1
     for name in ("samples.png", "loss_autoencoder.png", "loss_diffusion.png"):
         assert (bundle / name).stat().st_size > 0
+    # the per-step figure draws the same two seeds per covariate setting as the bundle's, so the same panels
+    from matplotlib.image import imread
+
+    step_figure = imread(tmp_path / "work/ldm/samples_step000002.png")
+    assert step_figure.shape == imread(bundle / "samples.png").shape
     (bundle / "samples.png").unlink()
     assert cli(argv(corpus_file, tmp_path, "--samples-only")) == 0
     assert (bundle / "samples.png").stat().st_size > 0
