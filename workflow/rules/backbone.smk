@@ -19,8 +19,9 @@ BACKBONE_CORPUS = f"{RESULTS}/backbone/corpus.h5"
 # factor-4 autoencoder (16, 32, 32) with 8 latent channels trained with the ventricles weighted 6x in its L1,
 # 4.3 M-parameter latent U-Net. Fixed step counts (2600 autoencoder, 4500 U-Net), so a retrain does not depend
 # on the machine's speed. About 3 h on two CPU cores alone (corpus 28 min with two workers, autoencoder 61 min,
-# U-Net ~105 min at 1.2-1.5 s a step). Stage 4 (the decoder refined on noisy latents, --dec-steps) is not part
-# of the shipped run: the region-weighted autoencoder already carries the ventricles (docs/backbone.md).
+# U-Net ~105 min at 1.2-1.5 s a step, decoder refinement 48 min at 0.7 s a step). Stage 4 refines the decoder
+# alone on noisy latents with the ventricles weighted 6x: the encoder, the latents and the U-Net stay as they were
+# (+0.028 LV Dice on reconstructions, +0.016 through the demo's VCM; docs/backbone.md, session 29).
 BACKBONE_CORPUS_SUBJECTS = 400
 BACKBONE_TRAIN_ARGS = (
     "--seed 0 --checkpoint-every 100"
@@ -28,6 +29,8 @@ BACKBONE_TRAIN_ARGS = (
     " --ae-init-sigma 0.05 --ae-steps 2600 --ae-region-weight 5 --ae-region-margin 2"
     " --dm-channels 32,64,64 --dm-res-blocks 1,1,2 --dm-attention false,false,true --dm-head-channels 0,0,32"
     " --dm-batch 16 --dm-lr 4e-4 --ema-decay 0.995 --dm-steps 4500 --sample-every 500 --ddim-steps 50"
+    " --dec-steps 4000 --dec-batch 2 --dec-lr 5e-4 --dec-region-weight 5 --dec-region-margin 2"
+    " --dec-latent-noise 0.1 --dec-val-every 250"
 )
 
 if BACKBONE_RETRAIN:
