@@ -208,8 +208,7 @@ def _sample_hook(
             Backbone(ae, ema, scale_factor=defs["scale_factor"], definitions=defs),
             corpus,
             ddim_steps,
-            # two seeds, as in the bundle's samples.png: one seed's draw can hide what the covariates do
-            seeds=(0, 1),
+            # the bundle's samples.png seeds (the default): one seed's draw can hide what the covariates do
             title=f"step {step}: real, reconstruction, DDIM-{ddim_steps} samples (EMA)",
         )
 

@@ -17,11 +17,11 @@ BACKBONE_CORPUS = f"{RESULTS}/backbone/corpus.h5"
 
 # The recipe of the shipped resources/backbone/demo weights (docs/backbone.md): 400 demo-world subjects,
 # factor-4 autoencoder (16, 32, 32) with 8 latent channels trained with the ventricles weighted 6x in its L1,
-# 4.3 M-parameter latent U-Net. Fixed step counts (2600 autoencoder, 4500 U-Net), so a retrain does not depend
-# on the machine's speed. About 4 h on two CPU cores alone (corpus 28 min with two workers, autoencoder 61 min,
-# U-Net ~105 min at 1.2-1.5 s a step, decoder refinement 48 min at 0.7 s a step). Stage 4 refines the decoder
-# alone on noisy latents with the ventricles weighted 6x: the encoder, the latents and the U-Net stay as they were
-# (+0.028 LV Dice on reconstructions, +0.016 through the demo's VCM; docs/backbone.md, session 29).
+# 4.3 M-parameter latent U-Net, then stage 4: the decoder alone refined on noisy latents with the ventricles
+# weighted 6x (the encoder, the latents and the U-Net stay as they were; +0.028 LV Dice on reconstructions,
+# +0.016 through the demo's VCM; docs/backbone.md, session 29). Fixed step counts (2600 autoencoder, 4500 U-Net,
+# 4000 decoder), so a retrain does not depend on the machine's speed. About 4 h on two CPU cores alone (corpus
+# 28 min with two workers, autoencoder 61 min, U-Net ~105 min at 1.2-1.5 s a step, decoder 48 min at 0.7 s a step).
 BACKBONE_CORPUS_SUBJECTS = 400
 BACKBONE_TRAIN_ARGS = (
     "--seed 0 --checkpoint-every 100"
