@@ -103,6 +103,75 @@ def test_a_uniform_with_low_above_high_is_refused():
         _design({"age": {"uniform": {"low": 80, "high": 60}}})
 
 
+# --- the source a designed subject is steered from --------------------------------------------------------
+
+
+class _Sources:
+    """What :func:`choose_source` reads of a dataset: the sources' native LV volumes (mm³)."""
+
+    def __init__(self, lv_ml: list[float]) -> None:
+        self.lv = np.asarray(lv_ml, np.float64) * 1000
+
+    def lv_volumes(self, indices: np.ndarray) -> np.ndarray:
+        return self.lv[indices]
+
+
+def _settings(ratio: float | None, seed: int = 0):
+    from vcm.cohort.plan import CohortSettings
+
+    cfg = validate_config({"cohort": {"match_lv_ratio": ratio, "seed": seed}})
+    return CohortSettings.from_config(cfg)
+
+
+LV_DESIGN = {"lv_volume": {"lognormal": {"median": 40, "sigma": 0.5}}}
+SOURCES_ML = [8, 10, 14, 20, 25, 30, 36, 45, 60, 90]
+
+
+@pytest.mark.parametrize("ratio", [1.25, 1.5, 2.0])
+def test_a_designed_subject_is_steered_from_a_source_near_its_lv_target(ratio):
+    from vcm.cohort.sources import choose_source
+
+    design, data, sources = _design(LV_DESIGN), _Sources(SOURCES_ML), np.arange(len(SOURCES_ML))
+    chosen, pushes = [], []
+    for i in range(200):
+        src = choose_source(i, _settings(ratio), data, sources, design)
+        target = design.target("lv_volume", 0, i)
+        push = target / data.lv[src]
+        nearest = np.min(np.abs(np.log(target / data.lv)))
+        # within the ratio when some source is; the nearest source when none is
+        assert abs(np.log(push)) <= max(np.log(ratio), nearest) + 1e-9, (i, target, data.lv[src])
+        chosen.append(src)
+        pushes.append(push)
+    assert choose_source(17, _settings(ratio), data, sources, design) == chosen[17]  # a function of (seed, i)
+    assert len(set(chosen)) >= 6  # a draw among the matching sources, not always the nearest one
+    rounds = [choose_source(i, _settings(None), data, sources, design) for i in range(200)]
+    spread = lambda p: np.percentile(np.abs(np.log(p)), 90)  # noqa: E731
+    assert spread(pushes) < spread(
+        [design.target("lv_volume", 0, i) / data.lv[s] for i, s in enumerate(rounds)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("ratio", "design"), [(None, LV_DESIGN), (1.5, {}), (1.5, {"age": {"uniform": {"low": 60, "high": 80}}})]
+)
+def test_without_an_lv_target_or_a_ratio_every_source_lends_once_per_round(ratio, design):
+    from vcm.cohort.sources import choose_source
+
+    data, sources = _Sources(SOURCES_ML), np.arange(100, 100 + len(SOURCES_ML))
+    data.lv = np.concatenate([np.zeros(100), data.lv])
+    n = len(sources)
+    for r in range(3):
+        chosen = [
+            choose_source(r * n + k, _settings(ratio), data, sources, _design(design)) for k in range(n)
+        ]
+        assert sorted(chosen) == sources.tolist()
+
+
+def test_match_lv_ratio_below_one_is_refused():
+    with pytest.raises(ConfigError, match=r"'cohort.match_lv_ratio': 0.8 is less than the minimum of 1"):
+        validate_config({"cohort": {"match_lv_ratio": 0.8}})
+
+
 # --- steering ----------------------------------------------------------------------------------------------
 
 

@@ -120,23 +120,28 @@ class Design:
             source: the condition source's values (after a new anatomy's warp), by covariate.
         """
         out = {}
-        for k, key in enumerate(COVARIATES):
-            target = self.targets[key]
-            if target == "source":
-                out[key] = float(source[key])
-                continue
-            if "csv" in target:
-                if index not in self.tables[key]:
-                    raise StageError(
-                        f"{target['csv']}: no row for subject_index {index} (cohort.design.{key}; "
-                        f"the file has {len(self.tables[key])} rows)"
-                    )
-                value = self.tables[key][index]
-            else:
-                value = _sample(key, target, design_rng(seed, index, k))
-            low, high = self.ranges[key]
-            out[key] = float(np.clip(value, low, high))
+        for key in COVARIATES:
+            value = self.target(key, seed, index)
+            out[key] = float(source[key]) if value is None else value
         return out
+
+    def target(self, key: str, seed: int, index: int) -> float | None:
+        """Subject ``index``'s own target for covariate ``key`` (clipped, covariate units); ``None`` where the
+        design gives it the source's value. It does not depend on the source, which may be chosen by it."""
+        target = self.targets[key]
+        if target == "source":
+            return None
+        if "csv" in target:
+            if index not in self.tables[key]:
+                raise StageError(
+                    f"{target['csv']}: no row for subject_index {index} (cohort.design.{key}; "
+                    f"the file has {len(self.tables[key])} rows)"
+                )
+            value = self.tables[key][index]
+        else:
+            value = _sample(key, target, design_rng(seed, index, COVARIATES.index(key)))
+        low, high = self.ranges[key]
+        return float(np.clip(value, low, high))
 
 
 def _check_target(key: str, target: Any) -> None:

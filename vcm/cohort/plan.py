@@ -20,6 +20,7 @@ __all__ = [
     "CohortSettings",
     "anatomy_rng",
     "design_rng",
+    "match_rng",
     "n_shards",
     "noise_seed",
     "shard_ids",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 # independent random streams of SeedSequence([seed, stream, ...])
-STREAM_NOISE, STREAM_ANATOMY, STREAM_SOURCES, STREAM_DESIGN = 0, 1, 2, 3
+STREAM_NOISE, STREAM_ANATOMY, STREAM_SOURCES, STREAM_DESIGN, STREAM_MATCH = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -54,8 +55,12 @@ class CohortSettings:
         deform_smoothness_mm: spacing of the deformation's random control points (its correlation length).
         qc_workers: threads that QC and write the subjects of a batch while the next batch samples (one
             subject each; 0: QC inline, after each batch). A sample depends only on its own seed, so the cohort
-            is identical whatever the number (tested). A GPU node's spare cores hide the CPU-bound QC.        design: ``cohort.design``, the covariates the cohort should have (:class:`vcm.cohort.design.Design`
+            is identical whatever the number (tested). A GPU node's spare cores hide the CPU-bound QC.
+        design: ``cohort.design``, the covariates the cohort should have (:class:`vcm.cohort.design.Design`
             resolves it).
+        match_lv_ratio: with an LV-volume target in ``design``, a subject's source is drawn among the sources
+            whose LV volume is within this factor of the target (the nearest source when none is), so that
+            steering pushes its ventricles little; ``None``: every source once per round, whatever the target.
     """
 
     size: int
@@ -72,6 +77,7 @@ class CohortSettings:
     deform_smoothness_mm: float
     qc_workers: int
     design: dict[str, Any]
+    match_lv_ratio: float | None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> CohortSettings:
@@ -101,6 +107,10 @@ class CohortSettings:
                 raise StageError(f"config key 'cohort.{key}': expected >= 1, got {getattr(out, key)}")
         if int(out.qc_workers) < 0:
             raise StageError(f"config key 'cohort.qc_workers': expected >= 0, got {out.qc_workers}")
+        if out.match_lv_ratio is not None and not float(out.match_lv_ratio) >= 1:
+            raise StageError(
+                f"config key 'cohort.match_lv_ratio': expected null or >= 1, got {out.match_lv_ratio}"
+            )
         return out
 
     def signature_parts(self) -> dict[str, Any]:
@@ -161,6 +171,11 @@ def anatomy_rng(base: int, index: int) -> np.random.Generator:
 def design_rng(base: int, index: int, covariate: int) -> np.random.Generator:
     """Subject ``index``'s generator of its design target for covariate number ``covariate`` (one stream each)."""
     return np.random.default_rng(np.random.SeedSequence([base, STREAM_DESIGN, index, covariate]))
+
+
+def match_rng(base: int, index: int) -> np.random.Generator:
+    """Subject ``index``'s generator of its draw among the sources that match its LV target."""
+    return np.random.default_rng(np.random.SeedSequence([base, STREAM_MATCH, index]))
 
 
 def source_order(base: int, round_: int, n: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from vcm.cohort.design import COVARIATES, Design
-from vcm.cohort.plan import CohortSettings, anatomy_rng, source_order, subject_id
+from vcm.cohort.plan import CohortSettings, anatomy_rng, match_rng, source_order, subject_id
 from vcm.dataset_store import DatasetFile
 from vcm.errors import StageError
 from vcm.labels import brain_mask, mask_of, semantic_map
@@ -31,6 +31,7 @@ from vcm.labels import brain_mask, mask_of, semantic_map
 __all__ = [
     "DatasetSource",
     "SubjectPlan",
+    "choose_source",
     "plan_subject",
     "ranges_path",
     "smooth_displacement",
@@ -70,6 +71,7 @@ class DatasetSource:
         self.has_raw = self.file.has_raw_covariates
         self.ranges_file = cfg["conditions"]["covariate_ranges"]
         self.config_sha256 = self.file.config_sha256  # which build of the dataset
+        self._lv_mm3: dict[int, float] = {}  # raw LV volumes read so far (source matching)
 
     def close(self) -> None:
         self.file.close()
@@ -99,6 +101,21 @@ class DatasetSource:
     def semantic_class_names(self) -> Any:
         """The ``classes`` attribute of ``/cond/semantics`` (``[]`` when absent)."""
         return self.file.semantic_classes() or []
+
+    def lv_volumes(self, indices: np.ndarray) -> np.ndarray:
+        """Native LV volumes (mm³) of real subjects ``indices`` (``/covariates_raw``).
+
+        Raises:
+            StageError: ``dataset.h5`` has no raw covariates (it predates them).
+        """
+        if not self.has_raw:
+            raise StageError(
+                f"{self.path}: no /covariates_raw to steer subjects to cohort.design (rebuild dataset.h5)"
+            )
+        for i in map(int, indices):
+            if i not in self._lv_mm3:
+                self._lv_mm3[i] = float(self.file.covariates_raw(i)[2])
+        return np.array([self._lv_mm3[int(i)] for i in indices], np.float64)
 
     def read(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Label map, conditions (stored dtypes), scaled and raw covariates of real subject ``index``."""
@@ -221,9 +238,7 @@ def plan_subject(
 ) -> SubjectPlan:
     """The condition source of synthetic subject ``index`` (deterministic in ``(settings.seed, index)``),
     steered to its ``cohort.design`` targets (:func:`_steer`) when the design sets any."""
-    n = len(sources)
-    rnd, pos = divmod(index, n)  # balanced rounds: every source once per round, in a seeded order
-    src = int(sources[source_order(settings.seed, rnd, n)[pos]])
+    src = choose_source(index, settings, data, sources, design)
     rng = anatomy_rng(settings.seed, index)
     new = bool(rng.random() < settings.new_anatomy_fraction)
     label, conds, cov, raw = data.read(src)
@@ -239,6 +254,37 @@ def plan_subject(
     if design is not None and design.any:
         _steer(plan, design, settings.seed, data)
     return plan
+
+
+def choose_source(
+    index: int,
+    settings: CohortSettings,
+    data: DatasetSource,
+    sources: np.ndarray,
+    design: Design | None = None,
+) -> int:
+    """The real subject that lends subject ``index`` its label map and conditions.
+
+    With ``cohort.match_lv_ratio`` and an LV-volume target, a seeded draw among the sources whose LV volume is
+    within that factor of the target (the nearest source when none is): the further steering pushes a
+    ventricle, the further its sample's ventricles fall from the target (demo, session 30: the first
+    attempt's LV-volume error against log(target / source LV), Spearman -0.75). Otherwise balanced rounds:
+    every source once per round, in a seeded order.
+    """
+    ratio = settings.match_lv_ratio
+    target = design.target("lv_volume", settings.seed, index) if design is not None else None
+    if ratio is not None and target is not None:
+        lv = data.lv_volumes(sources)
+        known = np.flatnonzero(lv > 0)
+        if known.size:
+            push = np.abs(np.log(target / lv[known]))
+            near = known[push <= np.log(ratio) + 1e-12]
+            if near.size == 0:
+                near = known[[int(np.argmin(push))]]
+            return int(sources[near[match_rng(settings.seed, index).integers(near.size)]])
+    n = len(sources)
+    rnd, pos = divmod(index, n)
+    return int(sources[source_order(settings.seed, rnd, n)[pos]])
 
 
 def _steer(plan: SubjectPlan, design: Design, seed: int, data: DatasetSource) -> None:
