@@ -272,8 +272,10 @@ def choose_source(
     every source once per round, in a seeded order.
     """
     ratio = settings.match_lv_ratio
-    target = design.target("lv_volume", settings.seed, index) if design is not None else None
-    if ratio is not None and target is not None:
+    target = None
+    if ratio is not None and design is not None:
+        target = design.target("lv_volume", settings.seed, index)
+    if target is not None:
         lv = data.lv_volumes(sources)
         known = np.flatnonzero(lv > 0)
         if known.size:
