@@ -71,7 +71,7 @@ class DatasetSource:
         self.has_raw = self.file.has_raw_covariates
         self.ranges_file = cfg["conditions"]["covariate_ranges"]
         self.config_sha256 = self.file.config_sha256  # which build of the dataset
-        self._lv_mm3: dict[int, float] = {}  # raw LV volumes read so far (source matching)
+        self._lv_mm3: np.ndarray | None = None  # every subject's raw LV volume, read once (source matching)
 
     def close(self) -> None:
         self.file.close()
@@ -102,20 +102,18 @@ class DatasetSource:
         """The ``classes`` attribute of ``/cond/semantics`` (``[]`` when absent)."""
         return self.file.semantic_classes() or []
 
-    def lv_volumes(self, indices: np.ndarray) -> np.ndarray:
-        """Native LV volumes (mm³) of real subjects ``indices`` (``/covariates_raw``).
-
-        Raises:
-            StageError: ``dataset.h5`` has no raw covariates (it predates them).
-        """
+    def require_raw(self, purpose: str) -> None:
+        """Raise a one-line :class:`StageError` naming ``purpose`` when ``dataset.h5`` has no raw covariates (it
+        predates them)."""
         if not self.has_raw:
-            raise StageError(
-                f"{self.path}: no /covariates_raw to steer subjects to cohort.design (rebuild dataset.h5)"
-            )
-        for i in map(int, indices):
-            if i not in self._lv_mm3:
-                self._lv_mm3[i] = float(self.file.covariates_raw(i)[2])
-        return np.array([self._lv_mm3[int(i)] for i in indices], np.float64)
+            raise StageError(f"{self.path}: no /covariates_raw to {purpose} (rebuild dataset.h5)")
+
+    def lv_volumes(self, indices: np.ndarray) -> np.ndarray:
+        """Native LV volumes (mm³) of real subjects ``indices`` (``/covariates_raw``, read once)."""
+        self.require_raw("steer subjects to cohort.design")
+        if self._lv_mm3 is None:
+            self._lv_mm3 = self.file.covariates_raw(np.arange(len(self.subjects)))[:, 2]
+        return self._lv_mm3[np.asarray(indices, dtype=np.intp)]
 
     def read(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Label map, conditions (stored dtypes), scaled and raw covariates of real subject ``index``."""
@@ -176,10 +174,7 @@ def warped_covariates(
     raw: np.ndarray, label: np.ndarray, warped: np.ndarray, data: DatasetSource
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scaled and raw covariates of a new anatomy: LV and brain volumes scaled by the voxel counts."""
-    if not data.has_raw:
-        raise StageError(
-            f"{data.path}: no /covariates_raw to recompute a new anatomy's volumes (rebuild dataset.h5)"
-        )
+    data.require_raw("recompute a new anatomy's volumes")
     raw = raw.copy()
     for k, fn in ((2, lambda lab: mask_of(lab, data.lv_labels)), (3, brain_mask)):
         before, after = int(fn(label).sum()), int(fn(warped).sum())
@@ -295,10 +290,7 @@ def _steer(plan: SubjectPlan, design: Design, seed: int, data: DatasetSource) ->
     label map's volumes (the source's native volumes times the voxel-count ratios)."""
     from vcm.cohort.steer import steer_label
 
-    if not data.has_raw:
-        raise StageError(
-            f"{data.path}: no /covariates_raw to steer subjects to cohort.design (rebuild dataset.h5)"
-        )
+    data.require_raw("steer subjects to cohort.design")
     raw = plan.covariates_raw
     targets = design.draw(seed, plan.index, dict(zip(COVARIATES, raw.tolist(), strict=True)))
     lv, brain = mask_of(plan.label, data.lv_labels).sum(), brain_mask(plan.label).sum()

@@ -101,8 +101,7 @@ def augment_subjects(
 
     src = DatasetSource(dataset, cfg)
     try:
-        if not src.has_raw:
-            raise StageError(f"{dataset}: no /covariates_raw to augment the anatomy (rebuild dataset.h5)")
+        src.require_raw("augment the anatomy")
         low, high = (math.log(f) for f in settings.lv_factor)
         images, covs, subjects, ratios = [], [], [], []
         conds: dict[str, list[np.ndarray]] = {n: [] for n in names}
