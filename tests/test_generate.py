@@ -323,6 +323,46 @@ def test_failing_qc_is_retried_with_fresh_seeds_and_flagged(files, gcfg, tmp_pat
         np.testing.assert_array_equal(h5["attempts/kept"][:], [False, True] * 3)
 
 
+@pytest.mark.parametrize("redraw", [True, False])
+def test_a_retry_redraws_the_source_and_anatomy(files, gcfg, tmp_path, redraw):
+    """With ``cohort.retry_new_anatomy`` each retry samples a new plan (source and warp; the first attempt as
+    without it), and the folder keeps the kept attempt's label map; without it every attempt samples one plan."""
+    gcfg["cohort"].update(size=2, shard_size=2, new_anatomy_fraction=1.0, retry_new_anatomy=redraw)
+    gcfg["qc"].update(dice_min=1.0, max_tries=3)
+
+    def never(image, path):
+        return np.zeros(image.shape, np.uint16)  # every attempt fails: the first is kept (ties)
+
+    merge_cohort(gcfg, run_cohort(gcfg, files, tmp_path, segmenter=never), tmp_path)
+    qc = pd.read_csv(tmp_path / "qc.csv")
+    draws = (qc["attempt"] - 1) if redraw else 0 * qc["attempt"]
+    assert qc["draw"].tolist() == draws.tolist()
+    settings = CohortSettings.from_config(gcfg)
+    data = DatasetSource(files["dataset"], gcfg)
+    try:
+        sources = data.source_indices(["train"], "train_4")
+        for i in range(2):
+            plans = [plan_subject(i, settings, data, sources, None, d) for d in range(3)]
+            assert qc[qc["subject"] == subject_id(i)]["source_index"].tolist() == (
+                [p.source_index for p in plans] if redraw else [plans[0].source_index] * 3
+            )
+            assert not np.array_equal(plans[0].label, plans[2].label)  # a new warp (and maybe source)
+            folder = tmp_path / "shards" / "00000" / subject_id(i)
+            on_disk = load_nifti(folder / "label.nii.gz", np.uint16)[0]
+            np.testing.assert_array_equal(on_disk, plans[0].label)  # the kept first attempt's, rewritten
+            np.testing.assert_array_equal(
+                load_nifti(folder / "lv.nii.gz", np.uint8)[0], plans[0].conditions["lv"]
+            )
+            assert json.loads((folder / SUBJECT_FILE).read_text())["draw"] == 0
+    finally:
+        data.close()
+    with h5py.File(tmp_path / "cohort.h5") as h5:
+        assert h5["attempts/draw"].dtype == np.int64 and h5["attempts/draw"][:].tolist() == draws.tolist()
+        first = h5["attempts/attempt"][:] == 0
+        # the first attempts sample the same plan and noise either way
+        assert h5["attempts/seed"][first].tolist() == [noise_seed(0, i, 0) for i in range(2)]
+
+
 def test_a_copy_of_a_real_training_image_is_flagged_and_leaves_the_passed_set(
     files, gcfg, tmp_path, monkeypatch
 ):

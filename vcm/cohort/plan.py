@@ -61,6 +61,10 @@ class CohortSettings:
         match_lv_ratio: with an LV-volume target in ``design``, a subject's source is drawn among the sources
             whose LV volume is within this factor of the target (the nearest source when none is), so that
             steering pushes its ventricles little; ``None``: every source once per round, whatever the target.
+        retry_new_anatomy: a retry after a failed QC attempt redraws the subject's plan — its source and new
+            anatomy, not its design targets — instead of sampling the same label map with new noise: a failing
+            subject's attempts on one label map miss by the same amount (demo, session 30), so new noise
+            rarely rescues it.
     """
 
     size: int
@@ -78,6 +82,7 @@ class CohortSettings:
     qc_workers: int
     design: dict[str, Any]
     match_lv_ratio: float | None
+    retry_new_anatomy: bool
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> CohortSettings:
@@ -163,9 +168,15 @@ def noise_seed(base: int, index: int, attempt: int = 0) -> int:
     return _seed_from(base, STREAM_NOISE, index, attempt)
 
 
-def anatomy_rng(base: int, index: int) -> np.random.Generator:
-    """Subject ``index``'s generator of its new-anatomy draw and deformation."""
-    return np.random.default_rng(np.random.SeedSequence([base, STREAM_ANATOMY, index]))
+def _draw_entropy(base: int, stream: int, index: int, draw: int) -> list[int]:
+    # draw 0 keeps the entropy it had before retries could redraw an anatomy: first attempts are unchanged
+    return [base, stream, index] + ([draw] if draw else [])
+
+
+def anatomy_rng(base: int, index: int, draw: int = 0) -> np.random.Generator:
+    """Subject ``index``'s generator of its new-anatomy draw and deformation (``draw``: the redraw after
+    ``draw`` failed QC attempts, :attr:`CohortSettings.retry_new_anatomy`)."""
+    return np.random.default_rng(np.random.SeedSequence(_draw_entropy(base, STREAM_ANATOMY, index, draw)))
 
 
 def design_rng(base: int, index: int, covariate: int) -> np.random.Generator:
@@ -173,9 +184,10 @@ def design_rng(base: int, index: int, covariate: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([base, STREAM_DESIGN, index, covariate]))
 
 
-def match_rng(base: int, index: int) -> np.random.Generator:
-    """Subject ``index``'s generator of its draw among the sources that match its LV target."""
-    return np.random.default_rng(np.random.SeedSequence([base, STREAM_MATCH, index]))
+def match_rng(base: int, index: int, draw: int = 0) -> np.random.Generator:
+    """Subject ``index``'s generator of its draw among the sources that match its LV target (``draw``: as
+    :func:`anatomy_rng`'s; a redraw without matching draws its source from this stream too)."""
+    return np.random.default_rng(np.random.SeedSequence(_draw_entropy(base, STREAM_MATCH, index, draw)))
 
 
 def source_order(base: int, round_: int, n: int) -> np.ndarray:

@@ -6,7 +6,8 @@ load the control module and its backbone (:func:`_load_control`), check that the
 batches of subjects (:func:`~vcm.cohort.sources.plan_subject`), samples them
 (:class:`~vcm.cohort.sampler.CohortSampler`), QCs them (:mod:`vcm.qc`) and screens them for copies of the real
 training subjects (:mod:`vcm.privacy`) on worker threads while the next batch samples, retries a failing
-sample (a possible copy included) from the next attempt's seed and writes each finished subject's folder
+sample (a possible copy included) from the next attempt's seed — with a redrawn source and anatomy under
+``cohort.retry_new_anatomy`` — and writes each finished subject's folder
 (:mod:`vcm.cohort.subjects`). ``shard.h5`` comes last (:func:`vcm.cohort.store.write_shard`): a shard folder
 without it is incomplete, and a rerun keeps the complete subjects whose signature matches. Its
 ``step_seconds`` attribute says where the time went (:data:`STEPS`; ``python -m vcm.bench cohort`` reads it).
@@ -325,9 +326,10 @@ class _ShardRun:
         self.seg_fn, self.ranges, self.uses_skull = seg_fn, ranges, uses_skull
         self.signature, self.device, self.stop_after = signature, device, stop_after
         self.privacy, self.design = privacy, design
-        self.label_dice: dict[int, np.ndarray] = {}  # per subject, its label map's Dice with each real one
+        # per (subject, plan draw), its label map's Dice with each real one
+        self.label_dice: dict[tuple[int, int], np.ndarray] = {}
         self.pending: deque[_Job] = deque()
-        self.plans: dict[int, SubjectPlan] = {}
+        self.plans: dict[int, SubjectPlan] = {}  # each subject's current plan
         self.tries: dict[int, list[Attempt]] = {}  # touched only by _check(), one batch at a time
         self.finished = 0
         self.samples = 0
@@ -405,13 +407,19 @@ class _ShardRun:
             with self._seconds_lock:
                 self.seconds[step] += time.perf_counter() - t0
 
+    def _draw(self, attempt: int) -> int:
+        """The plan draw an attempt samples: a new one per retry under ``cohort.retry_new_anatomy``."""
+        return attempt if self.settings.retry_new_anatomy else 0
+
     def _sample(self, sampler: CohortSampler, batch: list[_Job]) -> tuple[list[int], np.ndarray]:
-        """Plan the batch's new subjects (their label map and conditions written once), then sample it."""
-        for i, _ in batch:
-            if i not in self.plans:
+        """Plan the batch's new subjects and redrawn retries (their label map and conditions written), then
+        sample it."""
+        for i, a in batch:
+            draw = self._draw(a)
+            if i not in self.plans or self.plans[i].draw != draw:
                 with self._timed("planning"):
                     plan = self.plans[i] = plan_subject(
-                        i, self.settings, self.data, self.sources, self.design
+                        i, self.settings, self.data, self.sources, self.design, draw
                     )
                 with self._timed("writing"):
                     write_inputs(self.out_dir / plan.subject, plan, self.data.affine)
@@ -442,20 +450,22 @@ class _ShardRun:
         if screen is not None and screen.possible_copy:  # fails like any QC check, so it is resampled
             result = QCResult(result.metrics, False, [*result.reasons, screen.reason])
         attempts = self.tries.setdefault(i, [])  # one subject is never checked twice at once
-        attempts.append(Attempt(a, seed, result, image, seg, screen))
+        attempts.append(Attempt(plan, a, seed, result, image, seg, screen))
         logger.info(
-            "%s attempt %d of %d: %s",
+            "%s attempt %d of %d (%s): %s",
             plan.subject,
             a + 1,
             self.qc_settings.max_tries,
+            f"{'new anatomy of ' if plan.new_anatomy else ''}{plan.source_subject}",
             f"passed (LV Dice {result.metrics['dice']:.3f})"
             if result.passed
             else "failed: " + "; ".join(result.reasons),
         )
         if result.passed or a + 1 >= self.qc_settings.max_tries:
             with self._timed("writing"):
-                write_subject(folder, plan, self.tries.pop(i), self.signature, self.data.affine, self.device)
-            self.label_dice.pop(i, None)
+                write_subject(folder, self.tries.pop(i), self.signature, self.data.affine, self.device)
+            for draw in range(a + 1):
+                self.label_dice.pop((i, draw), None)
             return None
         return (i, a + 1)
 
@@ -491,9 +501,10 @@ class _ShardRun:
         if self.privacy is None:
             return None
         settings, reals = self.privacy
-        if plan.index not in self.label_dice:
-            self.label_dice[plan.index] = reals.label_dices(plan.label)
-        return reals.screen(image, self.label_dice[plan.index], settings.max_similarity)
+        key = (plan.index, plan.draw)
+        if key not in self.label_dice:
+            self.label_dice[key] = reals.label_dices(plan.label)
+        return reals.screen(image, self.label_dice[key], settings.max_similarity)
 
     def _settle(self, batch: Sequence[_Job], outcomes: Sequence[_Job | None]) -> None:
         """Book a checked batch: retries go first, so a subject finishes before new ones start."""

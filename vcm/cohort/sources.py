@@ -5,7 +5,8 @@ A synthetic subject ``i`` takes the label map, conditions and covariates of a re
 ``cohort.new_anatomy_fraction`` it gets a **new anatomy** instead: the source's label map warped by a random
 smooth deformation (nearest label), its skull and low-resolution images warped linearly, the LV / brain /
 semantic conditions re-derived from the warped labels, and the LV and brain volumes scaled by the warped /
-original voxel counts. Everything is a function of ``(cohort.seed, i)`` and the dataset only.
+original voxel counts. Everything is a function of ``(cohort.seed, i)`` and the dataset only — and of the
+*draw*, when a retry after a failed QC redraws the plan (``cohort.retry_new_anatomy``).
 
 :func:`smooth_displacement` is the cohort's voxel-grid field, scaled to a largest displacement;
 :func:`vcm.anatomy.lattice_displacement` is the world-fixed field of the ventricle edits.
@@ -218,6 +219,7 @@ class SubjectPlan:
     # covariates have one; covariates_raw holds the label map's values
     targets: np.ndarray | None = None
     designed: tuple[bool, ...] = (False, False, False, False)
+    draw: int = 0  # 0: the first plan; k: redrawn after k failed QC attempts (cohort.retry_new_anatomy)
 
     @property
     def subject(self) -> str:
@@ -230,11 +232,16 @@ def plan_subject(
     data: DatasetSource,
     sources: np.ndarray,
     design: Design | None = None,
+    draw: int = 0,
 ) -> SubjectPlan:
-    """The condition source of synthetic subject ``index`` (deterministic in ``(settings.seed, index)``),
-    steered to its ``cohort.design`` targets (:func:`_steer`) when the design sets any."""
-    src = choose_source(index, settings, data, sources, design)
-    rng = anatomy_rng(settings.seed, index)
+    """The condition source of synthetic subject ``index`` (deterministic in ``(settings.seed, index, draw)``),
+    steered to its ``cohort.design`` targets (:func:`_steer`) when the design sets any.
+
+    ``draw`` > 0 redraws the source and the new anatomy (their own streams, :func:`~vcm.cohort.plan.anatomy_rng`),
+    never the design targets, which depend on ``index`` alone.
+    """
+    src = choose_source(index, settings, data, sources, design, draw)
+    rng = anatomy_rng(settings.seed, index, draw)
     new = bool(rng.random() < settings.new_anatomy_fraction)
     label, conds, cov, raw = data.read(src)
     if new:
@@ -245,7 +252,7 @@ def plan_subject(
         conds = warp_conditions(conds, warped, disp, data.lv_labels)
         cov, raw = warped_covariates(raw, label, warped, data)
         label = warped
-    plan = SubjectPlan(index, src, data.subjects[src], new, label, conds, cov, raw)
+    plan = SubjectPlan(index, src, data.subjects[src], new, label, conds, cov, raw, draw=draw)
     if design is not None and design.any:
         _steer(plan, design, settings.seed, data)
     return plan
@@ -257,14 +264,15 @@ def choose_source(
     data: DatasetSource,
     sources: np.ndarray,
     design: Design | None = None,
+    draw: int = 0,
 ) -> int:
-    """The real subject that lends subject ``index`` its label map and conditions.
+    """The real subject that lends subject ``index`` (its plan's ``draw``) its label map and conditions.
 
     With ``cohort.match_lv_ratio`` and an LV-volume target, a seeded draw among the sources whose LV volume is
     within that factor of the target (the nearest source when none is): the further steering pushes a
     ventricle, the further its sample's ventricles fall from the target (demo, session 30: the first
     attempt's LV-volume error against log(target / source LV), Spearman -0.75). Otherwise balanced rounds:
-    every source once per round, in a seeded order.
+    every source once per round, in a seeded order; a redraw (``draw`` > 0) then takes any source, seeded.
     """
     ratio = settings.match_lv_ratio
     target = None
@@ -278,8 +286,10 @@ def choose_source(
             near = known[push <= np.log(ratio) + 1e-12]
             if near.size == 0:
                 near = known[[int(np.argmin(push))]]
-            return int(sources[near[match_rng(settings.seed, index).integers(near.size)]])
+            return int(sources[near[match_rng(settings.seed, index, draw).integers(near.size)]])
     n = len(sources)
+    if draw:
+        return int(sources[match_rng(settings.seed, index, draw).integers(n)])
     rnd, pos = divmod(index, n)
     return int(sources[source_order(settings.seed, rnd, n)[pos]])
 

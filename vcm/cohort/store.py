@@ -9,7 +9,7 @@ the report) go through :func:`write_shard`, :func:`merge_cohort`, :func:`open_co
 ``/new_anatomy``, ``/qc/<metric>``, ``/qc/passed``, ``/qc/attempts``; also ``/index``, ``/seg``,
 ``/source_index``, ``/covariates_raw`` (the label map's values), ``/design/{target,designed}_<covariate>``
 (``cohort.design``; the re-segmented image's volumes are ``/qc/image_{lv,brain}_volume``),
-``/intensity/<structure>`` (the image's median intensity per semantic class, next to
+``/attempts/draw`` and ``/attempts/source_index`` (the plan each attempt sampled: a retry redraws it under ``cohort.retry_new_anatomy``), ``/intensity/<structure>`` (the image's median intensity per semantic class, next to
 ``/qc_reference/{low,high}``, the real range) and ``/attempts/<field>``, one row per QC attempt; with the privacy screen (:mod:`vcm.privacy`) on, ``/privacy/<field>`` per subject (its kept
 attempt's nearest real training subject: ``nearest_real``, ``nearest_index``, ``nearest_similarity``,
 ``nearest_label_dice``, ``max_label_dice``, ``possible_copy``), the same fields per attempt under
@@ -60,6 +60,8 @@ SHARD_FILE = "shard.h5"
 COHORT_FILE = "cohort.h5"
 MANIFEST_FILE = "manifest.csv"
 QC_FILE = "qc.csv"
+# an attempt's own fields in subject.json's "tries", stored apart from its QC metrics
+_ATTEMPT_FIELDS = ("attempt", "draw", "source_index", "seed", "passed", "kept", "reasons")
 COVARIATES = ("sex", "age", "lv_volume", "brain_volume")
 # attributes of each shard that the merged file lists under its "shards" attribute: where it ran, not how
 # long (each shard.h5 keeps its timings), so that the same config and seed give the same cohort.h5 bytes
@@ -247,7 +249,7 @@ def _write_records(h5: h5py.File, records: Sequence[Mapping]) -> None:
     """The per-subject fields of ``subject.json``, and one row per QC attempt under ``/attempts``."""
     metrics = sorted({k for r in records for k in r["qc"]})
     tries = [t for r in records for t in r["tries"]]
-    special = {"attempt", "seed", "passed", "kept", "reasons", *PRIVACY_FIELDS}
+    special = {*_ATTEMPT_FIELDS, *PRIVACY_FIELDS}
     try_keys = sorted({k for t in tries for k in t} - special)
     _put(h5, "covariates", [r["covariates"] for r in records], np.float32)
     _put(h5, "covariates_raw", [r["covariates_raw"] for r in records], np.float64)
@@ -266,6 +268,8 @@ def _write_records(h5: h5py.File, records: Sequence[Mapping]) -> None:
     _put(h5, "qc/attempts", [r["attempts"] for r in records], np.int64)
     _put(h5, "attempts/index", [r["index"] for r in records for _ in r["tries"]], np.int64)
     _put(h5, "attempts/attempt", [t["attempt"] for t in tries], np.int64)
+    _put(h5, "attempts/draw", [t["draw"] for t in tries], np.int64)  # the plan it sampled
+    _put(h5, "attempts/source_index", [t["source_index"] for t in tries], np.int64)
     _put(h5, "attempts/seed", [t["seed"] for t in tries], np.int64)
     _put(h5, "attempts/passed", [t["passed"] for t in tries], bool)
     _put(h5, "attempts/kept", [t["kept"] for t in tries], bool)
@@ -475,14 +479,15 @@ def _manifest_rows(path: Path, h5: h5py.File, out_dir: Path) -> list[dict[str, A
 def _attempt_rows(h5: h5py.File) -> list[dict[str, Any]]:
     """Rows of ``qc.csv``, one per QC attempt of a shard (attempts counted from 1)."""
     a = h5["attempts"]
-    special = ("index", "attempt", "seed", "passed", "kept", "reasons", *PRIVACY_FIELDS)
-    fields = sorted(k for k in a if k not in special)
+    fields = sorted(k for k in a if k not in ("index", *_ATTEMPT_FIELDS, *PRIVACY_FIELDS))
     privacy = [k for k in PRIVACY_FIELDS if k in a]
     return [
         {
             "subject": subject_id(int(a["index"][j])),
             "index": int(a["index"][j]),
             "attempt": int(a["attempt"][j]) + 1,
+            "draw": int(a["draw"][j]),  # the plan sampled (cohort.retry_new_anatomy)
+            "source_index": int(a["source_index"][j]),
             "seed": int(a["seed"][j]),
             "passed": bool(a["passed"][j]),
             "kept": bool(a["kept"][j]),

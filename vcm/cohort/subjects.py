@@ -1,7 +1,8 @@
 """A synthetic subject's folder ``syn-<i:05d>/``: its NIfTIs and ``subject.json``, the completion mark.
 
-The label map and conditions are written when the subject is planned; the kept attempt's ``image`` and
-``seg`` (the QC re-segmentation) when it is finished, then ``subject.json`` (source, seeds, covariates, QC and
+The label map and conditions are written when the subject is planned (again when a retry redraws its plan,
+``cohort.retry_new_anatomy``); the kept attempt's ``image`` and ``seg`` (the QC re-segmentation), and its
+plan's label map and conditions, when it is finished, then ``subject.json`` (source, seeds, covariates, QC and
 privacy screen (:mod:`vcm.privacy`) of every attempt), atomically and last: a folder without it is incomplete and is redone. A rerun keeps a complete
 folder whose settings signature matches. All volumes carry the grid affine.
 """
@@ -42,15 +43,17 @@ __all__ = [
 
 SUBJECT_FILE = "subject.json"
 # the layout of subject.json and shard.h5; part of the settings signature, so a new format remakes subjects
-# (2: the privacy screen of every attempt; 3: cohort.design targets, image volumes, the LV target check)
-FORMAT_VERSION = 3
+# (2: the privacy screen of every attempt; 3: cohort.design targets, image volumes, the LV target check;
+# 4: each attempt's plan draw and source)
+FORMAT_VERSION = 4
 
 
 @dataclass
 class Attempt:
-    """One sample of a subject, its QC and its privacy screen (``None`` when ``qc.privacy.enabled`` is off;
-    a possible copy is one of ``qc``'s failed checks)."""
+    """One sample of a subject, the plan it was sampled from, its QC and its privacy screen (``None`` when
+    ``qc.privacy.enabled`` is off; a possible copy is one of ``qc``'s failed checks)."""
 
+    plan: SubjectPlan
     attempt: int
     seed: int
     qc: QCResult
@@ -116,7 +119,6 @@ def attempt_image(folder: Path, attempt: int, image: np.ndarray, affine: np.ndar
 
 def write_subject(
     folder: Path,
-    plan: SubjectPlan,
     attempts: list[Attempt],
     signature: str,
     affine: np.ndarray,
@@ -124,10 +126,15 @@ def write_subject(
 ) -> None:
     """Write the kept attempt's image and segmentation, then ``subject.json`` (the completion mark).
 
-    The kept attempt is the first that passed QC, else the best ranked (:meth:`Attempt.rank`).
+    The kept attempt is the first that passed QC, else the best ranked (:meth:`Attempt.rank`); the folder's
+    label map and conditions are the last attempt's plan's, rewritten when the kept one was sampled from an
+    earlier plan.
     """
     passed = [t for t in attempts if t.qc.passed]
     kept = passed[0] if passed else min(attempts, key=Attempt.rank)
+    plan = kept.plan
+    if plan is not attempts[-1].plan:
+        write_inputs(folder, plan, affine)
     save_nifti(volume_path(folder, "image"), kept.image, affine, np.float32)
     save_nifti(volume_path(folder, "seg"), kept.seg, affine, np.uint16)
     record = {
@@ -137,6 +144,7 @@ def write_subject(
         "source_subject": plan.source_subject,
         "source_index": plan.source_index,
         "new_anatomy": plan.new_anatomy,
+        "draw": plan.draw,
         "seed": kept.seed,
         "attempt": kept.attempt,
         "attempts": len(attempts),
@@ -152,6 +160,8 @@ def write_subject(
         "tries": [
             {
                 "attempt": t.attempt,
+                "draw": t.plan.draw,
+                "source_index": t.plan.source_index,
                 "seed": t.seed,
                 "passed": t.qc.passed,
                 "kept": t is kept,
