@@ -6,10 +6,16 @@ TORCH ?= torch==2.13.0
 CORES ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test install system-deps lint clean-results
+.PHONY: demo compare test install system-deps lint clean-results
 
 demo: install
 	snakemake --cores $(CORES)
+
+# The demo with the ControlNet baseline beside VCM (the paper's Table 1 on results/eval/table.md): reuses what
+# `make demo` made and trains ControlNet alone, 600 steps (about 4 s a step on two cores: ~45 min more).
+COMPARE ?= training={methods: [vcm, controlnet], by_method: {controlnet: {steps: 600}}}
+compare: install
+	snakemake --cores $(CORES) --config '$(COMPARE)'
 
 test: install
 	pytest -q

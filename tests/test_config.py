@@ -52,6 +52,22 @@ def test_defaults_are_filled_for_absent_sections():
             {"cohort": {"method": "controlnet"}},
             "config key 'cohort.method': 'controlnet' is not trained (training.methods: vcm)",
         ),
+        (
+            {"training": {"by_method": {"controlnet": {"stepz": 600}}}},
+            "config: unknown key 'stepz' under 'training.by_method.controlnet' (allowed: steps,",
+        ),
+        (  # the run's or already per method: not a method's to set apart
+            {"training": {"by_method": {"vcm": {"sizes": [4]}}}},
+            "config: unknown key 'sizes' under 'training.by_method.vcm'",
+        ),
+        (
+            {"training": {"by_method": {"controlnet": {"steps": 0}}}},
+            "config key 'training.by_method.controlnet.steps': 0 is less than the minimum of 1",
+        ),
+        (
+            {"training": {"by_method": {"gan": {}}}},
+            "config: unknown key 'gan' under 'training.by_method' (allowed: controlnet, vcm)",
+        ),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(override, message):
@@ -74,6 +90,25 @@ def test_training_settings_take_the_method_of_their_job():
     cfg = validate_config({"training": {"methods": ["controlnet", "vcm"]}})
     assert Settings.from_config(cfg).method == "controlnet"  # the first, where no job names one
     assert Settings.from_config(cfg, method="vcm").method == "vcm"
+
+
+def test_a_method_trains_with_its_own_settings_over_the_sections():
+    from vcm.training.settings import Settings
+
+    cfg = validate_config(
+        {
+            "training": {
+                "methods": ["vcm", "controlnet"],
+                "steps": 1800,
+                "lr": 8e-4,
+                "by_method": {"controlnet": {"steps": 600, "ema_decay": 0.99}},
+            }
+        }
+    )
+    vcm, controlnet = (Settings.from_config(cfg, method=m) for m in ("vcm", "controlnet"))
+    assert (vcm.steps, vcm.ema_decay, vcm.lr) == (1800, None, 8e-4)
+    assert (controlnet.steps, controlnet.ema_decay, controlnet.lr) == (600, 0.99, 8e-4)
+    assert Settings.from_config(cfg, method="controlnet", steps=5).steps == 5  # the command line wins
 
 
 def test_grid_mapping_is_accepted():

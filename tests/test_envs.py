@@ -241,10 +241,10 @@ def test_optional_path_options_quote_their_path():
     assert seen == OPTION_PARAMS
 
 
-def _dry_run(*args: str) -> subprocess.CompletedProcess:
+def _dry_run(*args: str, cores: int = 1) -> subprocess.CompletedProcess:
     """``snakemake -n`` in the repository: plans the whole workflow (up to the input checkpoint), runs nothing."""
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", *args],
+        [sys.executable, "-m", "snakemake", "-n", "--cores", str(cores), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -301,6 +301,29 @@ def test_nested_config_overrides_merge_into_the_config_file(tmp_path):
     assert written["training"]["steps"] == 10
     assert written["training"]["sizes"] == base["training"]["sizes"]
     assert _job_counts(proc.stdout)["generate_shard"] == 3 * len(base["cohort"]["sets"])
+
+
+def test_make_compare_trains_controlnet_beside_vcm_with_its_own_steps(tmp_path):
+    """The Makefile's ``compare`` override plans one model per method, ControlNet with its own step budget,
+    each trained on all the cores in turn (step budgets: no model waits on another's clock)."""
+    override = re.search(r"^COMPARE \?= (.+)$", (REPO / "Makefile").read_text(), re.MULTILINE)[1]
+    results = tmp_path / "results"
+    proc = _dry_run(
+        "--printshellcmds",
+        "--config",
+        f"results={results}",
+        f"data={{manifest: {results}/demo/manifest.csv}}",
+        override,
+        cores=2,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    written = yaml.safe_load((results / ".vcm" / "config.yaml").read_text())["training"]
+    assert written["methods"] == ["vcm", "controlnet"]
+    assert written["by_method"]["controlnet"]["steps"] < written["steps"]  # VCM keeps the demo's budget
+    counts = _job_counts(proc.stdout)
+    assert counts["train_vcm"] == counts["evaluate"] == 2 * len(written["sizes"])
+    training = re.findall(r"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=(\d+) python -m vcm train-vcm", proc.stdout)
+    assert training == ["2"] * counts["train_vcm"]
 
 
 def test_an_override_that_cannot_work_says_how_to_write_it(tmp_path):

@@ -114,6 +114,7 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"config key 'data.gates.{key}': low end {value[0]:g} is above high end {value[1]:g}"
             )
+    _check_by_method(out, schema)
     method, methods = out["cohort"]["method"], out["training"]["methods"]
     if method is not None and method not in methods:
         raise ConfigError(
@@ -125,6 +126,28 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"config key 'cohort.sets': '{name}' is not a condition set (defined: {', '.join(out['condition_sets'])})"
             )
     return out
+
+
+# training keys that one method cannot set apart (training.by_method): they are the run's or per method already
+_SHARED_TRAINING_KEYS = ("methods", "sizes", "by_method", "vcm", "controlnet", "preview")
+
+
+def _check_by_method(cfg: Mapping[str, Any], schema: dict[str, Any]) -> None:
+    """Validate each ``training.by_method.<method>`` block as the training section it makes: its keys must be
+    training keys a method can set apart, and the merged section must pass the schema."""
+    training = schema["properties"]["training"]
+    for method, extra in cfg["training"]["by_method"].items():
+        where = f"training.by_method.{method}"
+        for key in extra:
+            if key not in training["properties"] or key in _SHARED_TRAINING_KEYS:
+                allowed = ", ".join(k for k in training["properties"] if k not in _SHARED_TRAINING_KEYS)
+                raise ConfigError(f"config: unknown key '{key}' under '{where}' (allowed: {allowed})")
+        merged = {**cfg["training"], **extra}
+        validator = jsonschema.Draft7Validator({"definitions": schema.get("definitions", {}), **training})
+        error = jsonschema.exceptions.best_match(validator.iter_errors(merged))
+        if error is not None:
+            key = ".".join(str(p) for p in error.absolute_path)
+            raise ConfigError(f"config key '{where}.{key}': {error.message}")
 
 
 def coerce_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def cli(argv: list[str]) -> int:
     if result.model_path is None:  # stopped early on request
         return 0
     folder = Path(args.out_dir) / "preview"
-    settings = Settings.from_config(cfg)
+    settings = Settings.from_config(cfg, method=args.method)
     if args.no_preview or settings.preview_subjects <= 0:
         write_disabled_preview(folder)
         return 0

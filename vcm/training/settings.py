@@ -115,11 +115,14 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> Settings:
         """Read ``cfg["training"]`` of a validated config (and ``cohort.sampler`` and ``cohort.steps`` where
-        the previews defer to them); ``overrides`` that are not ``None`` win. ``method`` defaults to the first
-        of ``training.methods``."""
+        the previews defer to them), with ``training.by_method.<method>`` over it; ``overrides`` that are not
+        ``None`` win. ``method`` defaults to the first of ``training.methods``."""
         names = [f.name for f in fields(cls) if f.name not in (*_PREVIEW.values(), "method")]
-        values = section_values(cfg, "training", names, read_elsewhere=("sizes", "methods", "preview"))
-        values["method"] = cfg["training"]["methods"][0]
+        values = section_values(
+            cfg, "training", names, read_elsewhere=("sizes", "methods", "preview", "by_method")
+        )
+        values["method"] = overrides.get("method") or cfg["training"]["methods"][0]
+        values.update(cfg["training"]["by_method"].get(values["method"], {}))  # validated by the config
         preview = section_values(cfg, "training.preview", list(_PREVIEW))
         values.update({name: preview[key] for key, name in _PREVIEW.items()})
         for key in ("sampler", "steps"):

@@ -158,9 +158,11 @@ def eval_digest(*parts):
 def model_settings(wildcards):
     """Rerun trigger: what one model depends on (not the other methods, condition sets or the cohort's size)."""
     other_methods = {"vcm", "controlnet"} - {wildcards.method}  # their training.<method> blocks
+    training = CFG["training"]
     parts = [
         wildcards.method,
-        {k: v for k, v in CFG["training"].items() if k not in ("sizes", "methods", *other_methods)},
+        {k: v for k, v in training.items() if k not in ("sizes", "methods", "by_method", *other_methods)},
+        *([own] if (own := training["by_method"].get(wildcards.method)) else []),  # no change without one
         CFG["backbone"],
         CFG["condition_sets"].get(wildcards.condset),
         CFG["cohort"]["sampler"],  # previews
@@ -187,15 +189,18 @@ def shard_settings(wildcards):
 
 
 def train_threads(wildcards):
-    """A model's time budget is wall-clock, so every model trains at once: the local cores are shared between
-    them (a lone model gets them all: 1.8x the steps of 1 thread on 2 cores); 2 on a cluster (no --cores).
+    """Threads of a training job: 2 on a cluster (no --cores). Locally, models budgeted in steps train one
+    after another on all the cores (1.8x the steps of 1 thread on 2 cores); a wall-clock budget
+    (training.minutes, or a method's) makes every model train at once, the cores shared between them.
     Over-subscribing a few cores is worse than sharing them (measured: 2 threads ran 4x slower than 1 on 2 busy
     cores)."""
     cores = workflow.global_resources.get("_cores")
     cores = getattr(cores, "value", cores)  # Snakemake 9.27 holds a Resource here, 9.15 an int
     if cores is None or cores >= 1024:
         return 2
-    return max(1, cores // max(1, len(MODELS)))
+    training = CFG["training"]
+    clocked = [training["by_method"].get(m, {}).get("minutes", training["minutes"]) for m in METHODS]
+    return max(1, cores // max(1, len(MODELS))) if any(clocked) else cores
 
 
 def shell_option(flag, path):
