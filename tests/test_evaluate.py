@@ -406,12 +406,17 @@ def test_training_cost_reads_the_seconds_per_step_beside_the_model(tmp_path):
     net.bias.requires_grad_(False)  # not trained: not counted
     model_path = tmp_path / "vcm.pt"
     cost = training_cost(net, model_path)
-    assert cost["parameters"] == 6 and math.isnan(cost["seconds_per_step"])
+    assert (
+        cost["parameters"] == 6
+        and math.isnan(cost["seconds_per_step"])
+        and math.isnan(cost["training_steps"])
+    )
     (tmp_path / "loss.csv").write_text("step,loss,lr,elapsed_s\n1,0.5,1e-3,2.00\n40,0.4,1e-3,50.00\n")
-    assert training_cost(net, model_path)["seconds_per_step"] == pytest.approx(1.25)
+    cost = training_cost(net, model_path)
+    assert cost["seconds_per_step"] == pytest.approx(1.25) and cost["training_steps"] == 40
 
 
-def _model_table(method, condset, controlled, parameters, seconds):
+def _model_table(method, condset, controlled, parameters, seconds, steps=None):
     """A per-model table as ``evaluate`` writes it: ``method`` against the uncontrolled backbone (dice 0.5, 0.6)."""
     from vcm.evaluation.tables import summarise
 
@@ -428,6 +433,8 @@ def _model_table(method, condset, controlled, parameters, seconds):
     table.insert(2, "model", method)
     table["parameters"] = [parameters, math.nan, math.nan]
     table["seconds_per_step"] = [seconds, math.nan, math.nan]
+    if steps is not None:  # tables written before the steps were recorded have no column
+        table["training_steps"] = [steps, math.nan, math.nan]
     return table
 
 
@@ -435,8 +442,8 @@ def test_the_table_lists_every_method_beside_the_backbone_once():
     from vcm.evaluation.tables import display_table
 
     tables = [
-        _model_table("vcm", "lv", [0.8, 0.9], 45_190_000, 0.36),
-        _model_table("controlnet", "lv", [0.7, 0.7], 181_000_000, 0.9),
+        _model_table("vcm", "lv", [0.8, 0.9], 45_190_000, 0.36, 1800),
+        _model_table("controlnet", "lv", [0.7, 0.7], 181_000_000, 0.9, 600),
         _model_table("vcm", "two", [0.6, 0.7], 45_880_000, 0.4),
     ]
     shown = display_table(tables)
@@ -453,6 +460,7 @@ def test_the_table_lists_every_method_beside_the_backbone_once():
     assert list(shown["condition set"]) == ["lv"] * 5 + ["two"] * 3
     assert list(shown["parameters"][:3]) == ["–", "45.19 M", "181.00 M"]
     assert list(shown["s / training step"][:3]) == ["–", "0.36", "0.9"]
+    assert list(shown["training steps"]) == ["–", "1,800", "600", "–", "–", "–", "–", "–"]
     assert shown["DSC ↑"][0].startswith("0.550") and shown["DSC ↑"][2].startswith("0.700")
     assert shown["DSC ↑"][4].startswith("0.150")  # ControlNet − backbone, paired
 

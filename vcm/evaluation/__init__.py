@@ -34,8 +34,8 @@ scored against the subject:
   misleads on medical images anyway: read the anatomical metrics first.
 
 Outputs (``--out results/eval/<method>/<set>_n<size>.csv``): the table (per method, mean and sample sd of each
-metric over the subjects, FID 3D as one value; the model's trainable ``parameters`` and ``seconds_per_step``
-from its ``loss.csv``), ``<stem>_subjects.csv`` (every subject and method) and
+metric over the subjects, FID 3D as one value; the model's trainable ``parameters``, and its
+``training_steps`` and ``seconds_per_step`` from its ``loss.csv``), ``<stem>_subjects.csv`` (every subject and method) and
 ``<stem>.json`` (settings, scales, notes). ``python -m vcm eval-tables`` gathers the per-model tables into
 ``results/eval/table.md`` and ``table.html`` (per set and size the backbone once, every method and each
 method's paired difference from it) and the TSTR tables into ``results/eval/tstr.csv``.

@@ -279,19 +279,22 @@ def _model_table(
 
 
 def training_cost(model: nn.Module, model_path: str | Path) -> dict[str, float]:
-    """The model's trainable parameter count and its seconds per training step.
+    """The model's trainable parameter count, its training steps and its seconds per training step.
 
-    Seconds per step come from ``loss.csv`` beside ``vcm.pt`` (its last ``elapsed_s``, summed over resumes,
-    over its last step); NaN when that file is absent or holds no step.
+    Steps and seconds per step come from ``loss.csv`` beside ``vcm.pt`` (its last step, and its last
+    ``elapsed_s``, summed over resumes, over that step); NaN when that file is absent or holds no step.
+    Methods trained side by side may have different budgets (``training.by_method``), so the table says each.
     """
-    seconds = math.nan
+    steps = seconds = math.nan
     loss_csv = Path(model_path).with_name("loss.csv")
     if loss_csv.is_file():
         loss = pd.read_csv(loss_csv)
         if len(loss) and loss["step"].iloc[-1] > 0:
-            seconds = float(loss["elapsed_s"].iloc[-1]) / float(loss["step"].iloc[-1])
+            steps = float(loss["step"].iloc[-1])
+            seconds = float(loss["elapsed_s"].iloc[-1]) / steps
     return {
         "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "training_steps": steps,
         "seconds_per_step": seconds,
     }
 

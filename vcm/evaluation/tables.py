@@ -168,8 +168,8 @@ def side_by_side(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
 def display_table(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """The paper-style table (its Table 1) of several per-model tables: per condition set and training size the
     uncontrolled backbone, each method and each method's paired difference from the backbone, with
-    ``mean [95 % interval]`` cells, the trainable parameters and the seconds per training step; metric columns
-    that are empty everywhere are dropped."""
+    ``mean [95 % interval]`` cells, the trainable parameters, the training steps and the seconds per training
+    step; columns that are empty everywhere are dropped."""
     if not tables:
         return pd.DataFrame()
     df = side_by_side(tables)
@@ -188,6 +188,8 @@ def display_table(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
             )
         row[LABELS["fid3d"]] = _fmt(r.get("fid3d"), None, 2)
         row["parameters"] = _fmt_parameters(r.get("parameters"))
+        steps = r.get("training_steps")  # absent from tables written before it was recorded
+        row["training steps"] = f"{int(steps):,}" if steps is not None and np.isfinite(steps) else "–"
         seconds = r.get("seconds_per_step")
         row["s / training step"] = f"{seconds:.3g}" if seconds is not None and np.isfinite(seconds) else "–"
         rows.append(row)
