@@ -48,3 +48,37 @@ def test_stage_command_lines_share_the_prologue(stage, capsys):
     assert text.startswith(f"usage: python -m vcm {stage} ")
     assert ("--config CONFIG" in text) == (stage != "eval-tables")
     assert ("--threads THREADS" in text and "--device DEVICE" in text) == (stage != "eval-tables")
+
+
+def _environment_stage(argv: list[str]) -> int:
+    """A stage for the test below: prints what NumPy's BLAS would read."""
+    import os
+
+    from vcm.cli import BLAS_THREAD_VARIABLES
+
+    print(" ".join(os.environ.get(name, "-") for name in BLAS_THREAD_VARIABLES))
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"), [(["--threads", "3"], "3 3 3"), (["--threads=1"], "1 1 1"), ([], "- - -")]
+)
+def test_a_stage_gives_its_threads_to_numpys_blas_before_loading_it(argv, expected, monkeypatch, capsys):
+    from vcm.cli import BLAS_THREAD_VARIABLES, STAGES, main
+
+    for name in BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)  # main sets them in this process: restored after the test
+    monkeypatch.setitem(STAGES, "environment", "tests.test_stage:_environment_stage")
+    assert main(["environment", *argv]) == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_the_command_line_loads_no_numpy_before_the_stage():
+    import subprocess
+    import sys
+
+    code = "import sys, vcm.cli; print('numpy' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        == "False\n"
+    )

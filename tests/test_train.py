@@ -237,12 +237,15 @@ def test_lv_weight_weighs_sets_with_an_lv_condition_only(files, tcfg):
         assert torch.isclose(weighted, plain) == (name == "skull"), name  # no lv: the paper's loss
 
 
-def test_a_step_budget_gives_the_same_model_twice(tmp_path, files, tcfg):
+@pytest.mark.parametrize("method", ["vcm", "controlnet"])
+def test_a_step_budget_gives_the_same_model_twice(tmp_path, files, tcfg, method):
     """The demo trains a fixed number of steps, not minutes: the same config and seed, the same model."""
     assert tcfg["training"]["minutes"] is None  # the project config: no wall-clock budget
+    tcfg["training"]["methods"] = [method]
     a = run(tcfg, files, tmp_path / "a")
     b = run(tcfg, files, tmp_path / "b")
     assert a.step == b.step == tcfg["training"]["steps"]
+    assert isinstance(a.model, ControlNetControl if method == "controlnet" else VCM)
     assert_same_state(a.model.state_dict(), b.model.state_dict(), atol=0.0)
     other = copy.deepcopy(tcfg)
     other["training"]["seed"] = 1

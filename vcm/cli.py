@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from vcm.errors import StageError
@@ -41,6 +42,27 @@ STAGES: dict[str, str] = {
 }
 
 
+# read by NumPy's BLAS (and MKL, OpenMP) once, when it loads
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_blas_threads(argv: list[str]) -> None:
+    """Give NumPy's BLAS a stage's ``--threads``, before the stage imports NumPy (and to the workers it spawns).
+
+    Snakemake sets these variables for its jobs; a stage run by hand must agree with it, because the BLAS sums
+    in another order when it loads with another thread count (the privacy screen's similarities moved in the
+    7th digit between ``generate-shard`` by hand and by the workflow). Limiting it later does not undo that.
+    """
+    threads = None
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            threads = argv[i + 1]
+        elif arg.startswith("--threads="):
+            threads = arg.split("=", 1)[1]
+    if threads is not None and threads.isdigit() and int(threads) > 0:
+        os.environ.update({name: threads for name in BLAS_THREAD_VARIABLES})
+
+
 def _usage() -> str:
     names = "\n".join(f"  {name}" for name in STAGES)
     return f"usage: python -m vcm <stage> [options]\n\nstages:\n{names}\n\n'python -m vcm <stage> --help' for a stage's options."
@@ -61,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vcm: unknown stage '{stage}'\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_blas_threads(rest)
     module_name, func_name = STAGES[stage].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:
