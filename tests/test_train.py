@@ -253,6 +253,24 @@ def test_a_step_budget_gives_the_same_model_twice(tmp_path, files, tcfg, method)
     assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 
+def test_a_resume_on_another_thread_count_is_recorded_and_warned(tmp_path, files, tcfg, caplog):
+    """The 1-thread part of an interrupted run sums in another order than the 2-thread rest: say so."""
+    run(tcfg, files, tmp_path, stop_after=3)
+    torch.set_num_threads(2)  # the one_thread fixture restores the count
+    with caplog.at_level("WARNING", logger="vcm.training.loop"):
+        resumed = run(tcfg, files, tmp_path)
+    assert resumed.resumed_from == 3
+    assert "on 2 CPU threads a run that trained on 1" in caplog.text
+    assert torch.load(tmp_path / "checkpoints" / FINAL, weights_only=True)["cpu_threads"] == [1, 2]
+    assert torch.load(tmp_path / "vcm.pt", weights_only=True)["cpu_threads"] == [1, 2]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vcm.training.loop"):
+        run(tcfg, files, tmp_path / "again", stop_after=3)
+        run(tcfg, files, tmp_path / "again")  # the same count: nothing to say
+    assert "CPU threads" not in caplog.text
+    assert torch.load(tmp_path / "again" / "vcm.pt", weights_only=True)["cpu_threads"] == [2, 2]
+
+
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, files, tcfg):
     full = run(tcfg, files, tmp_path / "full")
     part = run(tcfg, files, tmp_path / "resumed", stop_after=3)

@@ -76,6 +76,7 @@ class _State:
     step: int = 0
     resumed_from: int = 0
     resumed_at: list[int] = field(default_factory=list)  # the step of every resume of this run, in order
+    cpu_threads: list[int] = field(default_factory=list)  # torch's threads in the first call and every resume
     elapsed0: float = 0.0  # seconds trained before this call
     history: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in _HISTORY_KEYS})
     start: float = 0.0  # perf_counter when this call's loop started
@@ -91,6 +92,7 @@ def _resume(run: Run, fresh: bool) -> _State:
     """A new run's progress, or the progress (and weights, optimizer and random state) of its checkpoint."""
     settings = run.settings
     state = _State(total=settings.steps if settings.minutes is None else None, warmup=settings.warmup)
+    state.cpu_threads = [torch.get_num_threads()]
     ckpt = None if fresh else run.store.resume()
     if ckpt is None:
         return state
@@ -101,6 +103,16 @@ def _resume(run: Run, fresh: bool) -> _State:
     restore_rng_state(ckpt["rng"], run.generator)
     state.step = state.resumed_from = int(ckpt["step"])
     state.resumed_at = [*ckpt.get("resumed_at", []), state.step]
+    before = list(ckpt.get("cpu_threads", []))
+    state.cpu_threads = [*before, torch.get_num_threads()]
+    if run.rank == 0 and run.device.type == "cpu" and before and before[-1] != state.cpu_threads[-1]:
+        logger.warning(
+            "resuming at step %d on %d CPU threads a run that trained on %d: another thread count sums in another"
+            " order, so the weights will not be an uninterrupted run's bit for bit",
+            state.step,
+            state.cpu_threads[-1],
+            before[-1],
+        )
     if ckpt["scheduler"]["total_steps"]:
         state.total = int(ckpt["scheduler"]["total_steps"])
     state.warmup = int(ckpt["scheduler"]["warmup_steps"])
@@ -142,6 +154,7 @@ def _checkpoint(run: Run, state: _State) -> dict[str, Any]:
         "history": state.history,
         "elapsed_s": state.elapsed(),
         "resumed_at": state.resumed_at,
+        "cpu_threads": state.cpu_threads,
     }
 
 
@@ -437,6 +450,7 @@ def _model_file(
         "steps": int(state.step),
         "batch_size": s.batch_size,
         "processes": run.world,
+        "cpu_threads": state.cpu_threads,  # per call: a resume on another count changes the weights' last bits
         "final_loss": final_loss,
         "settings": json.loads(json.dumps(asdict(s))),
         "provenance": provenance(
