@@ -7,6 +7,7 @@ steps (an optional wall-clock cap for clusters), seeded initialisation and batch
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from vcm.errors import StageError
 from vcm.models.layout import place
 from vcm.models.segmenter import build_unet, predict
+from vcm.training.ema import ema_decay_at, ema_update
 
 __all__ = ["LoopSettings", "evaluate_dice", "train_network", "transforms"]
 
@@ -37,6 +39,7 @@ class LoopSettings(Protocol):
     num_res_units: int
     flip: bool
     augment: bool
+    ema_decay: float | None
     seed: int
     num_workers: int
 
@@ -112,6 +115,9 @@ def train_network(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a fresh U-Net on ``ds`` (items with ``image`` and channel-first ``label``).
 
+    With ``settings.ema_decay`` the network returned is the exponential moving average of the trained weights
+    (:mod:`vcm.training.ema`): the last step's weights carry the noise of the last mini-batches.
+
     Returns:
         the network (eval mode) and ``{"steps", "seconds", "final_loss"}``.
     """
@@ -121,6 +127,7 @@ def train_network(
         raise StageError(f"{desc}: no training subjects")
     torch.manual_seed(settings.seed)
     net = place(build_unet(settings.channels, settings.strides, settings.num_res_units, n_foreground), device)
+    ema = copy.deepcopy(net).requires_grad_(False) if settings.ema_decay is not None else None
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -139,6 +146,8 @@ def train_network(
             loss = loss_fn(net(image), label)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema_update(ema, net, ema_decay_at(step, settings.ema_decay))
             losses.append(float(loss.detach()))
             step += 1
             bar.update(1)
@@ -146,7 +155,7 @@ def train_network(
                 break
     bar.close()
     tail = losses[-max(1, len(losses) // 10) :]
-    return net.eval(), {
+    return (net if ema is None else ema).eval(), {
         "steps": step,
         "seconds": round(time.perf_counter() - start, 2),
         "final_loss": float(np.mean(tail)) if tail else math.nan,

@@ -40,6 +40,7 @@ class SegmenterSettings:
         channels, strides, num_res_units: the U-Net.
         flip: left-right flip augmentation, and test-time mirroring (:func:`vcm.models.segmenter.predict`).
         augment: blur, contrast, bias and noise augmentation (:func:`vcm.segtrain.appearance_augmentation`).
+        ema_decay: ship the exponential moving average of the weights with this decay (``None``: the last step's).
         seed: initialisation and batch order.
         num_workers: DataLoader workers.
     """
@@ -53,6 +54,7 @@ class SegmenterSettings:
     num_res_units: int = 1
     flip: bool = True
     augment: bool = False
+    ema_decay: float | None = None
     seed: int = 0
     num_workers: int = 0
 

@@ -74,6 +74,8 @@ class TstrSettings:
         qc_ignored_arm: with ``passed_only``, also train on every synthetic subject (``synthetic_all``).
         flip: random left-right flip augmentation, and test-time mirroring.
         augment: blur, contrast, bias and noise augmentation, the same for every arm.
+        ema_decay: every arm's network is the moving average of its weights with this decay (``None``: the last
+            step's weights).
         seed: network initialisation and batch order (of the first network of each arm).
         num_workers: DataLoader workers (0: in the main process).
         repeats: networks per arm, seeds ``seed`` … ``seed + repeats - 1``; a subject's Dice is their mean.
@@ -92,6 +94,7 @@ class TstrSettings:
     qc_ignored_arm: bool = True
     flip: bool = True
     augment: bool = False
+    ema_decay: float | None = None
     seed: int = 0
     num_workers: int = 0
     repeats: int = 1

@@ -206,3 +206,26 @@ def test_appearance_augmentation_changes_images_never_labels(augment):
         np.testing.assert_array_equal(np.asarray(a["label"])[0], label)
     changed = [not np.allclose(np.asarray(o["image"]), image) for o in outs[0]]
     assert any(changed) if augment else not any(changed)
+
+
+@pytest.mark.parametrize(("decay", "as_last_step"), [(1e-12, True), (0.9, False)])
+def test_the_loop_can_return_the_moving_average_of_the_weights(real, decay, as_last_step):
+    """``ema_decay`` returns the average along the very trajectory the plain run takes (decay ~0: its last step)."""
+    from vcm.data import RealDataset
+    from vcm.segtrain import train_network, transforms
+
+    def trained(ema_decay):
+        settings = SegmenterSettings(**{**FAST, "steps": 6, "ema_decay": ema_decay})
+        ds = RealDataset(
+            real,
+            "train_4",
+            transform=transforms(settings, True).set_random_state(0),
+            label_map=label_mapping(qc_classes()),
+        )
+        net, info = train_network(ds, settings, len(qc_classes()), progress=False)
+        assert info["steps"] == 6 and not net.training
+        return net.state_dict()
+
+    last, average = trained(None), trained(decay)
+    gap = max(float((last[k] - average[k]).abs().max()) for k in last)
+    assert gap < 1e-6 if as_last_step else gap > 1e-4, gap
