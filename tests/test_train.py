@@ -268,7 +268,10 @@ def test_a_resume_on_another_thread_count_is_recorded_and_warned(tmp_path, files
         run(tcfg, files, tmp_path / "again", stop_after=3)
         run(tcfg, files, tmp_path / "again")  # the same count: nothing to say
     assert "CPU threads" not in caplog.text
-    assert torch.load(tmp_path / "again" / "vcm.pt", weights_only=True)["cpu_threads"] == [2, 2]
+    assert torch.load(tmp_path / "again" / "checkpoints" / FINAL, weights_only=True)["cpu_threads"] == [2, 2]
+    assert torch.load(tmp_path / "again" / "vcm.pt", weights_only=True)["cpu_threads"] == [
+        2
+    ]  # as uninterrupted
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, files, tcfg):

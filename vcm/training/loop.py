@@ -103,9 +103,19 @@ def _resume(run: Run, fresh: bool) -> _State:
     restore_rng_state(ckpt["rng"], run.generator)
     state.step = state.resumed_from = int(ckpt["step"])
     state.resumed_at = [*ckpt.get("resumed_at", []), state.step]
+    if ckpt["scheduler"]["total_steps"]:
+        state.total = int(ckpt["scheduler"]["total_steps"])
+    state.warmup = int(ckpt["scheduler"]["warmup_steps"])
     before = list(ckpt.get("cpu_threads", []))
     state.cpu_threads = [*before, torch.get_num_threads()]
-    if run.rank == 0 and run.device.type == "cpu" and before and before[-1] != state.cpu_threads[-1]:
+    unfinished = state.total is None or state.step < state.total
+    if (
+        run.rank == 0
+        and run.device.type == "cpu"
+        and unfinished
+        and before
+        and before[-1] != state.cpu_threads[-1]
+    ):
         logger.warning(
             "resuming at step %d on %d CPU threads a run that trained on %d: another thread count sums in another"
             " order, so the weights will not be an uninterrupted run's bit for bit",
@@ -113,9 +123,6 @@ def _resume(run: Run, fresh: bool) -> _State:
             state.cpu_threads[-1],
             before[-1],
         )
-    if ckpt["scheduler"]["total_steps"]:
-        state.total = int(ckpt["scheduler"]["total_steps"])
-    state.warmup = int(ckpt["scheduler"]["warmup_steps"])
     state.history = {k: list(v) for k, v in ckpt["history"].items()}
     # checkpoints written before the gradient norm was logged
     state.history.setdefault("grad_norm", [float("nan")] * len(state.history["step"]))
@@ -450,7 +457,8 @@ def _model_file(
         "steps": int(state.step),
         "batch_size": s.batch_size,
         "processes": run.world,
-        "cpu_threads": state.cpu_threads,  # per call: a resume on another count changes the weights' last bits
+        # the counts, not the calls: a rerun that resumes from the final checkpoint writes the same file
+        "cpu_threads": sorted(set(state.cpu_threads)),
         "final_loss": final_loss,
         "settings": json.loads(json.dumps(asdict(s))),
         "provenance": provenance(
