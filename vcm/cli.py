@@ -7,6 +7,7 @@ Stages are imported lazily so that ``python -m vcm --help`` stays fast and a sta
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
@@ -53,14 +54,13 @@ def limit_blas_threads(argv: list[str]) -> None:
     in another order when it loads with another thread count (the privacy screen's similarities moved in the
     7th digit between ``generate-shard`` by hand and by the workflow). Limiting it later does not undo that.
     """
-    threads = None
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            threads = argv[i + 1]
-        elif arg.startswith("--threads="):
-            threads = arg.split("=", 1)[1]
-    if threads is not None and threads.isdigit() and int(threads) > 0:
-        os.environ.update({name: threads for name in BLAS_THREAD_VARIABLES})
+    parser = argparse.ArgumentParser(
+        add_help=False
+    )  # the stage's own parser reads the rest, after the imports
+    parser.add_argument("--threads", type=int, default=None)
+    threads = parser.parse_known_args(argv)[0].threads
+    if threads is not None and threads > 0:
+        os.environ.update({name: str(threads) for name in BLAS_THREAD_VARIABLES})
 
 
 def _usage() -> str:

@@ -91,8 +91,9 @@ class _State:
 def _resume(run: Run, fresh: bool) -> _State:
     """A new run's progress, or the progress (and weights, optimizer and random state) of its checkpoint."""
     settings = run.settings
+    threads = torch.get_num_threads()
     state = _State(total=settings.steps if settings.minutes is None else None, warmup=settings.warmup)
-    state.cpu_threads = [torch.get_num_threads()]
+    state.cpu_threads = [threads]
     ckpt = None if fresh else run.store.resume()
     if ckpt is None:
         return state
@@ -107,20 +108,14 @@ def _resume(run: Run, fresh: bool) -> _State:
         state.total = int(ckpt["scheduler"]["total_steps"])
     state.warmup = int(ckpt["scheduler"]["warmup_steps"])
     before = list(ckpt.get("cpu_threads", []))
-    state.cpu_threads = [*before, torch.get_num_threads()]
+    state.cpu_threads = [*before, threads]
     unfinished = state.total is None or state.step < state.total
-    if (
-        run.rank == 0
-        and run.device.type == "cpu"
-        and unfinished
-        and before
-        and before[-1] != state.cpu_threads[-1]
-    ):
+    if run.rank == 0 and run.device.type == "cpu" and unfinished and before[-1:] not in ([], [threads]):
         logger.warning(
             "resuming at step %d on %d CPU threads a run that trained on %d: another thread count sums in another"
             " order, so the weights will not be an uninterrupted run's bit for bit",
             state.step,
-            state.cpu_threads[-1],
+            threads,
             before[-1],
         )
     state.history = {k: list(v) for k, v in ckpt["history"].items()}
