@@ -39,6 +39,7 @@ class SegmenterSettings:
         batch_size, lr: Adam's batch and learning rate.
         channels, strides, num_res_units: the U-Net.
         flip: left-right flip augmentation, and test-time mirroring (:func:`vcm.models.segmenter.predict`).
+        spatial: rotation and scaling augmentation (:func:`vcm.segtrain.spatial_augmentation`).
         augment: blur, contrast, bias and noise augmentation (:func:`vcm.segtrain.appearance_augmentation`).
         ema_decay: ship the exponential moving average of the weights with this decay (``None``: the last step's).
         seed: initialisation and batch order.
@@ -53,6 +54,7 @@ class SegmenterSettings:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
     flip: bool = True
+    spatial: bool = False
     augment: bool = False
     ema_decay: float | None = None
     seed: int = 0

@@ -73,6 +73,7 @@ class TstrSettings:
         passed_only: train on QC-passed synthetic subjects only.
         qc_ignored_arm: with ``passed_only``, also train on every synthetic subject (``synthetic_all``).
         flip: random left-right flip augmentation, and test-time mirroring.
+        spatial: rotation and scaling augmentation, the same for every arm.
         augment: blur, contrast, bias and noise augmentation, the same for every arm.
         ema_decay: every arm's network is the moving average of its weights with this decay (``None``: the last
             step's weights).
@@ -93,6 +94,7 @@ class TstrSettings:
     passed_only: bool = True
     qc_ignored_arm: bool = True
     flip: bool = True
+    spatial: bool = False
     augment: bool = False
     ema_decay: float | None = None
     seed: int = 0

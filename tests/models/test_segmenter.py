@@ -208,6 +208,24 @@ def test_appearance_augmentation_changes_images_never_labels(augment):
     assert any(changed) if augment else not any(changed)
 
 
+@pytest.mark.parametrize("spatial", [True, False])
+def test_spatial_augmentation_moves_image_and_label_together(spatial):
+    from vcm.segtrain import transforms
+
+    settings = SegmenterSettings(spatial=spatial, flip=False, strides=[2, 2])
+    image = np.zeros((1, 16, 16, 16), np.float32)
+    image[0, 4:9, 5:12, 6:10] = 1.0  # a bright box, labelled 2
+    label = (image[0] * 2).astype(np.uint8)
+    t = transforms(settings, True).set_random_state(0)
+    outs = [t({"image": image.copy(), "label": label.copy()}) for _ in range(6)]
+    moved = [not np.array_equal(np.asarray(o["label"])[0], label) for o in outs]
+    assert any(moved) if spatial else not any(moved)
+    for o in outs:
+        img, lab = np.asarray(o["image"])[0], np.asarray(o["label"])[0]
+        assert set(np.unique(lab)) <= {0, 2}  # nearest-neighbour: still a label map
+        assert img[lab == 2].mean() > 0.7 and img[lab == 0].mean() < 0.1  # the label sits on the moved box
+
+
 @pytest.mark.parametrize(("decay", "as_last_step"), [(1e-12, True), (0.9, False)])
 def test_the_loop_can_return_the_moving_average_of_the_weights(real, decay, as_last_step):
     """``ema_decay`` returns the average along the very trajectory the plain run takes (decay ~0: its last step)."""
