@@ -1,9 +1,9 @@
 """Training and scoring of the project's small segmentation U-Nets (the QC segmenter and the TSTR arms).
 
 One loop for both, so that "the same network and budget" means the same code: MONAI's 3-D U-Net
-(:func:`vcm.models.segmenter.build_unet`), Dice + cross-entropy, Adam, left-right flips (optionally small
-rotations and scalings), a fixed number of
-steps (an optional wall-clock cap for clusters), seeded initialisation and batch order.
+(:func:`vcm.models.segmenter.build_unet`), Dice + cross-entropy, Adam, left-right flips (optionally small rotations
+and scalings), a fixed number of steps (an optional wall-clock cap for clusters), seeded initialisation and batch
+order.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ def spatial_augmentation(prob: float = 0.5, rotate: float = 0.15, scale: float =
     """Image and label rotated (up to ``rotate`` radians about each axis) and scaled (up to ``scale``) together.
 
     48 training heads are few for a network that must read ventricles of every size and shape: seeing each one
-    at other poses and sizes (nnU-Net's default augmentation for small data sets) is worth +0.015 LV Dice on
-    the demo's real validation subjects at 2 400 steps; at 1 200 it is not (docs/benchmarks.md, session 33).
+    at other poses and sizes (nnU-Net's default augmentation for small data sets) is worth +0.016 LV Dice on
+    the demo's real validation subjects at 2 400 steps (three seeds); at 1 200 nothing (docs/benchmarks.md,
+    session 33): it needs the longer training to pay.
     The label is resampled nearest-neighbour, so it stays a label map.
     """
     from monai.transforms import RandAffined
