@@ -54,13 +54,12 @@ def limit_blas_threads(argv: list[str]) -> None:
     in another order when it loads with another thread count (the privacy screen's similarities moved in the
     7th digit between ``generate-shard`` by hand and by the workflow). Limiting it later does not undo that.
     """
-    parser = argparse.ArgumentParser(
-        add_help=False
-    )  # the stage's own parser reads the rest, after the imports
-    parser.add_argument("--threads", type=int, default=None)
+    # only --threads, as the stage's parser spells it; the stage's own parser reads (and reports) the rest
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--threads", default=None)
     threads = parser.parse_known_args(argv)[0].threads
-    if threads is not None and threads > 0:
-        os.environ.update({name: str(threads) for name in BLAS_THREAD_VARIABLES})
+    if threads is not None and threads.isdigit() and int(threads) > 0:
+        os.environ.update({name: threads for name in BLAS_THREAD_VARIABLES})
 
 
 def _usage() -> str:

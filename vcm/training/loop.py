@@ -110,7 +110,7 @@ def _resume(run: Run, fresh: bool) -> _State:
     before = list(ckpt.get("cpu_threads", []))
     state.cpu_threads = [*before, threads]
     unfinished = state.total is None or state.step < state.total
-    if run.rank == 0 and run.device.type == "cpu" and unfinished and before[-1:] not in ([], [threads]):
+    if run.rank == 0 and run.device.type == "cpu" and unfinished and before and before[-1] != threads:
         logger.warning(
             "resuming at step %d on %d CPU threads a run that trained on %d: another thread count sums in another"
             " order, so the weights will not be an uninterrupted run's bit for bit",
